@@ -1,0 +1,20 @@
+"""vitslim: Vision Transformer Slimming (ViT-Slim, CVPR 2022) that really removes what it prunes.
+
+search -> threshold -> slim on timm Vision Transformers. See DESIGN.md for the semantics.
+"""
+from .arch import UnsupportedModelError, ViTArch
+from .counting import count_flops, count_params
+from .export import SlimFileError, load_slim, save_slim
+from .gates import BlockGates, gates, sparsity_losses
+from .plan import BlockPlan, PlanMismatchError, SlimPlan
+from .searchable import SearchableBlock, make_searchable, set_implementation
+from .slim import SlimAttention, SlimBlock, SlimMlp, slim
+from .threshold import threshold
+
+__all__ = [
+    "make_searchable", "gates", "sparsity_losses", "threshold", "slim", "count_params", "count_flops",
+    "save_slim", "load_slim", "set_implementation", "SlimPlan", "BlockPlan", "BlockGates", "SearchableBlock",
+    "SlimAttention", "SlimBlock", "SlimMlp", "ViTArch", "UnsupportedModelError", "PlanMismatchError",
+    "SlimFileError",
+]
+__version__ = "0.1.0"

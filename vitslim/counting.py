@@ -1,0 +1,55 @@
+"""Analytic parameter and FLOP counts for dense, searchable and slim ViTs.
+
+FLOPs are multiply-accumulates of the matrix products (patch embedding, qkv, q @ k^T, attn @ v, proj,
+fc1, fc2, classifier heads), the convention of the paper's tables; norms, softmax and activations are
+not counted.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .gates import BlockGates
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters, not counting search gates (they are not part of a deployable model)."""
+    gate_params = {id(p) for m in model.modules() if isinstance(m, BlockGates) for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in gate_params)
+
+
+def _check_vit(model: nn.Module) -> None:
+    needed = ("patch_embed", "blocks", "num_prefix_tokens", "head")
+    missing = [n for n in needed if not hasattr(model, n)]
+    if missing:
+        raise ValueError(f"count_flops needs a timm VisionTransformer (dense, searchable or slim); "
+                         f"{type(model).__name__} has no {', '.join(missing)}")
+
+
+def block_flops(block: nn.Module, tokens: int) -> int:
+    """MACs of one block (dense, searchable or slim) on a sequence of `tokens` tokens."""
+    qkv, proj = block.attn.qkv, block.attn.proj
+    fc1, fc2 = block.mlp.fc1, block.mlp.fc2
+    attn_width = qkv.out_features // 3
+    return tokens * (qkv.in_features * qkv.out_features + proj.in_features * proj.out_features
+                     + fc1.in_features * fc1.out_features + fc2.in_features * fc2.out_features) \
+        + 2 * tokens * tokens * attn_width
+
+
+def count_flops(model: nn.Module, batch_size: int = 1) -> int:
+    """Multiply-accumulates of one forward pass of `batch_size` images."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_vit(model)
+    conv = model.patch_embed.proj
+    patches = model.patch_embed.num_patches
+    macs = patches * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    tokens = model.num_prefix_tokens + patches
+    for block in model.blocks:
+        gather = getattr(block, "gather_index", None)
+        if gather is not None:
+            tokens = gather.numel()
+        macs += block_flops(block, tokens)
+    for head in (model.head, getattr(model, "head_dist", None)):
+        if isinstance(head, nn.Linear):
+            macs += head.in_features * head.out_features
+    return macs * batch_size

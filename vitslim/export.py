@@ -1,0 +1,95 @@
+"""Save and load slim models: a folder with model.safetensors and config.json (arch + plan). No pickle."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arch import ViTArch
+from .plan import SlimPlan
+from .slim import build_slim
+
+FORMAT = "vitslim-slim"
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+class SlimFileError(ValueError):
+    """A saved slim model is missing, corrupted, or does not match its own plan."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_slim(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write `model` (from vitslim.slim or load_slim) to the folder `path`; returns the folder."""
+    from safetensors.torch import save_file
+
+    plan, arch = getattr(model, "slim_plan", None), getattr(model, "slim_arch", None)
+    if plan is None or arch is None:
+        raise ValueError(f"save_slim takes a model made by vitslim.slim or vitslim.load_slim; "
+                         f"this {type(model).__name__} has no slim plan")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    token_scale = any(k.endswith(".token_scale") for k in state)
+    config = {"format": FORMAT, "version": FORMAT_VERSION, "arch": arch.to_dict(), "plan": plan.to_dict(),
+              "token_scale": token_scale}
+    _atomic_write(folder / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
+    _atomic_write(folder / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1)))
+    return folder
+
+
+def load_slim(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a slim model saved by save_slim; returns it in eval mode on `device`."""
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    config_file, weights_file = folder / CONFIG, folder / WEIGHTS
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise SlimFileError(f"{f} does not exist; a saved slim model is a folder with {CONFIG} and {WEIGHTS}")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SlimFileError(f"{config_file} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise SlimFileError(f"{config_file} is not a vitslim slim-model config (format must be {FORMAT!r})")
+    if config.get("version") != FORMAT_VERSION:
+        raise SlimFileError(f"{config_file} has version {config.get('version')!r}; accepted: {FORMAT_VERSION}")
+    try:
+        arch = ViTArch.from_dict(config["arch"])
+        plan = SlimPlan.from_dict(config["plan"])
+        model = build_slim(arch, plan, token_scale=bool(config["token_scale"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise SlimFileError(f"{config_file} is inconsistent: {e}") from None
+    try:
+        state = load_file(str(weights_file))
+    except Exception as e:  # safetensors raises its own error type for every kind of corruption
+        raise SlimFileError(f"{weights_file} is not a readable safetensors file: {e}") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise SlimFileError(f"{weights_file} does not match its plan: missing {missing[:5]}, "
+                            f"unexpected {unexpected[:5]}")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise SlimFileError(f"{weights_file}: {key} has shape {tuple(value.shape)}, the plan needs "
+                                f"{tuple(expected[key].shape)}")
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    model.to(dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()

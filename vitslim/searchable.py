@@ -1,0 +1,191 @@
+"""The search model: timm blocks with gates on every head dim, MLP unit and patch token.
+
+Each timm `Block` is replaced in place by a `SearchableBlock` that keeps the block's own submodules
+(same state-dict names) and adds `gates`. Two plain-PyTorch implementations compute the function of
+DESIGN.md section 2:
+
+- "eager": the paper's way. Gates multiply the activations, attention is an explicit softmax. This is the
+  "unfused masks" baseline of the benchmarks.
+- "folded" (default): the attention gate is folded into the qkv rows and bias, the MLP gate into the fc2
+  columns (exact: a gate scales a row/column of a linear map), then `F.scaled_dot_product_attention`.
+  Gate gradients come from the weight gradients through autograd at O(C^2) cost.
+
+"fused" selects the Triton kernels of vitslim_kernels where available.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import describe
+from .gates import BlockGates, check_search_mode
+
+IMPLEMENTATIONS = ("eager", "folded", "fused")
+
+
+class SearchableBlock(nn.Module):
+    """A timm pre-norm ViT block with search gates. Input and output: (B, R + P, C)."""
+
+    def __init__(self, block: nn.Module, search: str, num_prefix_tokens: int, num_patches: int,
+                 implementation: str = "folded") -> None:
+        super().__init__()
+        # The block's own modules, under timm's names, so checkpoints load either way.
+        self.norm1, self.attn, self.ls1, self.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
+        self.norm2, self.mlp, self.ls2, self.drop_path2 = block.norm2, block.mlp, block.ls2, block.drop_path2
+        self.num_prefix_tokens, self.num_patches = num_prefix_tokens, num_patches
+        weight = self.attn.qkv.weight
+        self.gates = BlockGates(search, self.attn.num_heads, self.attn.head_dim, self.mlp.fc1.out_features,
+                                num_patches, device=weight.device, dtype=weight.dtype)
+        self.implementation = implementation
+
+    @property
+    def implementation(self) -> str:
+        return self._implementation
+
+    @implementation.setter
+    def implementation(self, value: str) -> None:
+        if value not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {', '.join(map(repr, IMPLEMENTATIONS))}, "
+                             f"got {value!r}")
+        self._implementation = value
+
+    def _sequence_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """Per-position scale of the normalised input: 1 for prefix tokens, tanh(gate) for patches. (N, 1)."""
+        tok = self.gates.token_scale()
+        ones = tok.new_ones(self.num_prefix_tokens)
+        return torch.cat([ones, tok]).to(dtype).unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+                ) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("searchable blocks take no attention mask (ViT self-attention is unmasked)")
+        expected = self.num_prefix_tokens + self.num_patches
+        if x.dim() != 3 or x.shape[1] != expected:
+            raise ValueError(f"expected input (B, {expected}, C) for {self.num_prefix_tokens} prefix and "
+                             f"{self.num_patches} patch tokens, got {tuple(x.shape)}")
+        impl = self.implementation
+        if impl == "fused":
+            impl = _fused_fallback()
+        scale = self._sequence_scale(x.dtype)
+        attn_fn, mlp_fn = (self._attn_eager, self._mlp_eager) if impl == "eager" else \
+                          (self._attn_folded, self._mlp_folded)
+        x = x + self.drop_path1(self.ls1(attn_fn(self.norm1(x) * scale)))
+        x = x + self.drop_path2(self.ls2(mlp_fn(self.norm2(x) * scale)))
+        return x
+
+    # -- paper-style eager path: masks multiplied into activations, explicit softmax --------------------
+    def _attn_eager(self, u: torch.Tensor) -> torch.Tensor:
+        attn = self.attn
+        B, N, _ = u.shape
+        H, d = attn.num_heads, attn.head_dim
+        q, k, v = attn.qkv(u).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d)
+        g = self.gates.attn_per_dim().to(u.dtype).view(1, H, 1, d)
+        q, k, v = q * g, k * g, v * g
+        scores = (q * attn.scale) @ k.transpose(-2, -1)  # scale is d_original ** -0.5
+        probs = attn.attn_drop(scores.softmax(dim=-1))
+        o = (probs @ v).transpose(1, 2).reshape(B, N, H * d)
+        return attn.proj_drop(attn.proj(o))
+
+    def _mlp_eager(self, w: torch.Tensor) -> torch.Tensor:
+        mlp = self.mlp
+        h = mlp.drop1(mlp.act(mlp.fc1(w))) * self.gates.mlp.to(w.dtype)
+        return mlp.drop2(mlp.fc2(mlp.norm(h)))
+
+    # -- folded path: gates inside the weights, SDPA -------------------------------------------------------
+    def folded_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """qkv weight (3Hd, C) and bias (3Hd,) with the attention gate multiplied into the rows."""
+        qkv = self.attn.qkv
+        rows = self.gates.attn_per_dim().reshape(-1).repeat(3)  # the same gate on q, k and v
+        bias = qkv.bias * rows if qkv.bias is not None else None
+        return qkv.weight * rows.unsqueeze(1), bias
+
+    def folded_fc2(self) -> torch.Tensor:
+        """fc2 weight (C, M) with the MLP gate multiplied into the columns."""
+        return self.mlp.fc2.weight * self.gates.mlp.unsqueeze(0)
+
+    def _attn_folded(self, u: torch.Tensor) -> torch.Tensor:
+        attn = self.attn
+        B, N, _ = u.shape
+        H, d = attn.num_heads, attn.head_dim
+        weight, bias = self.folded_qkv()
+        q, k, v = F.linear(u, weight, bias).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if self.training else 0.0,
+                                           scale=attn.scale)
+        return attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(B, N, H * d)))
+
+    def _mlp_folded(self, w: torch.Tensor) -> torch.Tensor:
+        mlp = self.mlp
+        h = mlp.drop1(mlp.act(mlp.fc1(w)))
+        return mlp.drop2(F.linear(h, self.folded_fc2(), mlp.fc2.bias))
+
+    def extra_repr(self) -> str:
+        return (f"implementation={self.implementation!r}, prefix_tokens={self.num_prefix_tokens}, "
+                f"patches={self.num_patches}")
+
+
+_warned_fused = False
+
+
+def _fused_fallback() -> str:
+    """The implementation used when "fused" is asked: the kernels where they exist, else "folded"."""
+    global _warned_fused
+    if not _warned_fused:
+        warnings.warn("fused search kernels are not available in this build of vitslim; "
+                      "using the folded PyTorch path (same function)", stacklevel=3)
+        _warned_fused = True
+    return "folded"
+
+
+def searchable_blocks(model: nn.Module) -> list[SearchableBlock]:
+    return [b for b in model.blocks if isinstance(b, SearchableBlock)]
+
+
+def is_searchable(model: nn.Module) -> bool:
+    return hasattr(model, "blocks") and len(searchable_blocks(model)) > 0
+
+
+def make_searchable(model: nn.Module, search: str = "dims", fused: bool = False) -> nn.Module:
+    """Put gates on every block of a timm ViT, in place; returns the model.
+
+    search: "dims" (one gate per head dim, the paper's default), "heads" (one per head) or "uniform"
+    (one per dim, shared by all heads of a block). fused: use the fused kernels where available.
+    """
+    check_search_mode(search)
+    if is_searchable(model):
+        raise ValueError("model is already searchable (it has gates); build it from a plain timm model")
+    arch = describe(model)
+    implementation = "fused" if fused else "folded"
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = SearchableBlock(block, search, arch.num_prefix_tokens, arch.num_patches,
+                                          implementation)
+    return model
+
+
+def set_implementation(model: nn.Module, implementation: str) -> nn.Module:
+    """Choose how a searchable model computes its blocks: "eager", "folded" or "fused"."""
+    blocks = searchable_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} is not searchable: call vitslim.make_searchable(model) first")
+    for block in blocks:
+        block.implementation = implementation
+    return model
+
+
+def search_mode(model: nn.Module) -> str:
+    blocks = searchable_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} is not searchable: call vitslim.make_searchable(model) first")
+    return blocks[0].gates.search
+
+
+def describe_searchable(model: nn.Module):
+    """describe() that also accepts searchable blocks."""
+    return describe(model, block_types=(SearchableBlock,) + _timm_block())
+
+
+def _timm_block() -> tuple[type, ...]:
+    from timm.models.vision_transformer import Block
+    return (Block,)

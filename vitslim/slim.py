@@ -1,0 +1,197 @@
+"""The physically smaller model built from a SlimPlan (DESIGN.md section 4).
+
+A slim model is a timm VisionTransformer whose blocks are `SlimBlock`s: ragged heads (each its own width,
+original scale), narrower MLPs, and a static gather of the kept tokens at the start of a block. No mask
+remains: every removed weight is gone.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import vitslim_kernels
+
+from .arch import ViTArch, build, describe
+from .plan import SlimPlan
+from .searchable import describe_searchable, is_searchable, searchable_blocks
+
+
+class SlimAttention(nn.Module):
+    """Attention with ragged heads. qkv rows: [q heads packed | k heads packed | v heads packed]."""
+
+    def __init__(self, embed_dim: int, head_dims: tuple[int, ...], head_dim: int, qkv_bias: bool,
+                 proj_bias: bool, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        self.implementation: str | None = None  # None: dispatch picks; "reference": plain PyTorch
+        self.head_dims = tuple(head_dims)
+        self.width = sum(self.head_dims)
+        self.scale = head_dim ** -0.5  # the ORIGINAL head width, whatever is kept
+        self.qkv = nn.Linear(embed_dim, 3 * self.width, bias=qkv_bias)
+        self.attn_drop_p = attn_drop
+        self.proj = nn.Linear(self.width, embed_dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).split(self.width, dim=-1)  # each (B, N, width)
+        o = vitslim_kernels.ragged_attention(q, k, v, self.head_dims, self.scale,
+                                             dropout_p=self.attn_drop_p if self.training else 0.0,
+                                             implementation=self.implementation)
+        return self.proj_drop(self.proj(o))
+
+    def extra_repr(self) -> str:
+        return f"head_dims={list(self.head_dims)}, scale={self.scale:.4g}"
+
+
+class SlimMlp(nn.Module):
+    """fc1 -> act -> drop -> fc2 -> drop with `hidden` kept units (0 allowed: output is fc2's bias)."""
+
+    def __init__(self, embed_dim: int, hidden: int, act: nn.Module, bias: bool, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, hidden, bias=bias)
+        self.act = act
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, embed_dim, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class SlimBlock(nn.Module):
+    """A pre-norm block of the slim model. Input (B, N_in, C) -> output (B, R + len(tokens), C).
+
+    gather_index: positions of the kept tokens in the input sequence (None: keep all).
+    token_scale: (kept patches,) scale of the normalised patch tokens (fold_gates=True only).
+    """
+
+    def __init__(self, dense_block: nn.Module, arch: ViTArch, head_dims: tuple[int, ...], mlp_hidden: int,
+                 gather_index: torch.Tensor | None, num_kept_patches: int, token_scale: bool) -> None:
+        super().__init__()
+        attn, mlp = dense_block.attn, dense_block.mlp
+        self.norm1, self.ls1, self.drop_path1 = dense_block.norm1, dense_block.ls1, dense_block.drop_path1
+        self.norm2, self.ls2, self.drop_path2 = dense_block.norm2, dense_block.ls2, dense_block.drop_path2
+        self.attn = SlimAttention(arch.embed_dim, head_dims, arch.head_dim, arch.qkv_bias, arch.proj_bias,
+                                  attn.attn_drop.p, attn.proj_drop.p)
+        self.mlp = SlimMlp(arch.embed_dim, mlp_hidden, mlp.act, arch.proj_bias, mlp.drop1.p)
+        self.num_prefix_tokens = arch.num_prefix_tokens
+        # Derived from the plan, so not saved: load_slim rebuilds it.
+        self.register_buffer("gather_index", gather_index, persistent=False)
+        self.register_buffer("token_scale", torch.ones(num_kept_patches) if token_scale else None)
+
+    def _scale(self, u: torch.Tensor) -> torch.Tensor:
+        if self.token_scale is None:
+            return u
+        ones = self.token_scale.new_ones(self.num_prefix_tokens)
+        return u * torch.cat([ones, self.token_scale]).to(u.dtype).unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+                ) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("slim blocks take no attention mask (ViT self-attention is unmasked)")
+        if self.gather_index is not None:
+            x = x.index_select(1, self.gather_index)  # static token drop: the same positions for every image
+        x = x + self.drop_path1(self.ls1(self.attn(self._scale(self.norm1(x)))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self._scale(self.norm2(x)))))
+        return x
+
+
+def _gather_indices(plan: SlimPlan) -> list[torch.Tensor | None]:
+    """Per block, the positions of its kept tokens in its input sequence (None when nothing is dropped)."""
+    R = plan.num_prefix_tokens
+    previous = list(range(plan.num_patches))
+    result = []
+    for b in plan.blocks:
+        if list(b.tokens) == previous:
+            result.append(None)
+        else:
+            where = {p: i for i, p in enumerate(previous)}
+            result.append(torch.tensor(list(range(R)) + [R + where[p] for p in b.tokens], dtype=torch.long))
+        previous = list(b.tokens)
+    return result
+
+
+def build_slim(arch: ViTArch, plan: SlimPlan, token_scale: bool) -> nn.Module:
+    """A slim model shaped by `plan`, weights uninitialised (load them with load_state_dict)."""
+    plan.check_fits(arch)
+    model = build(arch)
+    for i, (b, gather) in enumerate(zip(plan.blocks, _gather_indices(plan))):
+        model.blocks[i] = SlimBlock(model.blocks[i], arch, b.head_dims, len(b.mlp), gather, len(b.tokens),
+                                    token_scale)
+    model.slim_plan = plan
+    model.slim_arch = arch
+    return model
+
+
+def _qkv_rows(plan_heads: tuple[tuple[int, ...], ...], head_dim: int) -> tuple[list[int], list[int]]:
+    """Rows of the dense qkv weight kept for q, k, v (in that order) and the proj columns kept."""
+    H = len(plan_heads)
+    cols = [h * head_dim + j for h, dims in enumerate(plan_heads) for j in dims]
+    rows = [part * H * head_dim + c for part in range(3) for c in cols]
+    return rows, cols
+
+
+@torch.no_grad()
+def _slim_state_dict(model: nn.Module, plan: SlimPlan, fold_gates: bool) -> dict[str, torch.Tensor]:
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.")}
+    searchable = is_searchable(model)
+    gate_list = [b.gates for b in searchable_blocks(model)] if searchable else [None] * plan.depth
+    d = plan.head_dim
+    for i, (block, b, g) in enumerate(zip(model.blocks, plan.blocks, gate_list)):
+        p = f"blocks.{i}."
+        for name in ("norm1", "norm2", "ls1", "ls2"):
+            for key, value in getattr(block, name).state_dict().items():
+                state[f"{p}{name}.{key}"] = value
+        rows, cols = _qkv_rows(b.heads, d)
+        rows_t, cols_t = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+        units = torch.tensor(b.mlp, dtype=torch.long)
+        qkv, proj, fc1, fc2 = block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2
+        w_qkv = qkv.weight.index_select(0, rows_t.to(qkv.weight.device))
+        b_qkv = qkv.bias.index_select(0, rows_t.to(qkv.weight.device)) if qkv.bias is not None else None
+        w_fc2 = fc2.weight.index_select(1, units.to(fc2.weight.device))
+        if fold_gates:
+            attn_gate = g.attn_per_dim().reshape(-1).repeat(3).index_select(0, rows_t.to(qkv.weight.device))
+            w_qkv = w_qkv * attn_gate.unsqueeze(1)
+            b_qkv = b_qkv * attn_gate if b_qkv is not None else None
+            w_fc2 = w_fc2 * g.mlp.index_select(0, units.to(fc2.weight.device)).unsqueeze(0)
+            state[f"{p}token_scale"] = g.token_scale().index_select(
+                0, torch.tensor(b.tokens, dtype=torch.long, device=g.tokens.device))
+        state[f"{p}attn.qkv.weight"] = w_qkv
+        if b_qkv is not None:
+            state[f"{p}attn.qkv.bias"] = b_qkv
+        state[f"{p}attn.proj.weight"] = proj.weight.index_select(1, cols_t.to(proj.weight.device))
+        if proj.bias is not None:
+            state[f"{p}attn.proj.bias"] = proj.bias
+        state[f"{p}mlp.fc1.weight"] = fc1.weight.index_select(0, units.to(fc1.weight.device))
+        if fc1.bias is not None:
+            state[f"{p}mlp.fc1.bias"] = fc1.bias.index_select(0, units.to(fc1.weight.device))
+        state[f"{p}mlp.fc2.weight"] = w_fc2
+        if fc2.bias is not None:
+            state[f"{p}mlp.fc2.bias"] = fc2.bias
+    return state
+
+
+def slim(model: nn.Module, plan: SlimPlan, fold_gates: bool = False, fused: bool = False) -> nn.Module:
+    """Build the physically smaller model that `plan` describes, from a searchable (or plain) timm ViT.
+
+    fold_gates=False: kept gates become 1 (the paper). fold_gates=True: kept attention and MLP gate values
+    are multiplied into the weights and kept token scales stay as a per-position scale, so the slim model
+    computes what the search model computes with pruned entries zeroed and pruned tokens removed.
+    fused: let dispatch pick the fastest ragged-attention implementation for the device (kernels where
+    available); False keeps the plain PyTorch reference.
+    The search model is left unchanged; the slim model is on its device and dtype, in its train/eval mode.
+    """
+    if not isinstance(plan, SlimPlan):
+        raise TypeError(f"plan must be a SlimPlan (see vitslim.threshold or SlimPlan.from_dict), "
+                        f"got {type(plan).__name__}")
+    searchable = is_searchable(model)
+    if fold_gates and not searchable:
+        raise ValueError("fold_gates=True needs a searchable model (with gates); this model has none")
+    arch = describe_searchable(model) if searchable else describe(model)
+    param = next(model.parameters())
+    # Cast before loading: loading float64 weights into the float32 skeleton would round them.
+    slim_model = build_slim(arch, plan, token_scale=fold_gates).to(device=param.device, dtype=param.dtype)
+    slim_model.load_state_dict(_slim_state_dict(model, plan, fold_gates), strict=True)
+    slim_model.train(model.training)
+    for block in slim_model.blocks:
+        block.attn.implementation = None if fused else "reference"
+    return slim_model

@@ -1,0 +1,63 @@
+"""Gates -> SlimPlan for chosen budgets (DESIGN.md section 3)."""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import nn
+
+from .plan import BlockPlan, SlimPlan
+from .searchable import describe_searchable, search_mode, searchable_blocks
+
+
+def check_budget(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not (0.0 < float(value) <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+def global_keep(importances: list[torch.Tensor], budget: float) -> list[torch.Tensor]:
+    """Rank all entries of all blocks together; keep those with importance >= the budget's threshold.
+
+    thr = sorted(importance)[floor((1 - budget) * n)], so budget 1.0 keeps everything.
+    """
+    flat = torch.cat([imp.reshape(-1) for imp in importances])
+    index = math.floor((1.0 - budget) * flat.numel())
+    thr = flat.sort().values[index]
+    return [imp >= thr for imp in importances]
+
+
+@torch.no_grad()
+def threshold(model: nn.Module, budget_attn: float = 0.7, budget_mlp: float = 0.7,
+              budget_tokens: float = 0.7) -> SlimPlan:
+    """The plan keeping the given fraction of attention entries, MLP units and patch tokens.
+
+    Each kind is ranked over all blocks by gate magnitude (|attn|, |mlp|, |tanh(tokens)|). Kept tokens
+    are then made monotone: a patch kept by a deeper block is kept by every shallower one.
+    """
+    budgets = {"attn": check_budget("budget_attn", budget_attn),
+               "mlp": check_budget("budget_mlp", budget_mlp),
+               "tokens": check_budget("budget_tokens", budget_tokens)}
+    blocks = searchable_blocks(model)
+    search = search_mode(model)
+    arch = describe_searchable(model)
+    gates = [b.gates for b in blocks]
+    cpu = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731 - ranking is done once, exactly
+
+    keep_attn = global_keep([cpu(g.attn).abs() for g in gates], budgets["attn"])      # each like g.attn
+    keep_mlp = global_keep([cpu(g.mlp).abs() for g in gates], budgets["mlp"])
+    keep_tok = global_keep([cpu(g.tokens).tanh().abs() for g in gates], budgets["tokens"])
+    for i in range(len(keep_tok) - 2, -1, -1):  # monotone: deeper keeps imply shallower keeps
+        keep_tok[i] = keep_tok[i] | keep_tok[i + 1]
+
+    H, d = arch.num_heads, arch.head_dim
+    plans = []
+    for ka, km, kt in zip(keep_attn, keep_mlp, keep_tok):
+        per_dim = ka.expand(H, d)  # heads: (H, 1) -> whole heads; uniform: (1, d) -> same dims in all heads
+        heads = tuple(tuple(torch.nonzero(per_dim[h]).flatten().tolist()) for h in range(H))
+        plans.append(BlockPlan(heads=heads, mlp=tuple(torch.nonzero(km).flatten().tolist()),
+                               tokens=tuple(torch.nonzero(kt).flatten().tolist())))
+    return SlimPlan(embed_dim=arch.embed_dim, num_heads=H, head_dim=d, mlp_hidden=arch.mlp_hidden,
+                    num_prefix_tokens=arch.num_prefix_tokens, num_patches=arch.num_patches, search=search,
+                    budgets=budgets, blocks=tuple(plans))

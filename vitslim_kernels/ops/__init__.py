@@ -1,0 +1,1 @@
+"""One op per module: reference, launchers, autograd, public functional."""
