@@ -36,12 +36,13 @@ def ragged_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     (softmax in float32 for half types). q, k, v, output: (B, N, sum(head_dims))."""
     dims = check_ragged_args(q, k, v, head_dims)
     out = torch.empty_like(q)
+    softmax_dtype = torch.float32 if q.element_size() < 4 else q.dtype  # fp16/bf16 softmax in fp32
     offset = 0
     for w in dims:
         if w > 0:
             cols = slice(offset, offset + w)
             scores = (q[..., cols] @ k[..., cols].transpose(-2, -1)) * scale            # (B, N, N)
-            probs = scores.float().softmax(dim=-1).to(q.dtype)
+            probs = scores.softmax(dim=-1, dtype=softmax_dtype).to(q.dtype)
             if dropout_p > 0.0:
                 probs = F.dropout(probs, p=dropout_p)
             out[..., cols] = probs @ v[..., cols]
