@@ -216,7 +216,8 @@ def describe(model: nn.Module, block_types: tuple[type, ...] | None = None) -> V
         no_embed_class=bool(model.no_embed_class),
         pos_embed=model.pos_embed is not None,
         pre_norm=not isinstance(model.norm_pre, nn.Identity),
-        final_norm=not isinstance(model.norm, nn.Identity),
+        # timm puts the final norm either before pooling (norm) or after it (fc_norm), never both.
+        final_norm=not isinstance(model.norm, nn.Identity) or not isinstance(model.fc_norm, nn.Identity),
         fc_norm=not isinstance(model.fc_norm, nn.Identity),
         pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
         dynamic_img_pad=bool(pe.dynamic_img_pad),
@@ -231,7 +232,7 @@ def describe(model: nn.Module, block_types: tuple[type, ...] | None = None) -> V
 
 
 def build(arch: ViTArch) -> nn.Module:
-    """A dense, untrained timm model with the structure of `arch` (weights left uninitialised)."""
+    """A dense timm model with the structure of `arch`, weights left uninitialised, on the default device."""
     t = _timm()
     cls = t["VisionTransformerDistilled"] if arch.distilled else t["VisionTransformer"]
     act = nn.GELU if arch.act == "gelu" else partial(nn.GELU, approximate="tanh")
@@ -261,5 +262,4 @@ def build(arch: ViTArch) -> nn.Module:
     mlp_hidden = int(arch.embed_dim * kwargs["mlp_ratio"])
     if mlp_hidden != arch.mlp_hidden:  # float round trip of the ratio
         kwargs["mlp_ratio"] = (arch.mlp_hidden + 0.5) / arch.embed_dim
-    with torch.device("cpu"):
-        return cls(**kwargs)
+    return cls(**kwargs)

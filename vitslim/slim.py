@@ -6,6 +6,8 @@ remains: every removed weight is gone.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -14,6 +16,14 @@ import vitslim_kernels
 from .arch import ViTArch, build, describe
 from .plan import SlimPlan
 from .searchable import describe_searchable, is_searchable, searchable_blocks
+
+
+def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    # Weights always come from the search model or a file: no initialisation. Width 0 is valid here,
+    # so torch's "zero-element tensor" init warning is noise.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias)
 
 
 class SlimAttention(nn.Module):
@@ -26,13 +36,14 @@ class SlimAttention(nn.Module):
         self.head_dims = tuple(head_dims)
         self.width = sum(self.head_dims)
         self.scale = head_dim ** -0.5  # the ORIGINAL head width, whatever is kept
-        self.qkv = nn.Linear(embed_dim, 3 * self.width, bias=qkv_bias)
+        self.qkv = _linear(embed_dim, 3 * self.width, qkv_bias)
         self.attn_drop_p = attn_drop
-        self.proj = nn.Linear(self.width, embed_dim, bias=proj_bias)
+        self.proj = _linear(self.width, embed_dim, proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x).split(self.width, dim=-1)  # each (B, N, width)
+        qkv, w = self.qkv(x), self.width
+        q, k, v = qkv[..., :w], qkv[..., w:2 * w], qkv[..., 2 * w:]  # each (B, N, width); width may be 0
         o = vitslim_kernels.ragged_attention(q, k, v, self.head_dims, self.scale,
                                              dropout_p=self.attn_drop_p if self.training else 0.0,
                                              implementation=self.implementation)
@@ -47,10 +58,10 @@ class SlimMlp(nn.Module):
 
     def __init__(self, embed_dim: int, hidden: int, act: nn.Module, bias: bool, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(embed_dim, hidden, bias=bias)
+        self.fc1 = _linear(embed_dim, hidden, bias)
         self.act = act
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden, embed_dim, bias=bias)
+        self.fc2 = _linear(hidden, embed_dim, bias)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,66 @@
+"""save_slim / load_slim: safetensors + JSON, same outputs, clear errors on bad files."""
+import json
+
+import pytest
+import torch
+
+import vitslim
+
+from .tiny_models import images_for, make_vit, randomize_gates, searchable_copy
+
+
+def _slim(fold, dtype=torch.float64, name="deit_small_distilled_patch16_224"):
+    model = searchable_copy(make_vit(name, dtype=dtype))
+    randomize_gates(model)
+    plan = vitslim.threshold(model, 0.5, 0.6, 0.7)
+    return vitslim.slim(model, plan, fold_gates=fold).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("fold", [False, True])
+def test_save_load_gives_the_same_outputs(tmp_path, fold, dtype):
+    slim = _slim(fold, dtype)
+    folder = vitslim.save_slim(slim, tmp_path / "slim")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]  # no pickle
+    loaded = vitslim.load_slim(folder)
+    assert not loaded.training and next(loaded.parameters()).dtype == dtype
+    x = images_for(slim, dtype=dtype)
+    torch.testing.assert_close(loaded(x), slim(x), rtol=0, atol=0)
+    assert loaded.slim_plan == slim.slim_plan
+    assert vitslim.count_params(loaded) == vitslim.count_params(slim)
+    vitslim.save_slim(loaded, tmp_path / "again")  # a loaded model saves again
+
+
+def test_corrupted_and_mismatched_files(tmp_path):
+    folder = vitslim.save_slim(_slim(True), tmp_path / "slim")
+    weights, config = folder / "model.safetensors", folder / "config.json"
+    original = config.read_text()
+
+    cfg = json.loads(original)
+    cfg["plan"]["blocks"][0]["mlp"] = cfg["plan"]["blocks"][0]["mlp"][:-1]  # plan no longer fits weights
+    config.write_text(json.dumps(cfg))
+    with pytest.raises(vitslim.SlimFileError, match=r"blocks\.0\.mlp\.fc1\.(weight|bias) has shape .* the plan needs"):
+        vitslim.load_slim(folder)
+
+    cfg = json.loads(original)
+    cfg["plan"]["embed_dim"] = 64
+    config.write_text(json.dumps(cfg))
+    with pytest.raises(vitslim.SlimFileError, match="embed_dim=64"):
+        vitslim.load_slim(folder)
+
+    config.write_text("{not json")
+    with pytest.raises(vitslim.SlimFileError, match="not valid JSON"):
+        vitslim.load_slim(folder)
+
+    config.write_text(original)
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(vitslim.SlimFileError, match="not a readable safetensors file"):
+        vitslim.load_slim(folder)
+
+    with pytest.raises(vitslim.SlimFileError, match="does not exist"):
+        vitslim.load_slim(tmp_path / "nowhere")
+
+
+def test_save_needs_a_slim_model(tmp_path):
+    with pytest.raises(ValueError, match="save_slim takes a model made by vitslim.slim"):
+        vitslim.save_slim(make_vit(), tmp_path / "x")
