@@ -81,10 +81,12 @@ class SlimPlan:
         if d["version"] != PLAN_VERSION:
             raise ValueError(f"plan version {d['version']!r} is not supported; accepted: {PLAN_VERSION}")
         try:
-            blocks = tuple(BlockPlan(heads=tuple(tuple(int(i) for i in h) for h in b["heads"]),
-                                     mlp=tuple(int(i) for i in b["mlp"]),
-                                     tokens=tuple(int(i) for i in b["tokens"])) for b in d["blocks"])
-        except (KeyError, TypeError, ValueError) as e:
+            blocks = tuple(BlockPlan(heads=tuple(_indices(h, f"block {i} head {j} dims")
+                                                 for j, h in enumerate(b["heads"])),
+                                     mlp=_indices(b["mlp"], f"block {i} mlp units"),
+                                     tokens=_indices(b["tokens"], f"block {i} tokens"))
+                           for i, b in enumerate(d["blocks"]))
+        except (KeyError, TypeError) as e:
             raise ValueError(f"malformed plan blocks ({e!r}); each block needs 'heads', 'mlp', 'tokens' "
                              "lists of integers") from None
         return cls(embed_dim=d["embed_dim"], num_heads=d["num_heads"], head_dim=d["head_dim"],
@@ -125,6 +127,14 @@ class SlimPlan:
             widths = " ".join(str(w) for w in b.head_dims)
             lines.append(f"{i:>5}  {widths:<32} {len(b.mlp):>14} {len(b.tokens):>16}")
         return "\n".join(lines)
+
+
+def _indices(values, what: str) -> tuple[int, ...]:
+    """A JSON list of indices as a tuple of ints; anything but an integer is an error, never truncated."""
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int)]
+    if bad:
+        raise ValueError(f"{what} must be integers, got {bad[0]!r}")
+    return tuple(values)
 
 
 def _check_indices(values: tuple[int, ...], upper: int, what: str) -> None:

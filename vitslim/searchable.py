@@ -140,11 +140,11 @@ def _fused_fallback() -> str:
 
 
 def searchable_blocks(model: nn.Module) -> list[SearchableBlock]:
-    return [b for b in model.blocks if isinstance(b, SearchableBlock)]
+    return [b for b in getattr(model, "blocks", ()) if isinstance(b, SearchableBlock)]
 
 
 def is_searchable(model: nn.Module) -> bool:
-    return hasattr(model, "blocks") and len(searchable_blocks(model)) > 0
+    return len(searchable_blocks(model)) > 0
 
 
 def make_searchable(model: nn.Module, search: str = "dims", fused: bool = False) -> nn.Module:

@@ -23,7 +23,8 @@ def global_keep(importances: list[torch.Tensor], budget: float) -> list[torch.Te
     thr = sorted(importance)[floor((1 - budget) * n)], so budget 1.0 keeps everything.
     """
     flat = torch.cat([imp.reshape(-1) for imp in importances])
-    index = math.floor((1.0 - budget) * flat.numel())
+    # min(): for budgets below float64 resolution, 1 - budget rounds to 1.0 and the index to n.
+    index = min(math.floor((1.0 - budget) * flat.numel()), flat.numel() - 1)
     thr = flat.sort().values[index]
     return [imp >= thr for imp in importances]
 
