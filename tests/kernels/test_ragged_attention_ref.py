@@ -1,0 +1,56 @@
+"""The ragged-attention reference against an independent computation: each head padded with zeros to the
+widest head and run through F.scaled_dot_product_attention (zero columns change no score)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitslim_kernels import ragged_attention, ragged_attention_ref
+
+
+def padded_sdpa(q, k, v, head_dims, scale):
+    B, N, _ = q.shape
+    wmax = max(max(head_dims), 1)
+    out = torch.zeros_like(q)
+    pads = []
+    offset = 0
+    for w in head_dims:
+        pads.append([F.pad(t[..., offset:offset + w], (0, wmax - w)) for t in (q, k, v)])
+        offset += w
+    qp, kp, vp = (torch.stack([p[i] for p in pads], dim=1) for i in range(3))  # (B, H, N, wmax)
+    o = F.scaled_dot_product_attention(qp, kp, vp, scale=scale)
+    offset = 0
+    for h, w in enumerate(head_dims):
+        out[..., offset:offset + w] = o[:, h, :, :w]
+        offset += w
+    return out
+
+
+@pytest.mark.parametrize("head_dims", [(17, 0, 41, 1), (64, 63), (0, 0, 5), (1,)])
+@pytest.mark.parametrize("n", [17, 50])
+def test_reference_matches_padded_sdpa(head_dims, n):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, n, sum(head_dims), generator=g, dtype=torch.float64) for _ in range(3))
+    scale = 64 ** -0.5
+    expected = padded_sdpa(q, k, v, head_dims, scale)
+    torch.testing.assert_close(ragged_attention_ref(q, k, v, head_dims, scale), expected, rtol=0, atol=1e-13)
+    torch.testing.assert_close(ragged_attention(q, k, v, head_dims, scale), expected, rtol=0, atol=1e-13)
+
+
+def test_reference_takes_strided_views_and_gives_gradients():
+    g = torch.Generator().manual_seed(1)
+    head_dims = (5, 0, 3)
+    qkv = torch.randn(2, 17, 3 * 8, generator=g, dtype=torch.float64, requires_grad=True)
+    q, k, v = qkv[..., :8], qkv[..., 8:16], qkv[..., 16:]
+    torch.autograd.gradcheck(lambda a, b, c: ragged_attention_ref(a, b, c, head_dims, 0.125), (q, k, v))
+
+
+def test_bad_arguments():
+    q = torch.zeros(2, 5, 8)
+    with pytest.raises(ValueError, match=r"sum\(head_dims\) = 7"):
+        ragged_attention(q, q, q, (4, 3), 0.1)
+    with pytest.raises(ValueError, match="non-negative"):
+        ragged_attention(q, q, q, (10, -2), 0.1)
+    with pytest.raises(ValueError, match="same shape"):
+        ragged_attention(q, q, torch.zeros(2, 6, 8), (4, 4), 0.1)
+    with pytest.raises(ValueError, match=r"\(B, N, sum\(head_dims\)\)"):
+        ragged_attention(q[0], q[0], q[0], (4, 4), 0.1)
