@@ -11,7 +11,7 @@ from torch import nn
 
 from .arch import ViTArch
 from .plan import SlimPlan
-from .slim import build_slim
+from .slim import build_slim, set_fused
 
 FORMAT = "vitslim-slim"
 FORMAT_VERSION = 1
@@ -52,8 +52,11 @@ def save_slim(model: nn.Module, path: str | os.PathLike) -> Path:
     return folder
 
 
-def load_slim(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a slim model saved by save_slim; returns it in eval mode on `device`."""
+def load_slim(path: str | os.PathLike, device: str | torch.device = "cpu", fused: bool = False) -> nn.Module:
+    """Load a slim model saved by save_slim; returns it in eval mode on `device`.
+
+    fused: as in vitslim.slim, let dispatch pick the fastest ragged-attention kernel (default: reference).
+    """
     from safetensors.torch import load_file
 
     folder = Path(path)
@@ -92,4 +95,5 @@ def load_slim(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     model.to(dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
     model.load_state_dict(state, strict=True)
+    set_fused(model, fused)
     return model.to(device).eval()

@@ -203,6 +203,12 @@ def slim(model: nn.Module, plan: SlimPlan, fold_gates: bool = False, fused: bool
     slim_model = build_slim(arch, plan, token_scale=fold_gates).to(device=param.device, dtype=param.dtype)
     slim_model.load_state_dict(_slim_state_dict(model, plan, fold_gates), strict=True)
     slim_model.train(model.training)
-    for block in slim_model.blocks:
+    return set_fused(slim_model, fused)
+
+
+def set_fused(model: nn.Module, fused: bool) -> nn.Module:
+    """fused=True: dispatch picks the ragged-attention kernel per device; False: the PyTorch reference."""
+    for block in model.blocks:
         block.attn.implementation = None if fused else "reference"
+    return model
     return slim_model

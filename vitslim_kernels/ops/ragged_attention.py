@@ -64,5 +64,7 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim
     Returns:
         (B, N, sum(head_dims)).
     """
+    if dropout_p > 0.0 and implementation is None:
+        implementation = "reference"  # only the reference has attention dropout (the kernels have no RNG)
     impl = select("ragged_attention", q, forced=implementation)
     return impl(q, k, v, head_dims, scale, dropout_p)

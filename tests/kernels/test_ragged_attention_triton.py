@@ -1,0 +1,215 @@
+"""Triton ragged attention against the reference: outputs and dq, dk, dv, run by Triton's interpreter on CPU.
+
+Triton reads TRITON_INTERPRET once, when it is imported: from then on every @triton.jit function, its own
+library (tl.max, tl.cdiv, ...) included, is interpreted or compiled for the whole process. When this process
+imported triton with it (TRITON_INTERPRET=1 for the whole run), the CPU tests below run here. Otherwise (the
+usual `pytest tests/`: the conftest imports timm, which imports triton) they are skipped here and
+`test_cpu_tests_under_the_interpreter` reruns this file in a fresh process with TRITON_INTERPRET=1, so the
+variable never leaks into other test files, which keep sending CPU tensors to the reference.
+"""
+import importlib
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from vitslim_kernels import explain, ragged_attention, ragged_attention_ref, select  # noqa: E402
+
+INTERPRETED = isinstance(triton.language.cdiv, InterpretedFunction)  # how this process imported triton
+_CHILD_FLAG = "VITSLIM_TEST_INTERPRETER_CHILD"
+
+SCALE = 64 ** -0.5  # a pruned head keeps its original width's scale (DESIGN.md section 4)
+
+# Kernel error allowed on top of 2x the error of the reference run in the same dtype (CONVENTIONS.md), in
+# units of the dtype's eps times the largest |expected| value of the tensor. fp32: the fp32 reference is
+# itself very accurate while the kernel rescales its online softmax and recomputes P from the saved
+# logsumexp in base 2; measured up to ~5x the reference's error (dk: 4.0e-6 vs 7.6e-7 at max |dk| = 4.2), so
+# 32 eps (1.6e-5 there) leaves a 4x margin, while an indexing or masking bug gives errors of order 1.
+# fp16: both errors are dominated by rounding P and O to fp16, so 2x the reference plus 4 eps.
+FLOOR_EPS = {torch.float32: 32, torch.float16: 4, torch.bfloat16: 4}
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(request, monkeypatch):
+    """CPU tests: run only where triton was imported interpreted; TRITON_INTERPRET=1 set for each of them."""
+    if "gpu" in request.keywords or request.node.name == "test_cpu_tests_under_the_interpreter":
+        return
+    if not INTERPRETED:
+        if os.environ.get(_CHILD_FLAG) == "1":
+            pytest.fail("TRITON_INTERPRET=1 was set for this process, yet triton was imported compiled")
+        pytest.skip("triton was imported without TRITON_INTERPRET=1; test_cpu_tests_under_the_interpreter "
+                    "runs this test in a fresh process")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the CPU tests run in this process")
+def test_cpu_tests_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_FLAG: "1"})
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not gpu",
+                           "-k", "not test_cpu_tests_under_the_interpreter"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert proc.returncode == 0 and " passed" in summary and "skipped" not in summary, \
+        f"interpreter run failed ({summary!r}):\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+
+
+@pytest.fixture
+def kernels():
+    return importlib.import_module("vitslim_kernels.triton.ragged_attention")
+
+
+@pytest.fixture
+def poisoned(monkeypatch, kernels):
+    """Every buffer the kernels write starts as NaN, so an element they skip stays NaN."""
+    def alloc_nan(shape, like, dtype=None):
+        return torch.full(tuple(shape), float("nan"), dtype=dtype or like.dtype, device=like.device)
+    monkeypatch.setattr(kernels, "_alloc", alloc_nan)
+
+
+def _assert_within_spec(name, got, ref_same_dtype, expected):
+    assert not torch.isnan(got).any(), f"{name}: NaN left (an element the kernel never wrote?)"
+    err = (got.double() - expected).abs().max().item()
+    ref_err = (ref_same_dtype.double() - expected).abs().max().item()
+    bound = 2 * ref_err + FLOOR_EPS[got.dtype] * torch.finfo(got.dtype).eps * max(expected.abs().max().item(), 1.0)
+    assert err <= bound, f"{name}: kernel error {err:.3g} > bound {bound:.3g} (reference error {ref_err:.3g})"
+
+
+def _run(fn, qkv, grad_out, head_dims, dtype, layout):
+    """Output and d(qkv) of fn on q, k, v taken from one (B, N, 3D) leaf tensor.
+
+    layout "split": q, k, v are strided views (qkv.split), as a fused qkv projection gives them;
+    layout "separate": three contiguous tensors.
+    """
+    leaf = qkv.detach().to(dtype).clone().requires_grad_()
+    D = leaf.shape[-1] // 3
+    if layout == "split":
+        q, k, v = leaf.split(D, dim=-1)
+    else:
+        q, k, v = (t.contiguous() for t in leaf.split(D, dim=-1))
+    out = fn(q, k, v, head_dims, SCALE)
+    out.backward(grad_out.to(dtype).expand(out.shape))
+    return out.detach(), leaf.grad
+
+
+def _triton(q, k, v, head_dims, scale):
+    return ragged_attention(q, k, v, head_dims, scale, implementation="triton")
+
+
+def _check_against_reference(head_dims, N, B, dtype, layout, expanded_grad=False):
+    torch.manual_seed(0)
+    D = sum(head_dims)
+    qkv = 1.5 * torch.randn(B, N, 3 * D, dtype=torch.float64)  # scores spread enough for a peaked softmax
+    if expanded_grad:  # dO with zero strides (expanded in _run), as out.sum().backward() gives
+        grad_out = torch.randn(1, 1, D, dtype=torch.float64)
+    else:
+        grad_out = torch.randn(B, N, D, dtype=torch.float64)
+    out, dqkv = _run(_triton, qkv, grad_out, head_dims, dtype, layout)
+    ref_out, ref_dqkv = _run(ragged_attention_ref, qkv, grad_out, head_dims, dtype, layout)
+    exp_out, exp_dqkv = _run(ragged_attention_ref, qkv, grad_out, head_dims, torch.float64, layout)
+    assert out.dtype == dtype and out.shape == (B, N, D)
+    _assert_within_spec("out", out, ref_out, exp_out)
+    for name, got, ref, exp in zip(("dq", "dk", "dv"), dqkv.split(D, -1), ref_dqkv.split(D, -1),
+                                   exp_dqkv.split(D, -1)):
+        _assert_within_spec(name, got, ref, exp)
+
+
+@pytest.mark.parametrize("head_dims, N, layout, expanded_grad", [
+    ((17, 0, 41, 1), 17, "split", False),    # odd widths, a fully pruned head, a width-1 head
+    ((64, 63), 50, "split", False),          # full and nearly full heads, 4 key blocks with a partial one
+    ((0, 0, 5, 0), 17, "split", False),      # every head pruned but one
+    ((3, 1), 50, "separate", True),          # sum(head_dims) = 4; contiguous inputs; zero-stride dO
+])
+def test_matches_reference_fp32(head_dims, N, layout, expanded_grad, poisoned):
+    _check_against_reference(head_dims, N, B=3, dtype=torch.float32, layout=layout, expanded_grad=expanded_grad)
+
+
+def test_matches_reference_fp16(poisoned):
+    # bf16 is only tested on a GPU: Triton's interpreter computes tl.dot on bfloat16 operands wrongly
+    # (triton 3.9: a 16x16 bf16 dot is off by ~1e10).
+    _check_against_reference((17, 0, 41, 1), 17, B=2, dtype=torch.float16, layout="split")
+
+
+def test_all_heads_zero_width():
+    q, k, v = (torch.randn(2, 17, 0, requires_grad=True) for _ in range(3))
+    out = ragged_attention(q, k, v, (0, 0, 0), SCALE, implementation="triton")
+    assert out.shape == (2, 17, 0)
+    out.sum().backward()
+    assert q.grad.shape == k.grad.shape == v.grad.shape == (2, 17, 0)
+
+
+def test_dispatch_prefers_triton_under_interpreter(kernels):
+    x = torch.zeros(2, 17, 18)
+    assert explain("ragged_attention", x) == [("triton", None), ("reference", None)]
+    assert select("ragged_attention", x) is kernels.ragged_attention_triton
+
+
+def test_explain_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    q, k, v = (torch.randn(2, 17, 18) for _ in range(3))
+    assert dict(explain("ragged_attention", q)) == {"triton": "CPU tensor and TRITON_INTERPRET is not 1",
+                                                   "reference": None}
+    assert torch.equal(ragged_attention(q, k, v, (17, 1), SCALE), ragged_attention_ref(q, k, v, (17, 1), SCALE))
+
+
+def test_float64_goes_to_reference():
+    reasons = dict(explain("ragged_attention", torch.zeros(2, 17, 18, dtype=torch.float64)))
+    assert "torch.float64" in reasons["triton"] and reasons["reference"] is None
+
+
+def test_dropout_goes_to_reference():
+    q, k, v = (torch.randn(2, 17, 18) for _ in range(3))
+    torch.manual_seed(1)
+    out = ragged_attention(q, k, v, (17, 1), SCALE, dropout_p=0.5)
+    torch.manual_seed(1)
+    assert torch.equal(out, ragged_attention_ref(q, k, v, (17, 1), SCALE, dropout_p=0.5))
+    with pytest.raises(ValueError, match="dropout"):
+        ragged_attention(q, k, v, (17, 1), SCALE, dropout_p=0.5, implementation="triton")
+
+
+def test_explain_names_a_late_interpreter_switch(monkeypatch):
+    # triton was imported interpreted; on a CUDA tensor with the variable unset, compiled kernels would be
+    # mixed with triton's interpreted library, so dispatch must refuse and say why.
+    monkeypatch.delenv("TRITON_INTERPRET")
+    from vitslim_kernels.dispatch import triton_unavailable
+    cuda_tensor = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)  # all the predicate reads
+    assert triton_unavailable(cuda_tensor) == ("TRITON_INTERPRET is not 1 but triton was imported with it "
+                                               "(triton reads it once, at import)")
+
+
+def test_opcheck(kernels):
+    torch.manual_seed(0)
+    head_dims = [17, 0, 1]
+    q, k, v = torch.randn(1, 17, 54).split(18, dim=-1)  # strided views
+    torch.library.opcheck(torch.ops.vitslim.ragged_attention_fwd, (q, k, v, head_dims, SCALE))
+    o, lse = torch.ops.vitslim.ragged_attention_fwd(q, k, v, head_dims, SCALE)
+    do = torch.randn_like(o)
+    torch.library.opcheck(torch.ops.vitslim.ragged_attention_bwd, (do, q, k, v, o, lse, head_dims, SCALE))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1 for this run: the kernels are interpreted")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("N", [197, 50])
+def test_compiled_on_gpu(dtype, N, monkeypatch, poisoned):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch.manual_seed(0)
+    head_dims = (41, 17, 52, 0, 64, 1)
+    D = sum(head_dims)
+    qkv = 1.5 * torch.randn(3, N, 3 * D, dtype=torch.float64, device="cuda")
+    grad_out = torch.randn(3, N, D, dtype=torch.float64, device="cuda")
+    out, dqkv = _run(_triton, qkv, grad_out, head_dims, dtype, "split")
+    ref_out, ref_dqkv = _run(ragged_attention_ref, qkv, grad_out, head_dims, dtype, "split")
+    exp_out, exp_dqkv = _run(ragged_attention_ref, qkv, grad_out, head_dims, torch.float64, "split")
+    _assert_within_spec("out", out, ref_out, exp_out)
+    _assert_within_spec("dqkv", dqkv, ref_dqkv, exp_dqkv)
+    # Deterministic backward: no atomics, so a second run is bit-identical (on a GPU this can fail).
+    _, dqkv_again = _run(_triton, qkv, grad_out, head_dims, dtype, "split")
+    assert torch.equal(dqkv, dqkv_again)

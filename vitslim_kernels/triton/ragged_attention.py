@@ -1,0 +1,437 @@
+"""Triton ragged-width attention (DESIGN.md section 5): heads of different widths, all heads in one launch.
+
+q, k, v, o: (B, N, D) with D = sum(head_dims) and head h in columns [offset_h, offset_h + w_h).
+
+How raggedness is handled: the host keeps a (3, H) int32 table (column offset, width, padded width) of the
+heads with w_h > 0 (zero-width heads own no column, so they are simply left out). Every program works on one
+(batch, head) pair; it reads its head's row of the table and runs the flash-attention loop in the branch
+compiled for its padded width (16, 32, 64, ... : the power of two >= max(w_h, 16) that tl.dot needs). All
+loads and stores are masked to the w_h real columns, so nothing padded is ever materialised in memory and the
+register work of a head scales with its own width, not the widest one.
+
+Kernels:
+- `_ragged_attention_fwd_kernel`: one program per (query block, batch*head); online softmax over key blocks,
+  fp32 accumulation, writes o and the natural logsumexp of each query row (B, H, N) for the backward.
+- `_ragged_attention_bwd_preprocess_kernel`: delta = rowsum(dO * O) per head, (B, H, N) fp32.
+- `_ragged_attention_bwd_kernel`: one launch, two kinds of program per batch*head: one per key block
+  accumulating dk and dv over all query blocks, one per query block accumulating dq over all key blocks. Every
+  gradient element is written by exactly one program, summed in a fixed order: deterministic, no atomics.
+
+This module imports Triton; dispatch only imports it when the Triton implementation is chosen.
+"""
+import functools
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops.ragged_attention import check_ragged_args
+
+_MIN_BLOCK_D = 16  # tl.dot needs every dimension >= 16 on NVIDIA GPUs
+
+
+@triton.jit
+def _ragged_attention_fwd_kernel(
+    Q, K, V,                                # (B, N, D) inputs, any strides
+    O,                                      # (B, N, D) output
+    LSE,                                    # (B, H, N) fp32 out: logsumexp of the scaled scores of each row
+    HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD,      # (H,) int32: first column, width, padded width of each kept head
+    stride_qb, stride_qn, stride_qd,        # strides of q
+    stride_kb, stride_kn, stride_kd,        # strides of k
+    stride_vb, stride_vn, stride_vd,        # strides of v
+    stride_ob, stride_on, stride_od,        # strides of o
+    stride_lseb, stride_lseh,               # strides of lse (its last dim is contiguous)
+    N,                                      # sequence length
+    H,                                      # number of kept (non-zero-width) heads
+    scale,                                  # softmax scale applied to q k^T
+    BLOCK_M: tl.constexpr,                  # query rows per program
+    BLOCK_N: tl.constexpr,                  # keys per inner-loop step
+    LOG2_DMAX: tl.constexpr,                # log2 of the largest padded head width (>= 4)
+    DOT_PRECISION: tl.constexpr,            # tl.dot input_precision for fp32 inputs ("ieee" or "tf32")
+):
+    # Flattened 1-D grid: query blocks of one (batch, head) are neighbours (they share k and v in L2), and
+    # B*H is not bounded by the 65535 limit of grid axis 1.
+    num_m_blocks = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
+    b = (pid_bh // H).to(tl.int64)  # int64: b * stride_b can pass 2**31 for large batches
+    h = pid_bh % H
+    col0 = tl.load(HEAD_OFFSET + h)
+    width = tl.load(HEAD_WIDTH + h)
+    pad = tl.load(HEAD_PAD + h)
+    qk_scale = scale * 1.4426950408889634  # softmax in base 2: exp(x * scale) = exp2(x * scale * log2(e))
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    q_base = Q + b * stride_qb + col0 * stride_qd
+    k_base = K + b * stride_kb + col0 * stride_kd
+    v_base = V + b * stride_vb + col0 * stride_vd
+    o_base = O + b * stride_ob + col0 * stride_od
+
+    # One branch per padded width; a program takes exactly one (pad is uniform over the program).
+    # (2 ** LOG2_D is written out, not assigned: the interpreter turns assigned ints into tensors.)
+    for LOG2_D in tl.static_range(4, LOG2_DMAX + 1):
+        if pad == 2 ** LOG2_D:
+            offs_d = tl.arange(0, 2 ** LOG2_D)
+            mask_d = offs_d < width
+            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                        mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, 2 ** LOG2_D], tl.float32)
+            for start_n in range(0, N, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < N
+                kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                             mask=mask_d[:, None] & mask_n[None, :], other=0.0)            # (BLOCK_D, BLOCK_N)
+                s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+                s = tl.where(mask_n[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every key block holds a valid key
+                p = tl.exp2(s - m_new[:, None])
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                            mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                m_i = m_new
+            acc = acc / l_i[:, None]
+            tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+                     acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+            lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+            tl.store(LSE + b * stride_lseb + h * stride_lseh + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _ragged_attention_bwd_preprocess_kernel(
+    O, DO,                                  # (B, N, D) forward output and its gradient
+    DELTA,                                  # (B, H, N) fp32 out: rowsum(dO * O) per head
+    HEAD_OFFSET, HEAD_WIDTH,                # (H,) int32: first column and width of each kept head
+    stride_ob, stride_on, stride_od,        # strides of o
+    stride_dob, stride_don, stride_dod,     # strides of do
+    stride_deltab, stride_deltah,           # strides of delta (its last dim is contiguous)
+    N,                                      # sequence length
+    H,                                      # number of kept heads
+    BLOCK_M: tl.constexpr,                  # rows per program
+    BLOCK_D: tl.constexpr,                  # largest padded head width (loads are masked to the real width)
+):
+    num_m_blocks = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    col0 = tl.load(HEAD_OFFSET + h)
+    width = tl.load(HEAD_WIDTH + h)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < N)[:, None] & (offs_d < width)[None, :]
+    o = tl.load(O + b * stride_ob + offs_m[:, None] * stride_on + (col0 + offs_d)[None, :] * stride_od,
+                mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_don + (col0 + offs_d)[None, :] * stride_dod,
+                 mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + b * stride_deltab + h * stride_deltah + offs_m, delta, mask=offs_m < N)
+
+
+@triton.jit
+def _ragged_attention_bwd_kernel(
+    Q, K, V,                                # (B, N, D) forward inputs, any strides
+    DO,                                     # (B, N, D) gradient of the output, any strides
+    DQ, DK, DV,                             # (B, N, D) out: gradients, allocated alike (one set of strides)
+    LSE, DELTA,                             # (B, H, N) fp32: forward logsumexp and rowsum(dO * O)
+    HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD,      # (H,) int32: first column, width, padded width of each kept head
+    stride_qb, stride_qn, stride_qd,        # strides of q
+    stride_kb, stride_kn, stride_kd,        # strides of k
+    stride_vb, stride_vn, stride_vd,        # strides of v
+    stride_dob, stride_don, stride_dod,     # strides of do
+    stride_gb, stride_gn, stride_gd,        # strides of dq, dk and dv
+    stride_lseb, stride_lseh,               # strides of lse and delta (last dim contiguous)
+    N,                                      # sequence length
+    H,                                      # number of kept heads
+    scale,                                  # softmax scale applied to q k^T
+    BLOCK_M1: tl.constexpr,                 # dk/dv programs: query rows per inner-loop step
+    BLOCK_N1: tl.constexpr,                 # dk/dv programs: keys per program
+    BLOCK_M2: tl.constexpr,                 # dq programs: query rows per program
+    BLOCK_N2: tl.constexpr,                 # dq programs: keys per inner-loop step
+    LOG2_DMAX: tl.constexpr,                # log2 of the largest padded head width (>= 4)
+    DOT_PRECISION: tl.constexpr,            # tl.dot input_precision for fp32 inputs ("ieee" or "tf32")
+):
+    # Per (batch, head): cdiv(N, BLOCK_N1) dk/dv programs, then cdiv(N, BLOCK_M2) dq programs.
+    num_kv_blocks = tl.cdiv(N, BLOCK_N1)
+    programs_per_bh = num_kv_blocks + tl.cdiv(N, BLOCK_M2)
+    pid = tl.program_id(0)
+    task = pid % programs_per_bh
+    pid_bh = pid // programs_per_bh
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    col0 = tl.load(HEAD_OFFSET + h)
+    width = tl.load(HEAD_WIDTH + h)
+    pad = tl.load(HEAD_PAD + h)
+    qk_scale = scale * 1.4426950408889634
+    q_base = Q + b * stride_qb + col0 * stride_qd
+    k_base = K + b * stride_kb + col0 * stride_kd
+    v_base = V + b * stride_vb + col0 * stride_vd
+    do_base = DO + b * stride_dob + col0 * stride_dod
+    lse_base = LSE + b * stride_lseb + h * stride_lseh
+    delta_base = DELTA + b * stride_lseb + h * stride_lseh
+    g_off = b * stride_gb + col0 * stride_gd
+
+    # (2 ** LOG2_D is written out, not assigned: the interpreter turns assigned ints into tensors.)
+    for LOG2_D in tl.static_range(4, LOG2_DMAX + 1):
+        if pad == 2 ** LOG2_D:
+            offs_d = tl.arange(0, 2 ** LOG2_D)
+            mask_d = offs_d < width
+            if task < num_kv_blocks:
+                # dk, dv of one key block: sums over every query row, in order.
+                offs_n = task * BLOCK_N1 + tl.arange(0, BLOCK_N1)
+                mask_n = offs_n < N
+                mask_nd = mask_n[:, None] & mask_d[None, :]
+                k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                            mask=mask_nd, other=0.0)
+                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                            mask=mask_nd, other=0.0)
+                dk = tl.zeros([BLOCK_N1, 2 ** LOG2_D], tl.float32)
+                dv = tl.zeros([BLOCK_N1, 2 ** LOG2_D], tl.float32)
+                for start_m in range(0, N, BLOCK_M1):
+                    offs_m = start_m + tl.arange(0, BLOCK_M1)
+                    mask_m = offs_m < N
+                    mask_md = mask_m[:, None] & mask_d[None, :]
+                    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                                mask=mask_md, other=0.0)
+                    do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                                 mask=mask_md, other=0.0)
+                    lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
+                    delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
+                    st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N1, BLOCK_M1)
+                    pt = tl.exp2(st - lse[None, :] * 1.4426950408889634)
+                    pt = tl.where(mask_n[:, None] & mask_m[None, :], pt, 0.0)
+                    dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+                    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+                    dst = pt * (dpt - delta[None, :])
+                    dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+                g_ptrs = g_off + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd
+                tl.store(DK + g_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask_nd)
+                tl.store(DV + g_ptrs, dv.to(DV.dtype.element_ty), mask=mask_nd)
+            else:
+                # dq of one query block: sums over every key, in order.
+                offs_m = (task - num_kv_blocks) * BLOCK_M2 + tl.arange(0, BLOCK_M2)
+                mask_m = offs_m < N
+                mask_md = mask_m[:, None] & mask_d[None, :]
+                q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                            mask=mask_md, other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                             mask=mask_md, other=0.0)
+                lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
+                delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
+                dq = tl.zeros([BLOCK_M2, 2 ** LOG2_D], tl.float32)
+                for start_n in range(0, N, BLOCK_N2):
+                    offs_n = start_n + tl.arange(0, BLOCK_N2)
+                    mask_n = offs_n < N
+                    mask_nd = mask_n[:, None] & mask_d[None, :]
+                    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                                mask=mask_nd, other=0.0)
+                    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                                mask=mask_nd, other=0.0)
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale    # (BLOCK_M2, BLOCK_N2)
+                    p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
+                    p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+                    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+                    ds = p * (dp - delta[:, None])
+                    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+                g_ptrs = g_off + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd
+                tl.store(DQ + g_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=mask_md)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------------------
+
+def _alloc(shape: Sequence[int], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here (tests swap in a NaN-filled one to prove full coverage)."""
+    return torch.empty(tuple(shape), dtype=dtype or like.dtype, device=like.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _head_table(head_dims: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(3, H) int32 on `device`: column offset, width and padded width of every head with width > 0."""
+    rows: list[list[int]] = [[], [], []]
+    offset = 0
+    for w in head_dims:
+        if w > 0:
+            rows[0].append(offset)
+            rows[1].append(w)
+            rows[2].append(max(_MIN_BLOCK_D, triton.next_power_of_2(w)))
+        offset += w
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+def _log2_dmax(head_dims: Sequence[int]) -> int:
+    return max(_MIN_BLOCK_D, triton.next_power_of_2(max(head_dims))).bit_length() - 1
+
+
+def _interpreted(kernel) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(kernel, InterpretedFunction)
+
+
+# Triton decides once, at import, whether @triton.jit gives interpreted or compiled functions (TRITON_INTERPRET,
+# read by triton itself and again by @triton.jit here): its own library (tl.max, tl.cdiv, ...) and these
+# kernels must agree, or the kernels fail deep inside Triton. Dispatch checks the same before loading this.
+_INTERPRETED = _interpreted(_ragged_attention_fwd_kernel)
+if _INTERPRETED != _interpreted(tl.cdiv):
+    raise ImportError(
+        f"TRITON_INTERPRET changed between importing triton ({'=1' if _interpreted(tl.cdiv) else 'unset'}) and "
+        f"{__name__} ({'=1' if _INTERPRETED else 'unset'}); set it before anything imports triton")
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if t.device.type == "cpu" and not _INTERPRETED:
+        raise RuntimeError("ragged_attention: CPU tensors run the Triton kernels only in Triton's interpreter; "
+                           "set TRITON_INTERPRET=1 before anything imports triton")
+
+
+def _dot_precision(t: torch.Tensor) -> str:
+    # fp32 inputs follow torch's matmul setting (TF32 off by default), as the reference's matmuls do; fp16/bf16
+    # keep Triton's default (the precision only applies to fp32 operands).
+    return "ieee" if t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def _fwd_config(interpret: bool) -> tuple[dict, dict]:
+    if interpret:
+        # Smallest tl.dot tile: cheap in the interpreter, and N = 17 or 50 still spans several blocks, so the
+        # online softmax across key blocks and the partial last block are both exercised.
+        return dict(BLOCK_M=16, BLOCK_N=16), {}
+    # Not yet measured (no GPU in the session that wrote this): the Triton tutorial's tile for head width
+    # <= 64; N = 197 gives 4 query blocks of 64 (last one 5 rows). To be tuned with benchmark P2.
+    return dict(BLOCK_M=64, BLOCK_N=64), dict(num_warps=4, num_stages=2)
+
+
+def _bwd_config(interpret: bool) -> tuple[dict, dict]:
+    if interpret:
+        return dict(BLOCK_M1=16, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=16), {}
+    # Not yet measured: the Triton tutorial's shape (big outer tile, 32-wide inner steps), scaled to N ~ 197.
+    return dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32), dict(num_warps=4, num_stages=2)
+
+
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int], scale: float
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    B, N, D = q.shape
+    dims = tuple(int(w) for w in head_dims)
+    table = _head_table(dims, q.device)
+    H = table.shape[1]
+    o = _alloc((B, N, D), q)
+    lse = _alloc((B, H, N), q, torch.float32)
+    if B * N * H == 0:
+        return o, lse
+    _check_device(q)
+    blocks, launch = _fwd_config(_INTERPRETED)
+    grid = (triton.cdiv(N, blocks["BLOCK_M"]) * B * H,)
+    _ragged_attention_fwd_kernel[grid](
+        q, k, v, o, lse, table[0], table[1], table[2],
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        lse.stride(0), lse.stride(1),
+        N, H, scale,
+        LOG2_DMAX=_log2_dmax(dims), DOT_PRECISION=_dot_precision(q), **blocks, **launch)
+    return o, lse
+
+
+def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+         lse: torch.Tensor, head_dims: Sequence[int], scale: float
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, N, D = q.shape
+    dims = tuple(int(w) for w in head_dims)
+    table = _head_table(dims, q.device)
+    H = table.shape[1]
+    dq, dk, dv = (_alloc((B, N, D), q) for _ in range(3))
+    if B * N * H == 0:
+        return dq, dk, dv
+    _check_device(q)
+    delta = _alloc((B, H, N), q, torch.float32)
+    fwd_blocks, _ = _fwd_config(_INTERPRETED)
+    grid = (triton.cdiv(N, fwd_blocks["BLOCK_M"]) * B * H,)
+    _ragged_attention_bwd_preprocess_kernel[grid](
+        o, do, delta, table[0], table[1],
+        o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        delta.stride(0), delta.stride(1),
+        N, H, BLOCK_M=fwd_blocks["BLOCK_M"], BLOCK_D=2 ** _log2_dmax(dims))
+    blocks, launch = _bwd_config(_INTERPRETED)
+    grid = ((triton.cdiv(N, blocks["BLOCK_N1"]) + triton.cdiv(N, blocks["BLOCK_M2"])) * B * H,)
+    _ragged_attention_bwd_kernel[grid](
+        q, k, v, do, dq, dk, dv, lse, delta, table[0], table[1], table[2],
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        lse.stride(0), lse.stride(1),
+        N, H, scale,
+        LOG2_DMAX=_log2_dmax(dims), DOT_PRECISION=_dot_precision(q), **blocks, **launch)
+    return dq, dk, dv
+
+
+# torch.library custom ops (opaque to torch.compile, with fake implementations so it traces through them
+# without graph breaks). Not triton_op: under TRITON_INTERPRET=1 torch.library.wrap_triton hands the
+# InterpretedFunction back unwrapped, so triton_op's traced fake implementation runs the interpreter on
+# FakeTensors and fails (opcheck: "Attempted to set the storage of a tensor on device meta ..."), and CI only
+# has the interpreter.
+
+@torch.library.custom_op("vitslim::ragged_attention_fwd", mutates_args=())
+def ragged_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: list[int], scale: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse): o (B, N, D) like q; lse (B, H_kept, N) float32, one row per head of non-zero width."""
+    return _fwd(q, k, v, head_dims, scale)
+
+
+@ragged_attention_fwd.register_fake
+def _(q, k, v, head_dims, scale):
+    B, N, D = q.shape
+    H = sum(1 for w in head_dims if w > 0)
+    return q.new_empty((B, N, D)), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("vitslim::ragged_attention_bwd", mutates_args=())
+def ragged_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                         lse: torch.Tensor, head_dims: list[int], scale: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each (B, N, D) like q."""
+    return _bwd(do, q, k, v, o, lse, head_dims, scale)
+
+
+@ragged_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, head_dims, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+class RaggedAttentionTriton(torch.autograd.Function):
+    """Autograd around the two custom ops; saves q, k, v (views are fine), o and lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, head_dims: tuple[int, ...], scale: float):
+        o, lse = torch.ops.vitslim.ragged_attention_fwd(q, k, v, list(head_dims), scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.head_dims = head_dims
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.vitslim.ragged_attention_bwd(do, q, k, v, o, lse, list(ctx.head_dims), ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def ragged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int],
+                            scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """Triton implementation of vitslim_kernels.ragged_attention. q, k, v, output: (B, N, sum(head_dims))."""
+    dims = check_ragged_args(q, k, v, head_dims)
+    if dropout_p > 0.0:
+        raise ValueError(f"ragged_attention: the Triton implementation has no attention dropout, got "
+                         f"dropout_p={dropout_p}; use dropout_p=0.0 or implementation='reference'")
+    return RaggedAttentionTriton.apply(q, k, v, dims, float(scale))
