@@ -1,13 +1,32 @@
-"""Data: the embedded default data set (scikit-learn's bundled digits: real images, no download)."""
+"""The embedded default data (scikit-learn's bundled digits: real images, no download) and its tiny ViT.
+
+`vitslim_digits_vit` is registered with timm, so `--model vitslim_digits_vit` works like any timm name.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
 
 DIGITS_CLASSES = 10
+DIGITS_IMG_SIZE = 16
+DIGITS_MEAN, DIGITS_STD = 0.3053, 0.3189  # of the 16x16 resized digits, to standardise them
 
 
-def digits_split(img_size: int = 32, val_fraction: float = 0.2, seed: int = 0
+@register_model
+def vitslim_digits_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """A tiny ViT for 16x16 digits: 64 patches of 2x2, 4 blocks, 4 heads of width 16."""
+    if pretrained:
+        raise RuntimeError("vitslim_digits_vit has no pretrained weights: vitslim.search trains it first")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's registry bookkeeping
+        kwargs.pop(key, None)
+    args = dict(img_size=DIGITS_IMG_SIZE, patch_size=2, in_chans=3, num_classes=DIGITS_CLASSES, embed_dim=64,
+                depth=4, num_heads=4, mlp_ratio=4.0)
+    return VisionTransformer(**{**args, **kwargs})
+
+
+def digits_split(img_size: int = DIGITS_IMG_SIZE, val_fraction: float = 0.2, seed: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The 1797 8x8 digits of scikit-learn as (train_x, train_y, val_x, val_y).
 
@@ -23,7 +42,7 @@ def digits_split(img_size: int = 32, val_fraction: float = 0.2, seed: int = 0
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0      # (n, 1, 8, 8) in [0, 1]
     x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
-    x = ((x - x.mean()) / x.std()).expand(-1, 3, -1, -1).contiguous()
+    x = ((x - DIGITS_MEAN) / DIGITS_STD).expand(-1, 3, -1, -1).contiguous()
     y = torch.tensor(digits.target, dtype=torch.long)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n_val = int(round(len(y) * val_fraction))

@@ -1,6 +1,8 @@
 """The learnable gates of the search (DESIGN.md section 2) and their l1 penalty."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -61,3 +63,18 @@ def sparsity_losses(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch
     mlp_l1 = sum(g.mlp.abs().sum() for g in all_gates)
     tok_l1 = sum(g.token_scale().abs().sum() for g in all_gates)
     return attn_l1, mlp_l1, tok_l1
+
+
+@dataclass(frozen=True)
+class SparsityWeights:
+    """w1, w2, w3 of the search loss. Not divided by the number of processes (DESIGN.md section 2)."""
+
+    attn: float = 2e-4
+    mlp: float = 5e-5
+    tokens: float = 1e-4
+
+    def penalty(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """{"penalty": w1*attn_l1 + w2*mlp_l1 + w3*tok_l1, and the three sums}."""
+        attn_l1, mlp_l1, tok_l1 = sparsity_losses(model)
+        total = self.attn * attn_l1 + self.mlp * mlp_l1 + self.tokens * tok_l1
+        return {"penalty": total, "attn_l1": attn_l1, "mlp_l1": mlp_l1, "tok_l1": tok_l1}

@@ -211,4 +211,3 @@ def set_fused(model: nn.Module, fused: bool) -> nn.Module:
     for block in model.blocks:
         block.attn.implementation = None if fused else "reference"
     return model
-    return slim_model
