@@ -16,12 +16,12 @@ DIGITS_MEAN, DIGITS_STD = 0.3053, 0.3189  # of the 16x16 resized digits, to stan
 
 @register_model
 def vitslim_digits_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """A tiny ViT for 16x16 digits: 64 patches of 2x2, 4 blocks, 4 heads of width 16."""
+    """A tiny ViT for 16x16 digits: 16 patches of 4x4, 4 blocks, 4 heads of width 16."""
     if pretrained:
         raise RuntimeError("vitslim_digits_vit has no pretrained weights: vitslim.search trains it first")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's registry bookkeeping
         kwargs.pop(key, None)
-    args = dict(img_size=DIGITS_IMG_SIZE, patch_size=2, in_chans=3, num_classes=DIGITS_CLASSES, embed_dim=64,
+    args = dict(img_size=DIGITS_IMG_SIZE, patch_size=4, in_chans=3, num_classes=DIGITS_CLASSES, embed_dim=64,
                 depth=4, num_heads=4, mlp_ratio=4.0)
     return VisionTransformer(**{**args, **kwargs})
 

@@ -1,0 +1,204 @@
+"""The two commands: outputs, exact resume, Ctrl-C, NaN stop, one-line errors with exit status 2."""
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+import vitslim
+from vitslim import cli, retrain, search
+from vitslim.gates import SparsityWeights
+import vitslim.digits  # noqa: F401 - registers vitslim_digits_vit with timm
+from vitslim.training import read_checkpoint
+
+FAST = ["--workers", "0", "--no-progress"]
+
+
+def run_cli(main, argv, capsys):
+    """Run a command in-process; returns (exit status, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(main, argv)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """A short search on the embedded data: 2 dense epochs, 2 search epochs."""
+    out = tmp_path_factory.mktemp("search")
+    with pytest.raises(SystemExit) as e:
+        cli.run(search.main, ["--output-dir", str(out), "--epochs", "2", "--dense-epochs", "2",
+                              "--budgets", "0.7", "0.5,0.6,0.9", *FAST])
+    assert e.value.code == 0
+    return out
+
+
+def test_search_writes_checkpoint_log_figures_and_plans(searched):
+    names = {p.name for p in searched.iterdir()}
+    assert {"checkpoint.pt", "log.jsonl", "dense.safetensors", "plan_0.7_0.7_0.7.json", "plan_0.5_0.6_0.9.json",
+            "figures", "dense"} <= names
+    lines = [json.loads(line) for line in (searched / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    for r in lines:
+        assert {"loss", "task", "penalty", "attn_l1", "mlp_l1", "tok_l1", "top1", "top5", "img_per_s",
+                "kept"} <= set(r)
+        assert r["loss"] == pytest.approx(r["task"] + r["penalty"], rel=1e-5)
+    figures = {p.name for p in (searched / "figures").iterdir()}
+    assert {"gates_epoch002.png", "structure_epoch002.png"} <= figures
+    ckpt = read_checkpoint(searched / "checkpoint.pt")
+    assert ckpt["epoch"] == 2 and ckpt["name"] == "search" and ckpt["search"] == "dims"
+    assert {"model", "optimizer", "scheduler", "ema", "scaler", "rng", "dense_eval", "arch"} <= set(ckpt)
+    # The plan written equals thresholding the saved search model.
+    model, _, _ = retrain.load_search(searched / "checkpoint.pt")
+    plan = vitslim.SlimPlan.from_json((searched / "plan_0.5_0.6_0.9.json").read_text())
+    assert plan == vitslim.threshold(model, 0.5, 0.6, 0.9)
+
+
+def test_retrain_writes_slim_model_and_report(searched, tmp_path, capsys):
+    out = tmp_path / "retrain"
+    code, stdout, _ = run_cli(retrain.main, ["--searched", str(searched / "checkpoint.pt"), "--output-dir",
+                                              str(out), "--epochs", "1", "--fold-gates", "--teacher", "dense",
+                                              *FAST], capsys)
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["dense"]) == set(report["slim"]) == {"params", "flops", "top1", "top5", "img_per_s"}
+    assert report["budgets"] == {"attn": 0.7, "mlp": 0.7, "tokens": 0.7}
+    assert report["slim"]["flops"] < 0.7 * report["dense"]["flops"]
+    assert "dense" in stdout and "slim" in stdout  # the printed table
+    loaded = vitslim.load_slim(out / "slim")
+    assert vitslim.count_flops(loaded) == report["slim"]["flops"]
+    assert loaded.slim_plan == vitslim.SlimPlan.from_json((out / "plan.json").read_text())
+
+
+def _state(path):
+    return read_checkpoint(path)["model"]
+
+
+def test_resume_continues_exactly(tmp_path, capsys):
+    common = ["--epochs", "2", "--dense-epochs", "1", *FAST]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_cli(search.main, ["--output-dir", str(straight), *common], capsys)[0] == 0
+    assert run_cli(search.main, ["--output-dir", str(resumed), "--epochs", "1", "--dense-epochs", "1", *FAST],
+                   capsys)[0] == 0
+    assert run_cli(search.main, ["--output-dir", str(resumed), "--resume", *common], capsys)[0] == 0
+    a, b = _state(straight / "checkpoint.pt"), _state(resumed / "checkpoint.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log_a = [json.loads(x) for x in (straight / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x) for x in (resumed / "log.jsonl").read_text().splitlines()]
+    assert log_a[1]["loss"] == log_b[1]["loss"]
+
+
+def test_ctrl_c_saves_and_resume_finishes_the_same_run(tmp_path, capsys, monkeypatch):
+    common = ["--epochs", "1", "--dense-epochs", "1", *FAST]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_cli(search.main, ["--output-dir", str(straight), *common], capsys)[0] == 0
+
+    calls = {"n": 0}
+    original = SparsityWeights.penalty
+
+    def interrupting(self, model):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return original(self, model)
+
+    monkeypatch.setattr(SparsityWeights, "penalty", interrupting)
+    code, _, err = run_cli(search.main, ["--output-dir", str(stopped), *common], capsys)
+    assert code == 130 and "resume with --resume" in err
+    assert read_checkpoint(stopped / "checkpoint.pt")["start_batch"] == 6
+    monkeypatch.setattr(SparsityWeights, "penalty", original)
+    assert run_cli(search.main, ["--output-dir", str(stopped), "--resume", *common], capsys)[0] == 0
+    a, b = _state(straight / "checkpoint.pt"), _state(stopped / "checkpoint.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "nan"
+    calls = {"n": 0}
+    original = SparsityWeights.penalty
+    steps_per_epoch = 1438 // 64
+
+    def poisoned(self, model):
+        calls["n"] += 1
+        parts = original(self, model)
+        if calls["n"] > steps_per_epoch + 3:  # during the second search epoch
+            parts["penalty"] = parts["penalty"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(SparsityWeights, "penalty", poisoned)
+    code, _, err = run_cli(search.main, ["--output-dir", str(out), "--epochs", "3", "--dense-epochs", "1",
+                                         *FAST], capsys)
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith("error: the loss became nan at epoch 2")
+    assert "Traceback" not in err
+    assert read_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+
+
+def _write_image_folders(root, classes=2, per_class=2, empty=False):
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            if not empty:
+                for i in range(per_class):
+                    Image.new("RGB", (32, 32), color=(40 * c, 10 * i, 0)).save(d / f"{i}.png")
+
+
+def _bad_inputs(tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    other = tmp_path / "other.pth"
+    torch.save(timm.create_model("vitslim_digits_vit", embed_dim=32, num_heads=2).state_dict(), other)
+    empty = tmp_path / "empty"
+    _write_image_folders(empty, empty=True)
+    return [
+        (search.main, ["--model", "no_such_model"], "unknown model 'no_such_model'"),
+        (search.main, ["--model", "resnet18"], "supports timm VisionTransformer models"),
+        (search.main, ["--data-path", str(tmp_path / "missing")], "does not exist"),
+        (search.main, ["--data-path", str(empty), "--model", "vitslim_digits_vit"], "holds no images"),
+        (search.main, ["--budgets", "1.5"], "budget_attn must be in (0, 1], got 1.5"),
+        (search.main, ["--budgets", "0.7,0,0.7"], "budget_mlp must be in (0, 1], got 0.0"),
+        (search.main, ["--w1", "-1"], "--w1 must be >= 0, got '-1'"),
+        (search.main, ["--search", "blocks"], "invalid choice: 'blocks'"),
+        (search.main, ["--checkpoint", str(garbage)], "cannot read checkpoint"),
+        (search.main, ["--checkpoint", str(other)], "does not fit the model"),
+        (search.main, ["--checkpoint", str(tmp_path / "nope.pth")], "does not exist"),
+        (retrain.main, ["--searched", str(tmp_path / "nope.pt")], "does not exist"),
+        (retrain.main, ["--searched", str(garbage)], "cannot read checkpoint"),
+        (retrain.main, ["--searched", str(other)], "not a vitslim training checkpoint"),
+        (retrain.main, ["--searched", "x", "--budget-tokens", "2"], "--budget-tokens must be in (0, 1]"),
+    ]
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    for main, argv, message in _bad_inputs(tmp_path):
+        code, _, err = run_cli(main, [*argv, "--output-dir", str(tmp_path / "out"), *FAST], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2, (argv, err)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (argv, err)
+
+
+def test_retrain_refuses_a_mismatched_plan(searched, tmp_path, capsys):
+    plan = json.loads((searched / "plan_0.7_0.7_0.7.json").read_text())
+    plan["num_heads"] = 8
+    plan["blocks"] = [{**b, "heads": b["heads"] + [[]] * 4} for b in plan["blocks"]]
+    bad = tmp_path / "plan.json"
+    bad.write_text(json.dumps(plan))
+    code, _, err = run_cli(retrain.main, ["--searched", str(searched / "checkpoint.pt"), "--plan", str(bad),
+                                          "--output-dir", str(tmp_path / "o"), *FAST], capsys)
+    assert code == 2 and "num_heads=8 (model: 4)" in err
+
+
+def test_entry_points_and_debug_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "vitslim.search", "--model", "no_such_model", "--output-dir", str(tmp_path)]
+    plain = subprocess.run(cmd, capture_output=True, text=True)
+    assert plain.returncode == 2 and plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr
+    debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+    helped = subprocess.run([sys.executable, "-m", "vitslim.retrain", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "--searched" in helped.stdout and "--teacher" in helped.stdout

@@ -1,0 +1,115 @@
+"""Training and validation data: ImageFolder folders (train/, val/) with the DeiT augmentation of timm,
+or the embedded digits; a resumable, distributed, deterministic sampler."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+from .cli import Distributed, UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+@dataclass(frozen=True)
+class Augment:
+    """The DeiT recipe's augmentation (timm.data); mixup and cutmix are applied per batch by the trainer."""
+
+    rand_augment: str = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.4
+    reprob: float = 0.25
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+
+
+@dataclass
+class Data:
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    img_size: int
+    embedded: bool
+    description: str
+
+
+def _image_folder(root: Path, transform) -> Dataset:
+    from torchvision.datasets import ImageFolder
+
+    if not root.is_dir():
+        raise UserError(f"{root} does not exist; --data-path needs train/ and val/ folders of class folders")
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.rglob("*") if p.is_file()):
+        raise UserError(f"{root} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
+    try:
+        return ImageFolder(str(root), transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"{root}: {e}") from None
+
+
+def image_folders(data_path: str, img_size: int, mean, std, augment: Augment, no_aug: bool = False) -> Data:
+    from timm.data import create_transform
+
+    root = Path(data_path)
+    if not root.is_dir():
+        raise UserError(f"--data-path {data_path} does not exist")
+    train_tf = create_transform(img_size, is_training=True, no_aug=no_aug, auto_augment=augment.rand_augment,
+                                color_jitter=augment.color_jitter, re_prob=augment.reprob,
+                                interpolation=augment.interpolation, mean=mean, std=std)
+    val_tf = create_transform(img_size, is_training=False, interpolation=augment.interpolation,
+                              crop_pct=augment.crop_pct, mean=mean, std=std)
+    train, val = _image_folder(root / "train", train_tf), _image_folder(root / "val", val_tf)
+    if train.classes != val.classes:
+        raise UserError(f"{root}/train and {root}/val have different class folders")
+    return Data(train, val, len(train.classes), img_size, embedded=False,
+                description=f"{root}: {len(train)} train / {len(val)} val images, {len(train.classes)} classes")
+
+
+def embedded_digits() -> Data:
+    from .digits import DIGITS_CLASSES, DIGITS_IMG_SIZE, digits_split
+
+    tx, ty, vx, vy = digits_split()
+    return Data(TensorDataset(tx, ty), TensorDataset(vx, vy), DIGITS_CLASSES, DIGITS_IMG_SIZE, embedded=True,
+                description=f"embedded digits (scikit-learn): {len(ty)} train / {len(vy)} val images, 16x16")
+
+
+class EpochSampler(Sampler[int]):
+    """This rank's share of a per-epoch permutation, resumable mid-epoch.
+
+    The permutation depends on (seed, epoch) only, so 1 process with batch B and N processes with batch B/N
+    see the same global batches. The tail that does not fill a global batch is dropped.
+    """
+
+    def __init__(self, size: int, batch_size: int, dist: Distributed, seed: int) -> None:
+        self.size, self.batch_size, self.dist, self.seed = size, batch_size, dist, seed
+        global_batch = batch_size * dist.world_size
+        self.batches = size // global_batch
+        if self.batches == 0:
+            raise UserError(f"the training set has {size} images, fewer than one global batch of {global_batch}")
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=g)[: self.batches * self.batch_size * self.dist.world_size]
+        mine = order[self.dist.rank::self.dist.world_size]
+        return iter(mine[self.start_batch * self.batch_size:].tolist())
+
+    def __len__(self) -> int:
+        return (self.batches - self.start_batch) * self.batch_size
+
+
+def loaders(data: Data, batch_size: int, dist: Distributed, seed: int, workers: int
+            ) -> tuple[DataLoader, DataLoader, EpochSampler]:
+    """Training loader (this rank's batches of `batch_size`) and validation loader (this rank's shard)."""
+    sampler = EpochSampler(len(data.train), batch_size, dist, seed)
+    pin = dist.device.type == "cuda"
+    train = DataLoader(data.train, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
+                       drop_last=True, persistent_workers=False)
+    shard = list(range(dist.rank, len(data.val), dist.world_size))
+    val = DataLoader(torch.utils.data.Subset(data.val, shard), batch_size=batch_size, shuffle=False,
+                     num_workers=workers, pin_memory=pin)
+    return train, val, sampler

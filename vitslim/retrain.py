@@ -1,0 +1,260 @@
+"""`python -m vitslim.retrain`: threshold a search, build the physically slim model, retrain it, report.
+
+Writes to --output-dir: plan.json, checkpoint.pt (each epoch, atomic), log.jsonl, slim/ (save_slim: weights
+in safetensors + config JSON) and report.json (dense vs slim params, FLOPs, top-1/top-5, throughput).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import cli
+from .arch import ViTArch, build
+from .cli import ArgumentParser, UserError
+from .counting import count_flops
+from .export import save_slim
+from .plan import SlimPlan
+from .searchable import make_searchable
+from .slim import slim
+from .threshold import threshold
+
+# Recipe flags: (DeiT's default for real data, the default for the embedded digits data).
+DEFAULTS = {
+    "epochs": (300, 30), "batch_size": (128, 64), "mixup": (0.8, 0.0), "cutmix": (1.0, 0.0),
+    "smoothing": (0.1, 0.0), "reprob": (0.25, 0.0), "drop_path": (0.1, 0.0), "warmup_epochs": (5, 2),
+    "model_ema_decay": (None, None),
+}
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m vitslim.retrain", description=__doc__.splitlines()[0])
+    g = p.add_argument_group("what to slim")
+    g.add_argument("--searched", required=True, help="checkpoint.pt of a vitslim.search run")
+    g.add_argument("--budget-attn", type=cli.budget_type("--budget-attn"), default=0.7)
+    g.add_argument("--budget-mlp", type=cli.budget_type("--budget-mlp"), default=0.7)
+    g.add_argument("--budget-tokens", type=cli.budget_type("--budget-tokens"), default=0.7)
+    g.add_argument("--plan", default=None, help="a plan JSON instead of the budgets")
+    g.add_argument("--fold-gates", action="store_true", help="multiply kept gate values into the weights")
+    g.add_argument("--fused", action="store_true", help="ragged-attention kernels (CUDA); else the reference")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", default=None, help="train/ and val/ class folders (default: the data the "
+                   "search used, if it was the embedded digits)")
+    g.add_argument("--workers", type=int, default=4)
+    g = p.add_argument_group("recipe (defaults: DeiT's; lighter ones on the embedded data)")
+    g.add_argument("--epochs", type=cli.positive_int("--epochs"), default=None)
+    g.add_argument("--batch-size", type=cli.positive_int("--batch-size"), default=None, help="per process")
+    g.add_argument("--lr", type=float, default=None, help="default: 5e-4 x global batch / 512")
+    g.add_argument("--min-lr", type=cli.non_negative("--min-lr"), default=1e-5)
+    g.add_argument("--warmup-epochs", type=cli.non_negative("--warmup-epochs"), default=None)
+    g.add_argument("--weight-decay", type=cli.non_negative("--weight-decay"), default=0.05)
+    g.add_argument("--mixup", type=cli.non_negative("--mixup"), default=None)
+    g.add_argument("--cutmix", type=cli.non_negative("--cutmix"), default=None)
+    g.add_argument("--smoothing", type=cli.non_negative("--smoothing"), default=None)
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1")
+    g.add_argument("--reprob", type=cli.non_negative("--reprob"), default=None)
+    g.add_argument("--drop-path", type=cli.non_negative("--drop-path"), default=None)
+    g.add_argument("--model-ema-decay", type=float, default=None)
+    g.add_argument("--clip-grad", type=cli.non_negative("--clip-grad"), default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("distillation")
+    g.add_argument("--teacher", default=None, help="'dense' (the model the search started from) or a timm name")
+    g.add_argument("--teacher-checkpoint", default=None, help="local weights for a timm --teacher")
+    g.add_argument("--distillation-type", choices=("soft", "hard"), default="soft")
+    g.add_argument("--distillation-alpha", type=float, default=0.5)
+    g.add_argument("--distillation-tau", type=float, default=1.0)
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", default="runs/retrain")
+    g.add_argument("--resume", action="store_true")
+    g.add_argument("--device", default=None, choices=("cuda", "cpu"))
+    g.add_argument("--throughput-batch", type=cli.positive_int("--throughput-batch"), default=None,
+                   help="batch size of the throughput measurement (default: the training batch)")
+    g.add_argument("--log-interval", type=cli.positive_int("--log-interval"), default=10)
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--debug", action="store_true")
+    return p
+
+
+def distillation_loss(base, teacher, kind: str, alpha: float, tau: float):
+    """DeiT's distillation: the student's distillation head (or its only head) learns from the teacher."""
+    def loss_fn(outputs, targets, images):
+        parts = base(outputs, targets, images)
+        student = outputs[1] if isinstance(outputs, tuple) else outputs
+        with torch.no_grad():
+            teacher_logits = teacher(images).float()
+        student = student.float()
+        if kind == "soft":
+            kd = F.kl_div(F.log_softmax(student / tau, dim=-1), F.log_softmax(teacher_logits / tau, dim=-1),
+                          reduction="batchmean", log_target=True) * tau * tau
+        else:
+            kd = F.cross_entropy(student, teacher_logits.argmax(dim=-1))
+        return {**parts, "distill": kd, "loss": (1 - alpha) * parts["loss"] + alpha * kd}
+    return loss_fn
+
+
+def load_search(path: Path):
+    """The searchable model, its arch and the search checkpoint."""
+    from .training import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    if ckpt.get("name") != "search":
+        raise UserError(f"{path} is a {ckpt.get('name')!r} checkpoint; --searched takes the checkpoint.pt "
+                        "of a vitslim.search run")
+    arch = ViTArch.from_dict(ckpt["arch"])
+    model = make_searchable(build(arch), search=ckpt["search"])
+    model.load_state_dict(ckpt["model"])
+    return model, arch, ckpt
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import Augment, embedded_digits, image_folders, loaders
+    from .report import format_report, model_row, write_report
+    from .training import (CHECKPOINT, Recipe, Trainer, check_recipe, cross_entropy_loss, read_checkpoint,
+                           seed_everything)
+
+    args = build_parser().parse_args(argv)
+    search_model, arch, ckpt = load_search(Path(args.searched))
+    embedded = args.data_path is None
+    if embedded and not ckpt.get("embedded", False):
+        raise UserError("--data-path is needed: the search did not use the embedded data")
+    for name, (paper, light) in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, light if embedded else paper)
+    if args.distillation_alpha < 0 or args.distillation_alpha > 1:
+        raise UserError(f"--distillation-alpha must be in [0, 1], got {args.distillation_alpha}")
+    dist = cli.setup_distributed(args.device)
+    say = (lambda *a: print(*a, file=sys.stderr)) if dist.is_main else (lambda *a: None)
+    if args.fused and dist.device.type != "cuda":
+        say("note: --fused needs a CUDA GPU; using the reference PyTorch path")
+    seed_everything(args.seed, dist.rank)
+    out = Path(args.output_dir)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if not args.resume and (out / CHECKPOINT).exists():
+        raise UserError(f"{out} already holds a retrain run: pass --resume to continue it, or another --output-dir")
+
+    if args.plan is not None:
+        plan_path = Path(args.plan)
+        if not plan_path.is_file():
+            raise UserError(f"--plan {plan_path} does not exist")
+        try:
+            plan = SlimPlan.from_json(plan_path.read_text())
+        except ValueError as e:
+            raise UserError(f"--plan {plan_path}: {e}") from None
+        plan.check_fits(arch)
+    else:
+        plan = threshold(search_model, args.budget_attn, args.budget_mlp, args.budget_tokens)
+    if dist.is_main:
+        (out / "plan.json").write_text(plan.to_json(indent=1))
+    say(plan.summary())
+
+    student = slim(search_model, plan, fold_gates=args.fold_gates, fused=args.fused)
+    set_drop_path(student, args.drop_path)
+    student.to(dist.device)
+
+    if embedded:
+        data = embedded_digits()
+    else:
+        mean, std = ckpt.get("mean_std", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+        data = image_folders(args.data_path, arch.img_size[0], mean, std,
+                             Augment(rand_augment=args.aa, reprob=args.reprob))
+    if data.num_classes != arch.num_classes:
+        raise UserError(f"the data has {data.num_classes} classes, the searched model {arch.num_classes}")
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        raise UserError(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
+    train_loader, val_loader, sampler = loaders(data, args.batch_size, dist, args.seed, args.workers)
+    lr = args.lr if args.lr is not None else 5e-4 * args.batch_size * dist.world_size / 512
+    if embedded and args.lr is None:
+        lr = 1e-3
+    recipe = Recipe(epochs=args.epochs, lr=lr, weight_decay=args.weight_decay, sched="cosine",
+                    warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, clip_grad=args.clip_grad,
+                    ema_decay=args.model_ema_decay, mixup=args.mixup, cutmix=args.cutmix,
+                    smoothing=args.smoothing, log_interval=args.log_interval)
+    check_recipe(recipe)
+
+    loss_fn = cross_entropy_loss(args.smoothing)
+    if args.teacher is not None:
+        teacher = _teacher(args, arch, ckpt).to(dist.device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        if arch.distilled:
+            student.set_distilled_training(True)
+        loss_fn = distillation_loss(loss_fn, teacher, args.distillation_type, args.distillation_alpha,
+                                    args.distillation_tau)
+        say(f"distilling from {args.teacher} ({args.distillation_type}, alpha {args.distillation_alpha})")
+
+    extra = {"plan": plan.to_dict(), "fold_gates": args.fold_gates, "searched": str(Path(args.searched).resolve())}
+    trainer = Trainer(student, recipe, train_loader, val_loader, sampler, dist, out, data.num_classes, loss_fn,
+                      checkpoint_extra=extra, progress=args.progress, name="retrain")
+    if args.resume and trainer.checkpoint_path.exists():
+        saved = read_checkpoint(trainer.checkpoint_path)
+        if SlimPlan.from_dict(saved["plan"]) != plan:
+            raise UserError(f"{trainer.checkpoint_path} was retraining another plan; use another --output-dir")
+        trainer.resume(saved)
+    dense_flops = count_flops(build_meta(arch))
+    say(f"retraining the slim model ({count_flops(student) / dense_flops:.1%} of the dense FLOPs) for "
+        f"{args.epochs} epochs, lr {lr:g}, {dist.world_size} process(es) x batch {args.batch_size}")
+    record = trainer.fit()
+
+    if dist.is_main:
+        if arch.distilled:
+            student.set_distilled_training(False)
+        save_slim(student, out / "slim")
+        from .training import evaluate
+        slim_eval = evaluate(student, val_loader, dist) if record is None else \
+            {"top1": record["top1"], "top5": record["top5"]}
+        batch = args.throughput_batch or args.batch_size
+        dense_model = _dense(arch, ckpt).to(dist.device)
+        report = write_report(
+            out / "report.json",
+            dense=model_row(dense_model, ckpt["dense_eval"], arch.img_size, batch, dist.device),
+            slim=model_row(student, slim_eval, arch.img_size, batch, dist.device),
+            budgets=dict(plan.budgets),
+            extra={"device": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu",
+                   "throughput_batch": batch, "fold_gates": args.fold_gates, "epochs": args.epochs})
+        print(format_report(report))
+        say(f"wrote {out / 'slim'} and {out / 'report.json'}")
+    return 0
+
+
+def build_meta(arch: ViTArch):
+    with torch.device("meta"):
+        return build(arch)
+
+
+def _dense(arch: ViTArch, ckpt: dict):
+    """The dense model the search started from (its saved weights when present)."""
+    from safetensors.torch import load_file
+
+    model = build(arch)
+    weights = Path(ckpt.get("dense_weights", ""))
+    if weights.is_file():
+        model.load_state_dict(load_file(str(weights)))
+    return model
+
+
+def _teacher(args, arch: ViTArch, ckpt: dict):
+    if args.teacher == "dense":
+        weights = Path(ckpt.get("dense_weights", ""))
+        if not weights.is_file():
+            raise UserError(f"--teacher dense needs the dense weights of the search, {weights} is missing")
+        return _dense(arch, ckpt)
+    return cli.create_model(args.teacher, pretrained=args.teacher_checkpoint is None,
+                            checkpoint=args.teacher_checkpoint, num_classes=arch.num_classes)
+
+
+def set_drop_path(model, rate: float) -> None:
+    """Stochastic depth with DeiT's schedule: 0 at the first block, `rate` at the last."""
+    from timm.layers import DropPath
+
+    depth = len(model.blocks)
+    for block, r in zip(model.blocks, torch.linspace(0, rate, depth).tolist()):
+        block.drop_path1 = DropPath(r) if r > 0 else torch.nn.Identity()
+        block.drop_path2 = DropPath(r) if r > 0 else torch.nn.Identity()
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,361 @@
+"""The training engine shared by search and retrain.
+
+One loop: bf16 autocast on CUDA (fp32 on CPU), timm's Mixup, gradient clipping, timm's model EMA, a
+per-step LR schedule (timm's CosineLRScheduler or constant, with warmup), DDP. Each epoch writes an atomic
+checkpoint (model, optimizer, scheduler, EMA, scaler, RNG states, epoch) and one JSON line; a run resumes
+exactly where it stopped; Ctrl-C saves and exits cleanly; a non-finite loss stops the run and leaves the
+last good checkpoint in place.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cli import Distributed, UserError
+from .data import EpochSampler
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+FORMAT = "vitslim-train"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training; the state was saved."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int
+    lr: float
+    weight_decay: float
+    sched: str = "constant"          # "constant" | "cosine"
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    clip_grad: float | None = None
+    ema_decay: float | None = None
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    smoothing: float = 0.0
+    log_interval: int = 10
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    np_state = np.random.get_state()
+    state["numpy"] = {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)  # per-rank augmentation; the sampler shares one permutation
+
+
+def read_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unreadable or truncated file
+        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path} is not a vitslim training checkpoint")
+    return ckpt
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on biases, norms, tokens, positions, layer scales or gates."""
+    from .gates import BlockGates
+
+    gate_ids = {id(p) for m in model.modules() if isinstance(m, BlockGates) for p in m.parameters()}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or id(p) in gate_ids or name.endswith(("cls_token", "dist_token", "reg_token",
+                                                                   "pos_embed"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class LossParts:
+    """Running sums of the loss parts, kept on the device (no sync per step)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, parts: dict[str, torch.Tensor]) -> None:
+        for k, v in parts.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.count += 1
+
+    def means(self, dist: Distributed) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        t = torch.stack([self.sums[k] for k in keys]) / max(self.count, 1)
+        t = dist.all_reduce_sum(t) / dist.world_size
+        return dict(zip(keys, t.tolist()))
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+"""(outputs, targets, images) -> loss parts; parts["loss"] is optimised."""
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, recipe: Recipe, train_loader, val_loader, sampler: EpochSampler,
+                 dist: Distributed, output_dir: Path, num_classes: int, loss_fn: LossFn,
+                 penalty: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
+                 epoch_end: Callable[[int, dict], None] | None = None, checkpoint_extra: dict | None = None,
+                 progress: bool | None = None, name: str = "train") -> None:
+        from timm.data import Mixup
+        from timm.scheduler import CosineLRScheduler
+        from timm.utils import ModelEmaV3
+
+        self.model, self.recipe, self.dist, self.name = model, recipe, dist, name
+        self.train_loader, self.val_loader, self.sampler = train_loader, val_loader, sampler
+        self.output_dir, self.loss_fn, self.penalty, self.epoch_end = output_dir, loss_fn, penalty, epoch_end
+        self.checkpoint_extra = checkpoint_extra or {}
+        self.device = dist.device
+        self.amp = self.device.type == "cuda"
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.module = model
+        self.ddp = None
+        if dist.enabled:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                model, device_ids=[dist.local_rank] if self.device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr)
+        self.steps_per_epoch = len(train_loader)
+        total = recipe.epochs * self.steps_per_epoch
+        warmup = int(min(recipe.warmup_epochs, recipe.epochs / 2) * self.steps_per_epoch)  # never the whole run
+        if recipe.sched == "cosine":
+            self.scheduler = CosineLRScheduler(self.optimizer, t_initial=max(total - warmup, 1),
+                                               lr_min=recipe.min_lr, warmup_t=warmup, warmup_lr_init=recipe.warmup_lr,
+                                               warmup_prefix=True, t_in_epochs=False)
+        elif recipe.sched == "constant":
+            self.scheduler = CosineLRScheduler(self.optimizer, t_initial=max(total, 1), lr_min=recipe.lr,
+                                               warmup_t=warmup, warmup_lr_init=recipe.warmup_lr,
+                                               warmup_prefix=True, t_in_epochs=False)
+        else:
+            raise UserError(f"--sched must be 'constant' or 'cosine', got {recipe.sched!r}")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # bf16 needs no loss scaling
+        self.ema = ModelEmaV3(model, decay=recipe.ema_decay) if recipe.ema_decay else None
+        self.mixup = None
+        if recipe.mixup > 0 or recipe.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix,
+                               label_smoothing=recipe.smoothing, num_classes=num_classes)
+        self.epoch, self.start_batch, self.global_step = 0, 0, 0
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output_dir / CHECKPOINT
+
+    def state(self, epoch: int, start_batch: int) -> dict:
+        return {"format": FORMAT, "name": self.name, "epoch": epoch, "start_batch": start_batch,
+                "global_step": self.global_step, "model": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema.module.state_dict() if self.ema else None, "scaler": self.scaler.state_dict(),
+                "rng": rng_state(), "recipe": asdict(self.recipe), **self.checkpoint_extra}
+
+    def save(self, epoch: int, start_batch: int = 0) -> None:
+        if self.dist.is_main:
+            atomic_save(self.state(epoch, start_batch), self.checkpoint_path)
+        self.dist.barrier()
+
+    def resume(self, ckpt: dict) -> None:
+        if ckpt.get("name") != self.name:
+            raise UserError(f"checkpoint is from a {ckpt.get('name')!r} run, not {self.name!r}")
+        try:
+            self.module.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"checkpoint does not match the model: {str(e).splitlines()[1].strip()}") from None
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.module.load_state_dict(ckpt["ema"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.start_batch, self.global_step = ckpt["epoch"], ckpt["start_batch"], ckpt["global_step"]
+        set_rng_state(ckpt["rng"])
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        if self.dist.is_main:
+            with open(self.output_dir / LOG, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def fit(self) -> dict | None:
+        """Train from self.epoch to recipe.epochs; returns the last epoch's record."""
+        record = None
+        try:
+            while self.epoch < self.recipe.epochs:
+                record = self.train_epoch(self.epoch, self.start_batch)
+                self.epoch, self.start_batch = self.epoch + 1, 0
+                record.update(self.evaluate_all())
+                if self.epoch_end is not None:
+                    self.epoch_end(self.epoch, record)
+                self.log(record)
+                self.save(self.epoch)
+                if self.dist.is_main:
+                    print(self.summary_line(record), file=sys.stderr)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; state saved to {self.checkpoint_path}: resume with --resume") from None
+        return record
+
+    def summary_line(self, r: dict) -> str:
+        parts = [f"{self.name} epoch {r['epoch']}/{self.recipe.epochs}", f"loss {r['loss']:.4f}",
+                 f"top-1 {r['top1']:.2f}%"]
+        if "ema_top1" in r:
+            parts.append(f"EMA top-1 {r['ema_top1']:.2f}%")
+        parts.append(f"{r['img_per_s']:.0f} img/s")
+        if "kept" in r:
+            parts.append("kept " + "/".join(f"{v:.0%}" for v in r["kept"].values()))
+        return ", ".join(parts)
+
+    def train_epoch(self, epoch: int, start_batch: int) -> dict:
+        from tqdm import tqdm
+
+        model = self.ddp or self.module
+        model.train()
+        self.sampler.set_epoch(epoch, start_batch)
+        parts = LossParts()
+        step_in_epoch = start_batch
+        seen, start = 0, time.perf_counter()
+        bar = tqdm(self.train_loader, desc=f"{self.name} {epoch + 1}/{self.recipe.epochs}", leave=False,
+                   disable=not (self.progress and self.dist.is_main), dynamic_ncols=True,
+                   initial=start_batch, total=self.steps_per_epoch)
+        try:
+            for images, targets in bar:
+                images = images.to(self.device, non_blocking=True)
+                targets = targets.to(self.device, non_blocking=True)
+                if self.mixup is not None:
+                    images, targets = self.mixup(images, targets)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    outputs = model(images)
+                    step_parts = self.loss_fn(outputs, targets, images)
+                    if self.penalty is not None:
+                        extra = self.penalty(self.module)
+                        step_parts = {**step_parts, **extra, "loss": step_parts["loss"] + extra["penalty"]}
+                loss = step_parts["loss"]
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.recipe.clip_grad:
+                    nn.utils.clip_grad_norm_(self.module.parameters(), self.recipe.clip_grad)
+                self.optimizer.step()
+                self.global_step += 1
+                step_in_epoch += 1
+                self.scheduler.step_update(self.global_step)
+                if self.ema is not None:
+                    self.ema.update(self.module, step=self.global_step)
+                parts.add(step_parts)
+                seen += images.shape[0]
+                if step_in_epoch % self.recipe.log_interval == 0 or step_in_epoch == self.steps_per_epoch:
+                    self.check_finite(loss, epoch, step_in_epoch)
+                    bar.set_postfix(loss=f"{loss.item():.4f}",
+                                    img_s=f"{seen * self.dist.world_size / (time.perf_counter() - start):.0f}")
+        except KeyboardInterrupt:
+            bar.close()
+            self.save(epoch, step_in_epoch)
+            raise
+        bar.close()
+        elapsed = time.perf_counter() - start
+        record = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **parts.means(self.dist),
+                  "img_per_s": seen * self.dist.world_size / max(elapsed, 1e-9), "epoch_seconds": elapsed}
+        return record
+
+    def check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.dist.all_reduce_sum(bad).item() > 0:
+            kept = (f"the last good checkpoint is {self.checkpoint_path} (epoch {self.epoch})"
+                    if self.checkpoint_path.exists() else "no checkpoint was written yet")
+            raise NonFiniteLossError(f"the loss became {loss.item()} at epoch {epoch + 1} step {step}; "
+                                     f"stopping, {kept}. Lower --lr or check the data.")
+
+    def evaluate_all(self) -> dict[str, float]:
+        result = evaluate(self.module, self.val_loader, self.dist)
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, self.val_loader, self.dist)
+            result.update({"ema_top1": ema["top1"], "ema_top5": ema["top5"]})
+        return result
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, dist: Distributed) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (%) over the validation set (each rank its shard, summed)."""
+    model.eval()
+    device = dist.device
+    totals = torch.zeros(3, device=device)  # correct@1, correct@5, count
+    for images, targets in loader:
+        images, targets = images.to(device), targets.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(images)
+        top = logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices
+        hit = top == targets.unsqueeze(-1)
+        totals += torch.stack([hit[:, 0].sum(), hit.any(-1).sum(), torch.tensor(len(targets), device=device)])
+    correct1, correct5, count = dist.all_reduce_sum(totals).tolist()
+    return {"top1": 100.0 * correct1 / max(count, 1), "top5": 100.0 * correct5 / max(count, 1)}
+
+
+def cross_entropy_loss(smoothing: float) -> LossFn:
+    """Soft targets (from mixup) or hard targets with label smoothing."""
+    def loss_fn(outputs, targets, images):
+        logits = outputs[0] if isinstance(outputs, tuple) else outputs
+        if targets.dim() == 2:
+            loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+        return {"loss": loss, "task": loss}
+    return loss_fn
+
+
+def check_recipe(recipe: Recipe) -> None:
+    if recipe.epochs < 1:
+        raise UserError(f"--epochs must be >= 1, got {recipe.epochs}")
+    if not recipe.lr > 0 or not math.isfinite(recipe.lr):
+        raise UserError(f"--lr must be a positive number, got {recipe.lr}")
+    if recipe.ema_decay is not None and not 0.0 < recipe.ema_decay < 1.0:
+        raise UserError(f"--model-ema-decay must be in (0, 1), got {recipe.ema_decay}")
