@@ -1,4 +1,4 @@
-# Quick start: `make demo` (search -> threshold -> slim on the embedded digits data) and `make test`.
+# Quick start: `make demo` (search -> threshold -> slim -> retrain on the embedded digits data), `make test`.
 # Each sets up .venv on first use (torch from PyPI, then vitslim in editable mode with its test extras).
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml setup.py
 
 setup: $(STAMP)
 
+# The whole flow on the embedded digits data: dense pre-training + search, then threshold + slim + retrain
+# + report (runs/demo/report.json). Starts afresh each time.
 demo: $(STAMP)
-	$(PY) -m vitslim.demo
+	rm -rf runs/demo
+	$(PY) -m vitslim.search --output-dir runs/demo/search --workers 0
+	$(PY) -m vitslim.retrain --searched runs/demo/search/checkpoint.pt --output-dir runs/demo --workers 0
 
 test: $(STAMP)
 	$(PY) -m pytest -q
