@@ -1,0 +1,332 @@
+"""Triton LayerNorm + token gate scale + static token gather (DESIGN.md sections 2 and 5).
+
+out[b, i] = (xhat(x[b, src(i)]) * w + bias) * s_i,   s_i = 1 (prefix rows) or tanh(token_raw[i - R]).
+
+Kernels:
+- `_layernorm_token_scale_fwd_kernel`: one program per BLOCK_R output rows, full rows of C (BLOCK_C = next
+  power of two >= C) in registers, statistics in fp32; the gather is a row-index load, so the gathered copy of
+  x is never materialised. Writes the output and the per-row mean and 1/std (fp32) for the backward.
+- `_layernorm_token_scale_bwd_kernel`: one program per chunk of INPUT rows (tiles of BLOCK_R rows, in order).
+  Each input row finds its output row through the inverse map (-1 when the gather left it out, which gives
+  a zero dx row), so every dx element is written exactly once, with no scatter and no zero-fill pass. The same
+  pass produces per-program partial sums of dweight and dbias ((programs, C) fp32 buffers, summed afterwards
+  by one torch.sum over dim 0: a fixed order, no atomics) and, per output row, (1 - s^2) * sum_c dy * LN(x),
+  whose sum over the batch (again one torch.sum) is the gradient of the raw token gate.
+
+Deterministic: no atomics anywhere; the partition of rows into programs depends only on the shape and the
+device's SM count.
+"""
+import functools
+from typing import Optional  # custom_op schemas are inferred from typing.Optional on every torch we support
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops.layernorm_token_scale import check_layernorm_token_scale_args, gather_tensors
+
+
+@triton.jit
+def _tanh(z):
+    # tl has no tanh. Written with exp(-2|z|) <= 1 so nothing overflows; absolute error ~1 ulp of 1.0.
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z < 0, -t, t)
+
+
+@triton.jit
+def _layernorm_token_scale_fwd_kernel(
+    X,                                      # (B, N_in, C) input, any strides
+    W, BIAS,                                # (C,) LayerNorm weight and bias, contiguous
+    TOKEN_RAW,                              # (N_out - NUM_PREFIX,) raw token gates (a dummy when empty)
+    GATHER,                                 # (N_out,) int64: input row of each output row (read if HAS_GATHER)
+    Y,                                      # (B, N_out, C) out
+    MEAN, RSTD,                             # (B * N_out,) fp32 out: statistics of each output row
+    stride_xb, stride_xn, stride_xc,        # strides of x
+    stride_yb, stride_yn, stride_yc,        # strides of y
+    num_rows,                               # B * N_out
+    N_OUT,                                  # output rows per image
+    C,                                      # features
+    NUM_PREFIX,                             # leading output rows with scale 1
+    eps,                                    # LayerNorm epsilon
+    HAS_GATHER: tl.constexpr,               # whether output row i reads input row GATHER[i] (else row i)
+    BLOCK_R: tl.constexpr,                  # rows per program
+    BLOCK_C: tl.constexpr,                  # next power of two >= C
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < num_rows
+    b = (rows // N_OUT).to(tl.int64)  # int64: b * stride_xb can pass 2**31 for large batches
+    i = rows % N_OUT
+    if HAS_GATHER:
+        src = tl.load(GATHER + i, mask=mask_r, other=0)
+    else:
+        src = i.to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    mask = mask_r[:, None] & mask_c[None, :]
+
+    x = tl.load(X + b[:, None] * stride_xb + src[:, None] * stride_xn + cols[None, :] * stride_xc,
+                mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, 1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
+    w = tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
+    bias = tl.load(BIAS + cols, mask=mask_c, other=0.0).to(tl.float32)
+    is_patch = i >= NUM_PREFIX
+    raw = tl.load(TOKEN_RAW + tl.where(is_patch, i - NUM_PREFIX, 0), mask=mask_r & is_patch, other=0.0)
+    s = tl.where(is_patch, _tanh(raw.to(tl.float32)), 1.0)
+
+    y = (xc * rstd[:, None] * w[None, :] + bias[None, :]) * s[:, None]
+    tl.store(Y + b[:, None] * stride_yb + i[:, None] * stride_yn + cols[None, :] * stride_yc,
+             y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=mask_r)
+    tl.store(RSTD + rows, rstd, mask=mask_r)
+
+
+@triton.jit
+def _layernorm_token_scale_bwd_kernel(
+    X,                                      # (B, N_in, C) forward input, any strides
+    W, BIAS,                                # (C,) LayerNorm weight and bias, contiguous
+    TOKEN_RAW,                              # (N_out - NUM_PREFIX,) raw token gates (a dummy when empty)
+    INVERSE,                                # (N_in,) int32: output row of each input row, -1 if dropped
+    DY,                                     # (B, N_out, C) gradient of the output, any strides
+    MEAN, RSTD,                             # (B * N_out,) fp32 forward statistics
+    DX,                                     # (B, N_in, C) out
+    DW_PARTIAL, DB_PARTIAL,                 # (programs, C) fp32 out: this program's sums of dweight, dbias
+    DSCALE,                                 # (B * N_out,) fp32 out: (1 - s^2) * sum_c dy * LN(x) per out row
+    stride_xb, stride_xn, stride_xc,        # strides of x
+    stride_dyb, stride_dyn, stride_dyc,     # strides of dy
+    stride_dxb, stride_dxn, stride_dxc,     # strides of dx
+    stride_partial,                         # row stride of the partial-sum buffers
+    num_rows,                               # B * N_in (input rows: every dx row is written)
+    tiles_per_program,                      # BLOCK_R-row tiles each program handles, in order
+    N_IN,                                   # input rows per image
+    N_OUT,                                  # output rows per image
+    C,                                      # features
+    NUM_PREFIX,                             # leading output rows with scale 1
+    HAS_GATHER: tl.constexpr,               # whether INVERSE maps input rows to output rows (else identity)
+    BLOCK_R: tl.constexpr,                  # rows per tile
+    BLOCK_C: tl.constexpr,                  # next power of two >= C
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    w = tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
+    bias = tl.load(BIAS + cols, mask=mask_c, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_C], tl.float32)
+    db_acc = tl.zeros([BLOCK_C], tl.float32)
+    for t in range(tiles_per_program):
+        rows = (pid * tiles_per_program + t) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_r = rows < num_rows
+        b = (rows // N_IN).to(tl.int64)
+        n = rows % N_IN
+        if HAS_GATHER:
+            j = tl.load(INVERSE + n, mask=mask_r, other=-1)
+        else:
+            j = n
+        kept = mask_r & (j >= 0)
+        out_row = b * N_OUT + j
+        mask = kept[:, None] & mask_c[None, :]
+
+        x = tl.load(X + b[:, None] * stride_xb + n[:, None] * stride_xn + cols[None, :] * stride_xc,
+                    mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + b[:, None] * stride_dyb + j[:, None] * stride_dyn + cols[None, :] * stride_dyc,
+                     mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + out_row, mask=kept, other=0.0)
+        rstd = tl.load(RSTD + out_row, mask=kept, other=0.0)
+        is_patch = j >= NUM_PREFIX
+        raw = tl.load(TOKEN_RAW + tl.where(is_patch, j - NUM_PREFIX, 0), mask=kept & is_patch, other=0.0)
+        s = tl.where(is_patch, _tanh(raw.to(tl.float32)), 1.0)
+
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        g = dy * s[:, None]                                  # gradient of the LayerNorm output (0 if dropped)
+        dw_acc += tl.sum(g * xhat, 0)
+        db_acc += tl.sum(g, 0)
+        dxhat = g * w[None, :]
+        c1 = tl.sum(dxhat * xhat, 1) / C
+        c2 = tl.sum(dxhat, 1) / C
+        dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]  # exactly 0 on dropped rows
+        tl.store(DX + b[:, None] * stride_dxb + n[:, None] * stride_dxn + cols[None, :] * stride_dxc,
+                 dx.to(DX.dtype.element_ty), mask=mask_r[:, None] & mask_c[None, :])
+        ln = tl.where(mask, xhat * w[None, :] + bias[None, :], 0.0)
+        dscale = tl.sum(dy * ln, 1) * (1.0 - s * s)        # d/draw of tanh(raw) = 1 - tanh^2
+        tl.store(DSCALE + out_row, dscale, mask=kept)
+    tl.store(DW_PARTIAL + pid * stride_partial + cols, dw_acc, mask=mask_c)
+    tl.store(DB_PARTIAL + pid * stride_partial + cols, db_acc, mask=mask_c)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------------------
+
+def _alloc(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here (tests swap in a NaN-filled one to prove full coverage)."""
+    return torch.empty(tuple(shape), dtype=dtype or like.dtype, device=like.device)
+
+
+def _interpreted(kernel) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(kernel, InterpretedFunction)
+
+
+_INTERPRETED = _interpreted(_layernorm_token_scale_fwd_kernel)
+if _INTERPRETED != _interpreted(tl.cdiv):
+    raise ImportError(
+        f"TRITON_INTERPRET changed between importing triton ({'=1' if _interpreted(tl.cdiv) else 'unset'}) and "
+        f"{__name__} ({'=1' if _INTERPRETED else 'unset'}); set it before anything imports triton")
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if t.device.type == "cpu" and not _INTERPRETED:
+        raise RuntimeError("layernorm_token_scale: CPU tensors run the Triton kernels only in Triton's "
+                           "interpreter; set TRITON_INTERPRET=1 before anything imports triton")
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _config(C: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps)."""
+    block_c = triton.next_power_of_2(C)
+    if _INTERPRETED:
+        return 8, block_c, 1  # 8-row tiles: N = 17 or 50 gives several programs and a partial last tile
+    # Not yet measured (no GPU in the session that wrote this): ~4K fp32 elements per tile, 4 warps
+    # (C = 384: 8 rows of 512; C = 768: 4 rows of 1024). To be tuned with benchmark P1.
+    return max(1, 4096 // block_c), block_c, 4 if block_c <= 1024 else 8
+
+
+def _bwd_programs(num_tiles: int, device: torch.device) -> int:
+    if _INTERPRETED:
+        return triton.cdiv(num_tiles, 2)  # 2 tiles per program: the in-program accumulation is exercised
+    # Not yet measured: 4 programs per SM keep every SM busy while the (programs, C) partial buffers stay
+    # small (528 x 384 fp32 = 0.8 MB for DeiT-S on an H100) next to dx itself.
+    return min(num_tiles, 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()))
+
+
+def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_raw: torch.Tensor,
+         gather: torch.Tensor | None, num_prefix: int, eps: float, out_dtype: torch.dtype
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, N_in, C = x.shape
+    N_out = N_in if gather is None else gather.shape[0]
+    y = _alloc((B, N_out, C), x, out_dtype)
+    mean = _alloc((B, N_out), x, torch.float32)
+    rstd = _alloc((B, N_out), x, torch.float32)
+    if B * N_out == 0:
+        return y, mean, rstd
+    _check_device(x)
+    block_r, block_c, num_warps = _config(C, x.device)
+    weight, bias, token_raw = weight.contiguous(), bias.contiguous(), token_raw.contiguous()
+    grid = (triton.cdiv(B * N_out, block_r),)
+    _layernorm_token_scale_fwd_kernel[grid](
+        x, weight, bias,
+        token_raw if token_raw.numel() > 0 else weight,  # never read when there is no patch row
+        gather if gather is not None else mean,          # never read without a gather
+        y, mean, rstd,
+        x.stride(0), x.stride(1), x.stride(2),
+        y.stride(0), y.stride(1), y.stride(2),
+        B * N_out, N_out, C, num_prefix, eps,
+        HAS_GATHER=gather is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+    return y, mean, rstd
+
+
+def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_raw: torch.Tensor,
+         inverse: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, num_prefix: int
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, N_in, C = x.shape
+    N_out = mean.shape[1]
+    dx = _alloc((B, N_in, C), x)
+    if B * N_in == 0:
+        zero = torch.zeros((C,), dtype=torch.float32, device=x.device)
+        return dx, zero.to(weight.dtype), zero.to(bias.dtype), token_raw.new_zeros(token_raw.shape)
+    _check_device(x)
+    block_r, block_c, num_warps = _config(C, x.device)
+    num_tiles = triton.cdiv(B * N_in, block_r)
+    programs = _bwd_programs(num_tiles, x.device)
+    tiles_per_program = triton.cdiv(num_tiles, programs)
+    programs = triton.cdiv(num_tiles, tiles_per_program)
+    dw_partial = _alloc((programs, C), x, torch.float32)
+    db_partial = _alloc((programs, C), x, torch.float32)
+    dscale = _alloc((B, N_out), x, torch.float32)
+    weight, bias, token_raw = weight.contiguous(), bias.contiguous(), token_raw.contiguous()
+    _layernorm_token_scale_bwd_kernel[(programs,)](
+        x, weight, bias,
+        token_raw if token_raw.numel() > 0 else weight,
+        inverse if inverse is not None else mean,
+        dy, mean, rstd, dx, dw_partial, db_partial, dscale,
+        x.stride(0), x.stride(1), x.stride(2),
+        dy.stride(0), dy.stride(1), dy.stride(2),
+        dx.stride(0), dx.stride(1), dx.stride(2),
+        dw_partial.stride(0),
+        B * N_in, tiles_per_program, N_in, N_out, C, num_prefix,
+        HAS_GATHER=inverse is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+    # Fixed-order reductions (torch.sum has no atomics): over programs, and over the batch for the token gate.
+    dweight = dw_partial.sum(0).to(weight.dtype)
+    dbias = db_partial.sum(0).to(bias.dtype)
+    dtoken = dscale[:, num_prefix:].sum(0).to(token_raw.dtype)
+    return dx, dweight, dbias, dtoken
+
+
+# torch.library custom ops with fake implementations (see triton/ragged_attention.py for why not triton_op).
+
+@torch.library.custom_op("vitslim::layernorm_token_scale_fwd", mutates_args=())
+def layernorm_token_scale_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_raw: torch.Tensor,
+                              gather: Optional[torch.Tensor], num_prefix: int, eps: float, out_dtype: torch.dtype
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y (B, N_out, C) in out_dtype, mean (B, N_out) fp32, rstd (B, N_out) fp32)."""
+    return _fwd(x, weight, bias, token_raw, gather, num_prefix, eps, out_dtype)
+
+
+@layernorm_token_scale_fwd.register_fake
+def _(x, weight, bias, token_raw, gather, num_prefix, eps, out_dtype):
+    B, N_in, C = x.shape
+    N_out = N_in if gather is None else gather.shape[0]
+    return (x.new_empty((B, N_out, C), dtype=out_dtype), x.new_empty((B, N_out), dtype=torch.float32),
+            x.new_empty((B, N_out), dtype=torch.float32))
+
+
+@torch.library.custom_op("vitslim::layernorm_token_scale_bwd", mutates_args=())
+def layernorm_token_scale_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                              token_raw: torch.Tensor, inverse: Optional[torch.Tensor], mean: torch.Tensor,
+                              rstd: torch.Tensor, num_prefix: int
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx like x, dweight like weight, dbias like bias, dtoken_raw like token_raw)."""
+    return _bwd(dy, x, weight, bias, token_raw, inverse, mean, rstd, num_prefix)
+
+
+@layernorm_token_scale_bwd.register_fake
+def _(dy, x, weight, bias, token_raw, inverse, mean, rstd, num_prefix):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape), \
+        token_raw.new_empty(token_raw.shape)
+
+
+class LayerNormTokenScaleTriton(torch.autograd.Function):
+    """Autograd around the two custom ops; saves x, the parameters, the inverse map and the row statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, token_raw, gather, inverse, num_prefix: int, eps: float,
+                out_dtype: torch.dtype):
+        y, mean, rstd = torch.ops.vitslim.layernorm_token_scale_fwd(x, weight, bias, token_raw, gather,
+                                                                    num_prefix, eps, out_dtype)
+        ctx.save_for_backward(x, weight, bias, token_raw, inverse, mean, rstd)
+        ctx.num_prefix = num_prefix
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, token_raw, inverse, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias, dtoken = torch.ops.vitslim.layernorm_token_scale_bwd(
+            dy, x, weight, bias, token_raw, inverse, mean, rstd, ctx.num_prefix)
+        return dx, dweight, dbias, dtoken, None, None, None, None, None
+
+
+def layernorm_token_scale_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                                 token_raw: torch.Tensor, num_prefix: int, gather_index=None, *,
+                                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Triton implementation of vitslim_kernels.layernorm_token_scale: (B, N_in, C) -> (B, N_out, C)."""
+    check_layernorm_token_scale_args(x, weight, bias, token_raw, num_prefix, gather_index)
+    gather, inverse = gather_tensors(gather_index, x.shape[1], x.device)
+    return LayerNormTokenScaleTriton.apply(x, weight, bias, token_raw, gather, inverse, int(num_prefix),
+                                           float(eps), out_dtype or x.dtype)
