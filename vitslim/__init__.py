@@ -10,6 +10,7 @@ from .plan import BlockPlan, PlanMismatchError, SlimPlan
 from .searchable import SearchableBlock, make_searchable, set_implementation
 from .slim import SlimAttention, SlimBlock, SlimMlp, slim
 from .threshold import threshold
+from .token_drop import drop_tokens
 
 __all__ = [
     "make_searchable", "gates", "sparsity_losses", "threshold", "slim", "count_params", "count_flops",

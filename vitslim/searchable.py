@@ -11,6 +11,11 @@ DESIGN.md section 2:
   Gate gradients come from the weight gradients through autograd at O(C^2) cost.
 
 "fused" selects the Triton kernels of vitslim_kernels where available.
+
+Token dropping (vitslim.drop_tokens): `token_alive` marks the patches still present in a block. As in the
+slim model (DESIGN.md section 4), a block first gathers its kept tokens from its input (`gather_index`,
+derived from its own and the previous block's `token_alive` by `sync_token_inputs`); dropped tokens are
+gone, and the token gate scales only the surviving patches.
 """
 from __future__ import annotations
 
@@ -27,7 +32,13 @@ IMPLEMENTATIONS = ("eager", "folded", "fused")
 
 
 class SearchableBlock(nn.Module):
-    """A timm pre-norm ViT block with search gates. Input and output: (B, R + P, C)."""
+    """A timm pre-norm ViT block with search gates. Input (B, N_in, C) -> output (B, R + kept patches, C).
+
+    N_in = R + P until tokens are dropped; then R + the patches alive in the previous block.
+    token_alive: (P,) bool, saved; the patches present in this block.
+    gather_index: positions of this block's tokens in its input sequence (None: the same tokens).
+    kept_patches: absolute indices of the patches present (None: all P), to index the token gate.
+    """
 
     def __init__(self, block: nn.Module, search: str, num_prefix_tokens: int, num_patches: int,
                  implementation: str = "folded") -> None:
@@ -40,6 +51,48 @@ class SearchableBlock(nn.Module):
         self.gates = BlockGates(search, self.attn.num_heads, self.attn.head_dim, self.mlp.fc1.out_features,
                                 num_patches, device=weight.device, dtype=weight.dtype)
         self.implementation = implementation
+        # Fixed shape (P,) so that a checkpoint loads whatever was dropped; the rest is derived from it.
+        self.register_buffer("token_alive", torch.ones(num_patches, dtype=torch.bool, device=weight.device))
+        self.register_buffer("gather_index", None, persistent=False)
+        self.register_buffer("kept_patches", None, persistent=False)
+        self.input_tokens = num_prefix_tokens + num_patches
+        self._token_input_stale = False  # token_alive loaded without the model's hook re-deriving the rest
+
+    @torch.no_grad()
+    def set_token_input(self, input_alive: torch.Tensor | None) -> None:
+        """Derive gather_index, kept_patches and the input length from token_alive.
+
+        input_alive: (P,) bool, the patches present in this block's input (the previous block's
+        token_alive); None for the first block (all patches).
+        """
+        alive = self.token_alive
+        present = torch.ones_like(alive) if input_alive is None else input_alive.to(alive.device)
+        revived = alive & ~present
+        if revived.any():
+            raise ValueError(f"token_alive keeps patches {torch.nonzero(revived).flatten().tolist()} that are "
+                             f"not in this block's input: a dropped token never returns")
+        R = self.num_prefix_tokens
+        self.kept_patches = None if alive.all() else torch.nonzero(alive).flatten()
+        if torch.equal(alive, present):
+            self.gather_index = None
+        else:
+            position = torch.cumsum(present.long(), 0) - 1  # of each present patch among the input's patches
+            prefix = torch.arange(R, dtype=torch.long, device=alive.device)
+            self.gather_index = torch.cat([prefix, R + position[alive]])
+        self.input_tokens = R + int(present.sum())
+        self._token_input_stale = False
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        key = prefix + "token_alive"
+        saved = key in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not saved and key in missing_keys:  # a checkpoint from before token dropping: nothing dropped
+            missing_keys.remove(key)
+            with torch.no_grad():
+                self.token_alive.fill_(True)
+        self._token_input_stale = True  # cleared by sync_token_inputs (the model's load hook)
 
     @property
     def implementation(self) -> str:
@@ -55,6 +108,8 @@ class SearchableBlock(nn.Module):
     def _sequence_scale(self, dtype: torch.dtype) -> torch.Tensor:
         """Per-position scale of the normalised input: 1 for prefix tokens, tanh(gate) for patches. (N, 1)."""
         tok = self.gates.token_scale()
+        if self.kept_patches is not None:
+            tok = tok.index_select(0, self.kept_patches)  # the gates of the surviving patches
         ones = tok.new_ones(self.num_prefix_tokens)
         return torch.cat([ones, tok]).to(dtype).unsqueeze(-1)
 
@@ -62,10 +117,15 @@ class SearchableBlock(nn.Module):
                 ) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("searchable blocks take no attention mask (ViT self-attention is unmasked)")
-        expected = self.num_prefix_tokens + self.num_patches
+        if self._token_input_stale:
+            raise RuntimeError("token_alive was loaded into a block without its model: call "
+                               "vitslim.searchable.sync_token_inputs(model) (model.load_state_dict does it)")
+        expected = self.input_tokens
         if x.dim() != 3 or x.shape[1] != expected:
             raise ValueError(f"expected input (B, {expected}, C) for {self.num_prefix_tokens} prefix and "
-                             f"{self.num_patches} patch tokens, got {tuple(x.shape)}")
+                             f"{expected - self.num_prefix_tokens} patch tokens, got {tuple(x.shape)}")
+        if self.gather_index is not None:
+            x = x.index_select(1, self.gather_index)  # dropped tokens are gone: the same positions for every image
         impl = self.implementation
         if impl == "fused":
             impl = _fused_fallback()
@@ -122,8 +182,9 @@ class SearchableBlock(nn.Module):
         return mlp.drop2(F.linear(h, self.folded_fc2(), mlp.fc2.bias))
 
     def extra_repr(self) -> str:
+        kept = self.num_patches if self.kept_patches is None else self.kept_patches.numel()
         return (f"implementation={self.implementation!r}, prefix_tokens={self.num_prefix_tokens}, "
-                f"patches={self.num_patches}")
+                f"patches={self.num_patches}" + (f", alive_patches={kept}" if kept != self.num_patches else ""))
 
 
 _warned_fused = False
@@ -147,6 +208,18 @@ def is_searchable(model: nn.Module) -> bool:
     return len(searchable_blocks(model)) > 0
 
 
+def sync_token_inputs(model: nn.Module) -> None:
+    """Re-derive every block's token gather from the blocks' token_alive (after dropping or loading)."""
+    previous = None
+    for block in searchable_blocks(model):
+        block.set_token_input(previous)
+        previous = block.token_alive
+
+
+def _sync_token_inputs_after_load(model: nn.Module, incompatible_keys) -> None:
+    sync_token_inputs(model)  # gather_index is not saved (like SlimBlock's): derive it from token_alive
+
+
 def make_searchable(model: nn.Module, search: str = "dims", fused: bool = False) -> nn.Module:
     """Put gates on every block of a timm ViT, in place; returns the model.
 
@@ -161,6 +234,7 @@ def make_searchable(model: nn.Module, search: str = "dims", fused: bool = False)
     for i, block in enumerate(model.blocks):
         model.blocks[i] = SearchableBlock(block, search, arch.num_prefix_tokens, arch.num_patches,
                                           implementation)
+    model.register_load_state_dict_post_hook(_sync_token_inputs_after_load)
     return model
 
 

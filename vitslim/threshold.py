@@ -17,16 +17,23 @@ def check_budget(name: str, value) -> float:
     return float(value)
 
 
-def global_keep(importances: list[torch.Tensor], budget: float) -> list[torch.Tensor]:
+def global_keep(importances: list[torch.Tensor], budget: float,
+                eligible: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Rank all entries of all blocks together; keep those with importance >= the budget's threshold.
 
     thr = sorted(importance)[floor((1 - budget) * n)], so budget 1.0 keeps everything.
+    eligible: bool masks like `importances` (dropped tokens are False): only eligible entries are ranked
+    (n counts them alone) and only they can be kept.
     """
-    flat = torch.cat([imp.reshape(-1) for imp in importances])
+    if eligible is None:
+        eligible = [torch.ones_like(imp, dtype=torch.bool) for imp in importances]
+    flat = torch.cat([imp[ok] for imp, ok in zip(importances, eligible)])
+    if flat.numel() == 0:
+        return [torch.zeros_like(imp, dtype=torch.bool) for imp in importances]
     # min(): for budgets below float64 resolution, 1 - budget rounds to 1.0 and the index to n.
     index = min(math.floor((1.0 - budget) * flat.numel()), flat.numel() - 1)
     thr = flat.sort().values[index]
-    return [imp >= thr for imp in importances]
+    return [(imp >= thr) & ok for imp, ok in zip(importances, eligible)]
 
 
 @torch.no_grad()
@@ -34,8 +41,10 @@ def threshold(model: nn.Module, budget_attn: float = 0.7, budget_mlp: float = 0.
               budget_tokens: float = 0.7) -> SlimPlan:
     """The plan keeping the given fraction of attention entries, MLP units and patch tokens.
 
-    Each kind is ranked over all blocks by gate magnitude (|attn|, |mlp|, |tanh(tokens)|). Kept tokens
-    are then made monotone: a patch kept by a deeper block is kept by every shallower one.
+    Each kind is ranked over all blocks by gate magnitude (|attn|, |mlp|, |tanh(tokens)|). Tokens dropped
+    during the search (vitslim.drop_tokens) are never kept: the budget is a fraction of the patch slots
+    still alive. Kept tokens are then made monotone: a patch kept by a deeper block is kept by every
+    shallower one (where it is alive too, since dropping is monotone).
     """
     budgets = {"attn": check_budget("budget_attn", budget_attn),
                "mlp": check_budget("budget_mlp", budget_mlp),
@@ -48,7 +57,8 @@ def threshold(model: nn.Module, budget_attn: float = 0.7, budget_mlp: float = 0.
 
     keep_attn = global_keep([cpu(g.attn).abs() for g in gates], budgets["attn"])      # each like g.attn
     keep_mlp = global_keep([cpu(g.mlp).abs() for g in gates], budgets["mlp"])
-    keep_tok = global_keep([cpu(g.tokens).tanh().abs() for g in gates], budgets["tokens"])
+    alive = [b.token_alive.detach().cpu() for b in blocks]
+    keep_tok = global_keep([cpu(g.tokens).tanh().abs() for g in gates], budgets["tokens"], eligible=alive)
     for i in range(len(keep_tok) - 2, -1, -1):  # monotone: deeper keeps imply shallower keeps
         keep_tok[i] = keep_tok[i] | keep_tok[i + 1]
 
