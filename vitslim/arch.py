@@ -11,7 +11,6 @@ import inspect
 from dataclasses import dataclass
 from functools import partial
 
-import torch
 from torch import nn
 
 

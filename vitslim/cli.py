@@ -221,3 +221,23 @@ def create_model(name: str, pretrained: bool, checkpoint: str | None, **kwargs) 
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return model
+
+
+def start_run(args, started: list[str], kind: str) -> tuple[Distributed, Callable[..., None], Path]:
+    """Processes, the rank-0 printer, and the output folder of a command; refuses to overwrite a run.
+
+    started: files under --output-dir whose presence means a run already began there.
+    """
+    from .training import seed_everything
+
+    dist = setup_distributed(args.device)
+    say = (lambda *a: print(*a, file=sys.stderr)) if dist.is_main else (lambda *a: None)
+    if args.fused and dist.device.type != "cuda":
+        say("note: --fused needs a CUDA GPU; using the reference PyTorch path")
+    seed_everything(args.seed, dist.rank)
+    out = Path(args.output_dir)
+    if not args.resume and any((out / name).exists() for name in started):
+        raise UserError(f"{out} already holds a {kind} run: pass --resume to continue it, or another --output-dir")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    return dist, say, out

@@ -6,7 +6,6 @@ in safetensors + config JSON) and report.json (dense vs slim params, FLOPs, top-
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -112,8 +111,7 @@ def load_search(path: Path):
 def main(argv: list[str] | None = None) -> int:
     from .data import Augment, embedded_digits, image_folders, loaders
     from .report import format_report, model_row, write_report
-    from .training import (CHECKPOINT, Recipe, Trainer, check_recipe, cross_entropy_loss, read_checkpoint,
-                           seed_everything)
+    from .training import CHECKPOINT, Recipe, Trainer, check_recipe, cross_entropy_loss, read_checkpoint
 
     args = build_parser().parse_args(argv)
     search_model, arch, ckpt = load_search(Path(args.searched))
@@ -125,16 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, light if embedded else paper)
     if args.distillation_alpha < 0 or args.distillation_alpha > 1:
         raise UserError(f"--distillation-alpha must be in [0, 1], got {args.distillation_alpha}")
-    dist = cli.setup_distributed(args.device)
-    say = (lambda *a: print(*a, file=sys.stderr)) if dist.is_main else (lambda *a: None)
-    if args.fused and dist.device.type != "cuda":
-        say("note: --fused needs a CUDA GPU; using the reference PyTorch path")
-    seed_everything(args.seed, dist.rank)
-    out = Path(args.output_dir)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    if not args.resume and (out / CHECKPOINT).exists():
-        raise UserError(f"{out} already holds a retrain run: pass --resume to continue it, or another --output-dir")
+    dist, say, out = cli.start_run(args, [CHECKPOINT], "retrain")
 
     if args.plan is not None:
         plan_path = Path(args.plan)

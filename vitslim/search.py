@@ -6,10 +6,7 @@ the retrain report), and plan_<attn>_<mlp>_<tokens>.json for each of --budgets a
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-import torch
 
 from . import cli
 from .arch import describe
@@ -91,24 +88,14 @@ def resolve_defaults(args, embedded: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     from .data import Augment, embedded_digits, image_folders, loaders
     from .figures import plot_gate_histograms, plot_structure
-    from .training import (CHECKPOINT, Recipe, Trainer, check_recipe, cross_entropy_loss, evaluate,
-                           read_checkpoint, seed_everything)
+    from .training import CHECKPOINT, Recipe, Trainer, check_recipe, cross_entropy_loss, evaluate, read_checkpoint
 
     args = build_parser().parse_args(argv)
     embedded = args.data_path is None
     resolve_defaults(args, embedded)
-    dist = cli.setup_distributed(args.device)
-    say = (lambda *a: print(*a, file=sys.stderr)) if dist.is_main else (lambda *a: None)
-    if args.fused and dist.device.type != "cuda":
-        say("note: --fused needs a CUDA GPU; using the reference PyTorch path")
-    seed_everything(args.seed, dist.rank)
-    out = Path(args.output_dir)
+    dist, say, out = cli.start_run(args, [CHECKPOINT, "dense.safetensors", f"dense/{CHECKPOINT}"], "search")
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "figures").mkdir(exist_ok=True)
-    started = [out / CHECKPOINT, out / "dense.safetensors", out / "dense" / CHECKPOINT]
-    if not args.resume and any(p.exists() for p in started):
-        raise UserError(f"{out} already holds a search run: pass --resume to continue it, or another --output-dir")
 
     model = cli.create_model(args.model, args.pretrained, args.checkpoint, drop_path_rate=args.drop_path,
                              **({"num_classes": 10} if embedded else {}))
