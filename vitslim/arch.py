@@ -103,7 +103,7 @@ def _is_layernorm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) and module.elementwise_affine
 
 
-def _activation_name(act: nn.Module) -> str:
+def activation_name(act: nn.Module) -> str:
     if isinstance(act, nn.GELU):
         return "gelu" if act.approximate == "none" else "gelu_tanh"
     name = type(act).__name__
@@ -139,7 +139,7 @@ def check_block(block: nn.Module, index: int, expected_block_types: tuple[type, 
     if not _is_layernorm(block.norm1) or not _is_layernorm(block.norm2):
         raise UnsupportedModelError(f"{where}: block norms must be LayerNorm, got "
                                     f"{type(block.norm1).__name__}/{type(block.norm2).__name__}")
-    _activation_name(mlp.act)
+    activation_name(mlp.act)
 
 
 def describe(model: nn.Module, block_types: tuple[type, ...] | None = None) -> ViTArch:
@@ -221,7 +221,7 @@ def describe(model: nn.Module, block_types: tuple[type, ...] | None = None) -> V
         pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
         dynamic_img_pad=bool(pe.dynamic_img_pad),
         norm_eps=norm_eps.pop(),
-        act=_activation_name(mlp.act),
+        act=activation_name(mlp.act),
         drop_rate=_dropout_p(model.head_drop),
         pos_drop_rate=_dropout_p(model.pos_drop),
         proj_drop_rate=_dropout_p(attn.proj_drop),

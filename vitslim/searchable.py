@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import describe
+from .arch import activation_name, describe
 from .gates import BlockGates, check_search_mode
 
 IMPLEMENTATIONS = ("eager", "folded", "fused")
@@ -128,13 +128,41 @@ class SearchableBlock(nn.Module):
             x = x.index_select(1, self.gather_index)  # dropped tokens are gone: the same positions for every image
         impl = self.implementation
         if impl == "fused":
-            impl = _fused_fallback()
+            why_not = self._fused_unavailable(x)
+            if why_not is None:
+                return self._forward_fused(x)
+            impl = _fused_fallback(why_not)
         scale = self._sequence_scale(x.dtype)
         attn_fn, mlp_fn = (self._attn_eager, self._mlp_eager) if impl == "eager" else \
                           (self._attn_folded, self._mlp_folded)
         x = x + self.drop_path1(self.ls1(attn_fn(self.norm1(x) * scale)))
         x = x + self.drop_path2(self.ls2(mlp_fn(self.norm2(x) * scale)))
         return x
+
+    # -- fused path: the Triton kernels of vitslim_kernels ---------------------------------------------------
+    def _fused_unavailable(self, x: torch.Tensor) -> str | None:
+        from vitslim_kernels.dispatch import triton_unavailable
+
+        if self.training and any(p > 0 for p in (self.attn.attn_drop.p, self.attn.proj_drop.p,
+                                                  self.mlp.drop1.p, self.mlp.drop2.p)):
+            return "the fused kernels have no dropout (attn_drop/proj_drop/mlp drop > 0)"
+        return triton_unavailable(x)
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        from vitslim_kernels import gated_attention_branch, gated_mlp_branch, layernorm_token_scale
+
+        attn, mlp, R = self.attn, self.mlp, self.num_prefix_tokens
+        tok = self.gates.tokens if self.kept_patches is None else self.gates.tokens.index_select(0, self.kept_patches)
+        dev = x.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        u = layernorm_token_scale(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, tok, R, out_dtype=out_dtype)
+        a = gated_attention_branch(u, attn.qkv.weight, attn.qkv.bias, self.gates.attn_per_dim(), attn.proj.weight,
+                                   attn.proj.bias, attn.num_heads, attn.scale)
+        x = x + self.drop_path1(self.ls1(a))
+        w = layernorm_token_scale(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, tok, R, out_dtype=out_dtype)
+        m = gated_mlp_branch(w, mlp.fc1.weight, mlp.fc1.bias, self.gates.mlp, mlp.fc2.weight, mlp.fc2.bias,
+                             approximate="tanh" if activation_name(mlp.act) == "gelu_tanh" else "none")
+        return x + self.drop_path2(self.ls2(m))
 
     # -- paper-style eager path: masks multiplied into activations, explicit softmax --------------------
     def _attn_eager(self, u: torch.Tensor) -> torch.Tensor:
@@ -187,16 +215,15 @@ class SearchableBlock(nn.Module):
                 f"patches={self.num_patches}" + (f", alive_patches={kept}" if kept != self.num_patches else ""))
 
 
-_warned_fused = False
+_fused_warnings: set[str] = set()
 
 
-def _fused_fallback() -> str:
-    """The implementation used when "fused" is asked: the kernels where they exist, else "folded"."""
-    global _warned_fused
-    if not _warned_fused:
-        warnings.warn("fused search kernels are not available in this build of vitslim; "
-                      "using the folded PyTorch path (same function)", stacklevel=3)
-        _warned_fused = True
+def _fused_fallback(reason: str) -> str:
+    """"fused" asked but the kernels cannot run: say why once, and compute the same function with "folded"."""
+    if reason not in _fused_warnings:
+        warnings.warn(f"fused search kernels not used ({reason}); using the folded PyTorch path (same function)",
+                      stacklevel=3)
+        _fused_warnings.add(reason)
     return "folded"
 
 
