@@ -30,7 +30,7 @@ def searched(tmp_path_factory):
     out = tmp_path_factory.mktemp("search")
     with pytest.raises(SystemExit) as e:
         cli.run(search.main, ["--output-dir", str(out), "--epochs", "2", "--dense-epochs", "2",
-                              "--budgets", "0.7", "0.5,0.6,0.9", *FAST])
+                              "--budgets", "0.7", "0.5,0.6,0.9", "--drop-tokens-below", "0.995", *FAST])
     assert e.value.code == 0
     return out
 
@@ -54,6 +54,12 @@ def test_search_writes_checkpoint_log_figures_and_plans(searched):
     model, _, _ = retrain.load_search(searched / "checkpoint.pt")
     plan = vitslim.SlimPlan.from_json((searched / "plan_0.5_0.6_0.9.json").read_text())
     assert plan == vitslim.threshold(model, 0.5, 0.6, 0.9)
+    # --drop-tokens-below 0.995 (tanh(3.0) = 0.99505 at init) dropped tokens; the plan keeps none of them.
+    assert sum(r["dropped_token_slots"] for r in lines) > 0
+    alive = vitslim.token_drop.alive_tokens(model)
+    assert sum(map(len, alive)) < len(alive) * 16
+    for block, kept in zip(plan.blocks, alive):
+        assert set(block.tokens) <= set(kept)
 
 
 def test_retrain_writes_slim_model_and_report(searched, tmp_path, capsys):

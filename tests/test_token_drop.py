@@ -180,12 +180,16 @@ def test_threshold_never_keeps_dropped_tokens(budget):
         assert set(t) <= set(a)
     for shallow, deep in zip(tokens, tokens[1:]):
         assert set(deep) <= set(shallow)
-    # The budget is a fraction of the live slots, ranked by the global formula (distinct random gates).
-    imps = sorted(vitslim.gates(model)[l].tokens[p].tanh().abs().item() for l, a in enumerate(alive) for p in a)
-    n = len(imps)
-    thr = imps[min(math.floor((1 - budget) * n), n - 1)]
-    ranked = [[p for p in a if vitslim.gates(model)[l].tokens[p].tanh().abs().item() >= thr]
-              for l, a in enumerate(alive)]
+    # The budget is a fraction of all L x P slots, ranked by the global formula (distinct random gates),
+    # where a dropped slot counts as importance 0 and is never kept.
+    gates = vitslim.gates(model)
+    P = gates[0].tokens.numel()
+    imp = [[gates[l].tokens[p].tanh().abs().item() if p in a else 0.0 for p in range(P)]
+           for l, a in enumerate(alive)]
+    flat = sorted(v for row in imp for v in row)
+    n = len(flat)
+    thr = flat[min(math.floor((1 - budget) * n), n - 1)]
+    ranked = [[p for p in a if imp[l][p] >= thr] for l, a in enumerate(alive)]
     for l in range(len(ranked) - 2, -1, -1):
         ranked[l] = sorted(set(ranked[l]) | set(ranked[l + 1]))
     assert tokens == ranked

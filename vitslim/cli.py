@@ -90,6 +90,19 @@ def non_negative(name: str) -> Callable[[str], float]:
     return parse
 
 
+def fraction(name: str) -> Callable[[str], float]:
+    """A number in [0, 1)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not 0.0 <= value < 1.0:
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1), got {text!r}")
+        return value
+    return parse
+
+
 def positive_int(name: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:

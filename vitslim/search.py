@@ -15,6 +15,7 @@ from .counting import count_flops, count_params
 from .gates import SEARCH_MODES, SparsityWeights
 from .searchable import make_searchable
 from .threshold import threshold
+from .token_drop import alive_tokens, drop_tokens
 
 # Recipe flags: (the paper's default for real data, the default for the embedded digits data).
 DEFAULTS = {
@@ -36,6 +37,9 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--pretrained", action="store_true", help="timm's own pretrained weights (needs network)")
     g.add_argument("--search", default="dims", choices=SEARCH_MODES, help="what a gate covers (default: dims)")
     g.add_argument("--fused", action="store_true", help="fused GPU kernels (without a CUDA GPU: the reference)")
+    g.add_argument("--drop-tokens-below", type=cli.fraction("--drop-tokens-below"), default=None, metavar="EPS",
+                   help="after each epoch, remove a patch from a block and all later blocks once its "
+                        "|tanh(gate)| is below EPS (default: off)")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="folder with train/ and val/ class folders "
                    "(default: the embedded digits data)")
@@ -154,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     budgets = args.budgets[0]
 
     def epoch_end(epoch: int, record: dict) -> None:
+        if args.drop_tokens_below:
+            record["dropped_token_slots"] = drop_tokens(model, args.drop_tokens_below)
+            alive = alive_tokens(model)
+            record["alive_tokens"] = sum(map(len, alive)) / (len(alive) * arch.num_patches)
         plan = threshold(model, *budgets)
         record["kept"] = plan.kept_fractions()
         record["head_widths"] = [list(b.head_dims) for b in plan.blocks]

@@ -22,18 +22,18 @@ def global_keep(importances: list[torch.Tensor], budget: float,
     """Rank all entries of all blocks together; keep those with importance >= the budget's threshold.
 
     thr = sorted(importance)[floor((1 - budget) * n)], so budget 1.0 keeps everything.
-    eligible: bool masks like `importances` (dropped tokens are False): only eligible entries are ranked
-    (n counts them alone) and only they can be kept.
+    eligible: bool masks like `importances` (dropped tokens are False): an ineligible entry counts as
+    importance 0 in the ranking (n still counts every slot, so the budget stays a fraction of all of them)
+    and is never kept.
     """
-    if eligible is None:
-        eligible = [torch.ones_like(imp, dtype=torch.bool) for imp in importances]
-    flat = torch.cat([imp[ok] for imp, ok in zip(importances, eligible)])
-    if flat.numel() == 0:
-        return [torch.zeros_like(imp, dtype=torch.bool) for imp in importances]
+    if eligible is not None:
+        importances = [imp.masked_fill(~ok, 0.0) for imp, ok in zip(importances, eligible)]
+    flat = torch.cat([imp.reshape(-1) for imp in importances])
     # min(): for budgets below float64 resolution, 1 - budget rounds to 1.0 and the index to n.
     index = min(math.floor((1.0 - budget) * flat.numel()), flat.numel() - 1)
     thr = flat.sort().values[index]
-    return [(imp >= thr) & ok for imp, ok in zip(importances, eligible)]
+    keep = [imp >= thr for imp in importances]
+    return keep if eligible is None else [k & ok for k, ok in zip(keep, eligible)]
 
 
 @torch.no_grad()
@@ -42,9 +42,9 @@ def threshold(model: nn.Module, budget_attn: float = 0.7, budget_mlp: float = 0.
     """The plan keeping the given fraction of attention entries, MLP units and patch tokens.
 
     Each kind is ranked over all blocks by gate magnitude (|attn|, |mlp|, |tanh(tokens)|). Tokens dropped
-    during the search (vitslim.drop_tokens) are never kept: the budget is a fraction of the patch slots
-    still alive. Kept tokens are then made monotone: a patch kept by a deeper block is kept by every
-    shallower one (where it is alive too, since dropping is monotone).
+    during the search (vitslim.drop_tokens) rank as importance 0 and are never kept; budget_tokens stays
+    a fraction of all patch slots. Kept tokens are then made monotone: a patch kept by a deeper block is
+    kept by every shallower one (where it is alive too, since dropping is monotone).
     """
     budgets = {"attn": check_budget("budget_attn", budget_attn),
                "mlp": check_budget("budget_mlp", budget_mlp),
