@@ -7,11 +7,13 @@ STAMP := $(VENV)/.vitslim-installed
 
 .PHONY: setup demo test clean
 
-$(STAMP): pyproject.toml setup.py
+# vitslim itself installs without build isolation, so that setup.py sees torch and builds the CUDA extension
+# (vitslim_kernels._C) when nvcc is there; it skips it, and says why, when not (VITSLIM_SKIP_CUDA_BUILD=1 too).
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/kernels/*)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel ninja
 	$(PY) -m pip install --quiet torch torchvision
-	$(PY) -m pip install --quiet -e ".[test,demo]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,demo]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -27,4 +29,4 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache vitslim_kernels/_C*.so vitslim_kernels/_build_info.json

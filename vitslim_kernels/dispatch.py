@@ -69,6 +69,46 @@ def triton_unavailable(example: torch.Tensor) -> str | None:
     return None
 
 
+_CUDA_EXT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def cuda_forward_unavailable(example: torch.Tensor) -> str | None:
+    """None if the forward-only CUDA kernels of vitslim_kernels._C can run on tensors like `example`.
+
+    Only `example` is seen: a gradient is assumed needed when grad mode is on and it requires grad (the
+    launcher checks every input again and refuses, rather than return an output without a graph).
+    """
+    if example.device.type != "cuda":
+        kind = "CPU" if example.device.type == "cpu" else example.device.type
+        return f"{kind} tensor: the CUDA kernel runs on CUDA tensors"
+    if example.dtype not in _CUDA_EXT_DTYPES:
+        return f"dtype {example.dtype} is not supported by the CUDA kernel (float32, float16, bfloat16 are)"
+    if torch.is_grad_enabled() and example.requires_grad:
+        return "the CUDA kernel is forward-only; training uses triton"
+    from . import _ext
+    return _ext.device_unavailable(example.device)
+
+
+# ESTIMATE, not measured (no GPU where this was written): the CUDA ragged-attention kernel is plain fp32 SIMT
+# (tens of TFLOP/s at best on an H100) while Triton's uses tensor cores; the CUDA kernel only wins where
+# Triton's launch cost (tens of microseconds) outweighs that, i.e. small inference batches. Taken as
+# B * N * N * sum(head_dims) <= 2**27 (DeiT-S at 70%, N = 197: batch <= ~12). Set from
+# benchmarks/run_slim_benchmarks.py (ragged_attention.json has both kernels at batch 1 and 256).
+RAGGED_CUDA_MAX_WORK = 2 ** 27
+
+
+def ragged_attention_cuda_unavailable(example: torch.Tensor) -> str | None:
+    """cuda_forward_unavailable, and a size limit: above it Triton is expected faster (see RAGGED_CUDA_MAX_WORK)."""
+    why = cuda_forward_unavailable(example)
+    shape = getattr(example, "shape", None)  # info's stand-ins have no shape
+    if why is None and shape is not None and len(shape) == 3:
+        B, N, D = shape
+        if B * N * N * D > RAGGED_CUDA_MAX_WORK:
+            return (f"B * N^2 * sum(head_dims) = {B * N * N * D} > {RAGGED_CUDA_MAX_WORK}: Triton's tensor-core "
+                    f"kernel is expected faster than the CUDA SIMT kernel there (estimate, not yet measured)")
+    return why
+
+
 def explain(op: str, example: torch.Tensor) -> list[tuple[str, str | None]]:
     """(implementation, reason it is skipped or None if usable) for every implementation of `op`."""
     _ensure_registered()
@@ -115,5 +155,51 @@ def _ensure_registered() -> None:
         from .triton.ragged_attention import ragged_attention_triton
         return ragged_attention_triton
 
+    def ragged_cuda():
+        from .cuda.ragged_attention import ragged_attention_cuda
+        return ragged_attention_cuda
+
+    # CUDA before Triton for inference (small batches, see RAGGED_CUDA_MAX_WORK): UNMEASURED (no GPU where
+    # this was written). The CUDA kernel is plain SIMT with a cheaper launch; Triton's uses tensor cores.
+    # benchmarks/run_slim_benchmarks.py decides the order and the limit once it has run on the H100.
+    register("ragged_attention", "cuda", ragged_cuda, ragged_attention_cuda_unavailable)
     register("ragged_attention", "triton", ragged_triton, triton_unavailable)
     register("ragged_attention", "reference", ragged_ref, lambda t: None)
+    _register_search_ops()
+
+
+def _register_search_ops() -> None:
+    """The fused search path (issue 4): each op's Triton implementation, then its reference.
+
+    The loaders are plain import statements (not importlib), so torch.compile traces through dispatch.
+    """
+    def triton_layernorm():
+        from .triton import layernorm_token_scale as module
+        return module
+
+    def triton_gated_linear():
+        from .triton import gated_linear as module
+        return module
+
+    def ops_layernorm():
+        from .ops import layernorm_token_scale as module
+        return module
+
+    def ops_gated_linear():
+        from .ops import gated_linear as module
+        return module
+
+    def ops_branches():
+        from .ops import gated_branches as module
+        return module
+
+    for op, triton_module, ref_module in (
+            ("layernorm_token_scale", triton_layernorm, ops_layernorm),
+            ("gated_linear", triton_gated_linear, ops_gated_linear),
+            ("gated_gelu_linear", triton_gated_linear, ops_gated_linear),
+            ("gated_attention_branch", ops_branches, ops_branches),
+            ("gated_mlp_branch", ops_branches, ops_branches)):
+        register(op, "triton", lambda module=triton_module, name=f"{op}_triton": getattr(module(), name),
+                 triton_unavailable)
+        register(op, "reference", lambda module=ref_module, name=f"{op}_ref": getattr(module(), name),
+                 lambda t: None)

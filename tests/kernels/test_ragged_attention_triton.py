@@ -146,14 +146,16 @@ def test_all_heads_zero_width():
 
 def test_dispatch_prefers_triton_under_interpreter(kernels):
     x = torch.zeros(2, 17, 18)
-    assert explain("ragged_attention", x) == [("triton", None), ("reference", None)]
+    assert explain("ragged_attention", x) == [("cuda", "CPU tensor: the CUDA kernel runs on CUDA tensors"),
+                                              ("triton", None), ("reference", None)]
     assert select("ragged_attention", x) is kernels.ragged_attention_triton
 
 
 def test_explain_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     q, k, v = (torch.randn(2, 17, 18) for _ in range(3))
-    assert dict(explain("ragged_attention", q)) == {"triton": "CPU tensor and TRITON_INTERPRET is not 1",
+    assert dict(explain("ragged_attention", q)) == {"cuda": "CPU tensor: the CUDA kernel runs on CUDA tensors",
+                                                   "triton": "CPU tensor and TRITON_INTERPRET is not 1",
                                                    "reference": None}
     assert torch.equal(ragged_attention(q, k, v, (17, 1), SCALE), ragged_attention_ref(q, k, v, (17, 1), SCALE))
 

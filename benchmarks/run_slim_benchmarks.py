@@ -1,0 +1,389 @@
+"""Slim-model benchmarks (DESIGN.md section 6: P2 ragged attention, P3 slim inference, P4 retrain step).
+
+    python benchmarks/run_slim_benchmarks.py            # GPU (H100): writes three files to benchmarks/results/
+    python benchmarks/run_slim_benchmarks.py --dry-run  # CPU, tiny shapes: checks the plumbing, writes nothing
+
+Plans: a random-init timm model is made searchable, its gates get random magnitudes from a fixed seed
+(uniform in [0, 1) for attention dims and MLP units, [0, 3) for tokens) and vitslim.threshold keeps 70% of
+each (0.7 / 0.7 / 0.7). Real searched widths may differ (a trained search concentrates pruning in some heads
+and blocks); these give the ragged, unequal head widths of such a plan (per head around 0.7 * 64 = 45).
+
+ragged_attention.json (P2): the attention of every block of the plan's model, heads at the plan's widths,
+B = 256 (P2) and 1 (latency), N = 197, bf16; mode "fwd" (no grad) and "fwd_bwd" (gradients of q, k, v).
+Variants:
+  ragged        the ragged-attention kernels on q, k, v viewed from one (B, N, 3D) qkv tensor; one row per
+                implementation that runs on this device ("implementation"), called directly so that each is
+                timed at every size; "dispatch_default" marks the one dispatch picks at that size
+  padded_sdpa   F.scaled_dot_product_attention with every head zero-padded to the widest (rounded up to a
+                multiple of 8), tensors laid out (B, H, N, W) beforehand (zero-padded qkv / proj weights give
+                that layout for free, so no copy is timed)
+  grouped_sdpa  one SDPA call per group of heads of equal padded width (multiple of 8), laid out beforehand
+  FLOPs are the useful ones (kept widths): 4 B N^2 sum(w) forward, 3.5x that forward + backward (the flash
+  backward does 5 matmuls to the forward's 2); bytes: q, k, v read and o written once.
+slim_inference.json (P3): DeiT-S dense (timm, SDPA) vs slim at 70/70/70 (vitslim.slim(..., fused=True)),
+  eval, no grad, bf16 autocast, batch 256 and 1.
+retrain_step.json (P4): one training step (bf16 autocast forward, cross-entropy, backward, AdamW) of DeiT-S at
+  batch 256: dense timm model (SDPA); the slim model; the paper's retraining (the full model made searchable,
+  gates fixed to the plan's 0/1 masks, requires_grad False, implementation "eager").
+"flops" in the last two files is vitslim.count_flops: multiply-accumulates (the paper's convention), so the
+TFLOP/s beside them count 2 FLOPs per MAC (and a training step as 3 forwards).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import vitslim  # noqa: E402
+import vitslim_kernels  # noqa: E402
+from benchmarks.common import achieved, device_time_ms, write_results  # noqa: E402
+
+BUDGET = 0.7
+PLAN_SEED = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    label: str
+    name: str                      # timm model name
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Setup:
+    device: torch.device
+    attention_models: tuple[ModelConfig, ...]
+    slim_model: ModelConfig        # P3 and P4
+    attention_batches: tuple[int, ...]
+    inference_batches: tuple[int, ...]
+    train_batch: int
+    warmup: int
+    iters: int
+
+
+_TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+GPU_SETUP = Setup(torch.device("cuda"),
+                  (ModelConfig("deit_small", "deit_small_patch16_224"), ModelConfig("deit_base", "deit_base_patch16_224")),
+                  ModelConfig("deit_small", "deit_small_patch16_224"), (256, 1), (256, 1), 256, warmup=10, iters=30)
+DRY_RUN_SETUP = Setup(torch.device("cpu"), (ModelConfig("deit_small(tiny)", "deit_small_patch16_224", _TINY),),
+                      ModelConfig("deit_small(tiny)", "deit_small_patch16_224", _TINY), (2,), (2, 1), 2, warmup=1,
+                      iters=2)
+
+
+# -- timing --------------------------------------------------------------------------------------------
+def time_ms(fn: Callable[[], object], setup: Setup) -> float:
+    """Median device time (CUDA events) on a GPU; median wall time on the CPU (dry run only)."""
+    if setup.device.type == "cuda":
+        return device_time_ms(fn, warmup=setup.warmup, iters=setup.iters)
+    for _ in range(setup.warmup):
+        fn()
+    times = []
+    for _ in range(setup.iters):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -- plans ---------------------------------------------------------------------------------------------
+def searchable_with_random_gates(config: ModelConfig, seed: int = PLAN_SEED) -> torch.nn.Module:
+    """Random-init timm model made searchable, gates at random magnitudes from a fixed seed (CPU, fp32)."""
+    torch.manual_seed(seed)
+    model = timm.create_model(config.name, pretrained=False, **config.overrides)
+    vitslim.make_searchable(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in vitslim.gates(model):
+            gate.attn.copy_(torch.rand(gate.attn.shape, generator=g))
+            gate.mlp.copy_(torch.rand(gate.mlp.shape, generator=g))
+            gate.tokens.copy_(3.0 * torch.rand(gate.tokens.shape, generator=g))
+    return model
+
+
+def plan_for(config: ModelConfig) -> tuple[torch.nn.Module, vitslim.SlimPlan]:
+    model = searchable_with_random_gates(config)
+    return model, vitslim.threshold(model, BUDGET, BUDGET, BUDGET)
+
+
+def head_widths(plan: vitslim.SlimPlan) -> list[tuple[int, ...]]:
+    """The kept width of every head, per block."""
+    return [tuple(b.head_dims) for b in plan.blocks]
+
+
+# -- P2: ragged attention ------------------------------------------------------------------------------
+def _pad8(w: int) -> int:
+    return max(8, -(-w // 8) * 8)
+
+
+@dataclass
+class AttentionWorkload:
+    """Inputs of every block's attention for one variant, built once; call(mode) runs all blocks."""
+    variant: str
+    blocks: list                   # per block: the variant's tensors
+    head_dims: list[tuple[int, ...]]
+    scale: float
+    kernel: Callable | None = None  # ragged: the implementation's callable (q, k, v, head_dims, scale)
+
+    def run(self, grad: bool) -> Callable[[], None]:
+        if self.variant == "ragged":
+            def block(inputs, dims):
+                qkv, gout = inputs
+                D = sum(dims)
+                q, k, v = qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:]
+                o = self.kernel(q, k, v, dims, self.scale)
+                if grad:
+                    torch.autograd.grad(o, qkv, gout)
+        else:
+            def block(inputs, dims):
+                for q, k, v, gout in inputs:  # one SDPA call per group (padded: one group)
+                    o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+                    if grad:
+                        torch.autograd.grad(o, (q, k, v), gout)
+
+        def call() -> None:
+            with torch.set_grad_enabled(grad):
+                for inputs, dims in zip(self.blocks, self.head_dims):
+                    block(inputs, dims)
+        return call
+
+
+def attention_workload(variant: str, head_dims: list[tuple[int, ...]], B: int, N: int, scale: float,
+                       device: torch.device, dtype: torch.dtype, grad: bool, kernel: Callable | None = None
+                       ) -> AttentionWorkload:
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=g).requires_grad_(grad)
+
+    blocks = []
+    for dims in head_dims:
+        D = sum(dims)
+        if variant == "ragged":
+            blocks.append((randn(B, N, 3 * D), torch.randn(B, N, D, device=device, dtype=dtype, generator=g)))
+            continue
+        if variant == "padded_sdpa":
+            groups = {_pad8(max(dims)): sum(1 for w in dims if w > 0)}
+        elif variant == "grouped_sdpa":
+            groups: dict[int, int] = {}
+            for w in dims:
+                if w > 0:
+                    groups[_pad8(w)] = groups.get(_pad8(w), 0) + 1
+        else:
+            raise ValueError(f"variant must be ragged, padded_sdpa or grouped_sdpa, got {variant!r}")
+        blocks.append([(randn(B, h, N, w), randn(B, h, N, w), randn(B, h, N, w),
+                        torch.randn(B, h, N, w, device=device, dtype=dtype, generator=g))
+                       for w, h in sorted(groups.items())])
+    return AttentionWorkload(variant, blocks, head_dims, scale, kernel)
+
+
+def ragged_implementations(device: torch.device, dtype: torch.dtype, grad: bool, shape: tuple[int, int, int]
+                           ) -> list[tuple[str, Callable, bool]]:
+    """(name, callable, is dispatch's pick for q of `shape`) for each kernel (not the reference) that runs on
+    this device and dtype at all; only the reference where none does (the CPU dry run)."""
+    small = torch.empty(1, 1, 1, device=device, dtype=dtype, requires_grad=grad)
+    full = torch.empty(shape, device=device, dtype=dtype, requires_grad=grad)
+    found = []
+    with torch.set_grad_enabled(grad):
+        pick = next(name for name, why in vitslim_kernels.explain("ragged_attention", full) if why is None)
+        names = [name for name, _ in vitslim_kernels.explain("ragged_attention", small)]
+        for name in [n for n in names if n != "reference"]:
+            try:
+                found.append((name, vitslim_kernels.select("ragged_attention", small, forced=name), name == pick))
+            except RuntimeError:  # cannot run on this device or dtype at all
+                pass
+        if not found:
+            found.append(("reference", vitslim_kernels.select("ragged_attention", small, forced="reference"),
+                          pick == "reference"))
+    return found
+
+
+def bench_ragged_attention(setup: Setup) -> list[dict]:
+    dtype = torch.bfloat16
+    rows = []
+    for config in setup.attention_models:
+        _, plan = plan_for(config)
+        dims = head_widths(plan)
+        N = plan.num_prefix_tokens + plan.num_patches
+        scale = plan.head_dim ** -0.5
+        useful = sum(sum(d) for d in dims)
+        for B in setup.attention_batches:
+            fwd_flops = 4 * B * N * N * useful
+            io_bytes = 4 * B * N * useful * torch.finfo(dtype).bits // 8
+            for mode, grad in (("fwd", False), ("fwd_bwd", True)):
+                flops = fwd_flops * (3.5 if grad else 1.0)
+                bytes_moved = io_bytes * (2.5 if grad else 1.0)  # + dO read, dq dk dv written
+                widest_block = (B, N, max(sum(d) for d in dims))
+                cases = [("ragged", name, fn, default)
+                         for name, fn, default in ragged_implementations(setup.device, dtype, grad, widest_block)]
+                cases += [("padded_sdpa", None, None, None), ("grouped_sdpa", None, None, None)]
+                for variant, name, fn, default in cases:
+                    work = attention_workload(variant, dims, B, N, scale, setup.device, dtype, grad, fn)
+                    ms = time_ms(work.run(grad), setup)
+                    row = {"mode": mode, "variant": variant, "model": config.label, "median_ms": ms, "batch": B,
+                           "tokens": N, "head_dims": [list(d) for d in dims]}
+                    if variant == "ragged":
+                        row.update(implementation=name, dispatch_default=default)
+                    row.update(achieved(flops, bytes_moved, ms))
+                    rows.append(row)
+                    print(f"ragged_attention {config.label:16s} B={B:<4d} {mode:8s} {variant:13s} {name or '':9s} "
+                          f"{ms:9.3f} ms", flush=True)
+                    del work
+                    release_memory()
+    return rows
+
+
+# -- P3: slim inference --------------------------------------------------------------------------------
+def slim_from_plan(searchable: torch.nn.Module, plan: vitslim.SlimPlan, device: torch.device) -> torch.nn.Module:
+    return vitslim.slim(searchable, plan, fused=True).to(device)
+
+
+def bench_slim_inference(setup: Setup) -> list[dict]:
+    config = setup.slim_model
+    searchable, plan = plan_for(config)
+    torch.manual_seed(PLAN_SEED)
+    dense = timm.create_model(config.name, pretrained=False, **config.overrides).to(setup.device).eval()
+    slim = slim_from_plan(searchable.eval(), plan, setup.device).eval()
+    h, w = dense.patch_embed.img_size
+    rows = []
+    for batch in setup.inference_batches:
+        images = torch.randn(batch, 3, h, w, device=setup.device)
+        timings = {}
+        for variant, model in (("dense", dense), ("slim", slim)):
+            def forward(model=model) -> None:
+                with torch.no_grad(), torch.autocast(setup.device.type, dtype=torch.bfloat16):
+                    model(images)
+            ms = time_ms(forward, setup)
+            macs = vitslim.count_flops(model, batch)
+            timings[variant] = (ms, macs)
+            row = {"batch": batch, "variant": variant, "median_ms": ms, "flops": macs, "flop_unit": "MAC",
+                   **achieved(2 * macs, None, ms)}
+            if variant == "slim":
+                tokens = dense.patch_embed.num_patches + dense.num_prefix_tokens
+                row.update(speedup_vs_dense=timings["dense"][0] / ms, flops_ratio_vs_dense=timings["dense"][1] / macs,
+                           ragged_attention_implementation=_dispatched(  # (its first block's attention)
+                               setup.device, False, (batch, tokens, slim.blocks[0].attn.width)))
+            rows.append(row)
+            print(f"slim_inference   batch {batch:4d} {variant:6s} {ms:9.3f} ms", flush=True)
+        del images
+        release_memory()
+    return rows
+
+
+def _dispatched(device: torch.device, grad: bool, shape: tuple[int, int, int] = (1, 1, 1)) -> str:
+    example = torch.empty(shape, device=device, dtype=torch.bfloat16, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        return next(name for name, why in vitslim_kernels.explain("ragged_attention", example) if why is None)
+
+
+# -- P4: retrain step ----------------------------------------------------------------------------------
+def mask_gates_to_plan(searchable: torch.nn.Module, plan: vitslim.SlimPlan) -> torch.nn.Module:
+    """The paper's retraining: gates fixed to the plan's 0/1 masks (tokens: tanh(raw) = 1 or 0), no gradient."""
+    with torch.no_grad():
+        for gate, block in zip(vitslim.gates(searchable), plan.blocks):
+            attn = torch.zeros_like(gate.attn)
+            for h, kept in enumerate(block.heads):
+                attn[h, list(kept)] = 1.0
+            mlp = torch.zeros_like(gate.mlp)
+            mlp[list(block.mlp)] = 1.0
+            tokens = torch.zeros_like(gate.tokens)
+            tokens[list(block.tokens)] = 20.0  # tanh(20) rounds to 1 in fp32 and bf16
+            gate.attn.copy_(attn)
+            gate.mlp.copy_(mlp)
+            gate.tokens.copy_(tokens)
+            for p in gate.parameters():
+                p.requires_grad_(False)
+    return vitslim.set_implementation(searchable, "eager")
+
+
+def training_step(model: torch.nn.Module, batch: int, device: torch.device) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=device.type == "cuda")
+    h, w = model.patch_embed.img_size
+    g = torch.Generator(device=device).manual_seed(0)
+    images = torch.randn(batch, 3, h, w, device=device, generator=g)
+    labels = torch.randint(0, model.num_classes, (batch,), device=device, generator=g)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def bench_retrain_step(setup: Setup) -> list[dict]:
+    config = setup.slim_model
+    rows = []
+    for variant in ("dense", "slim", "paper_masked"):
+        searchable, plan = plan_for(config)
+        if variant == "dense":
+            torch.manual_seed(PLAN_SEED)
+            model = timm.create_model(config.name, pretrained=False, **config.overrides)
+        elif variant == "slim":
+            model = vitslim.slim(searchable, plan, fused=True)
+        else:
+            model = mask_gates_to_plan(searchable, plan)
+        model = model.to(setup.device).train()
+        macs = vitslim.count_flops(model, setup.train_batch)  # paper_masked: the full model's, all computed
+        ms = time_ms(training_step(model, setup.train_batch, setup.device), setup)
+        row = {"variant": variant, "median_ms": ms, "flops": 3 * macs, "flop_unit": "MAC", "batch": setup.train_batch,
+               **achieved(2 * 3 * macs, None, ms)}
+        if variant == "slim":
+            row["ragged_attention_implementation"] = _dispatched(setup.device, True)
+        rows.append(row)
+        print(f"retrain_step     {variant:12s} {ms:9.3f} ms", flush=True)
+        del model, searchable
+        release_memory()
+    dense_ms = rows[0]["median_ms"]
+    for row in rows[1:]:
+        row["speedup_vs_dense"] = dense_ms / row["median_ms"]
+    slim_row = rows[1]
+    slim_row["speedup_vs_paper_masked"] = rows[2]["median_ms"] / slim_row["median_ms"]
+    slim_row["flops_ratio_vs_dense"] = rows[0]["flops"] / slim_row["flops"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, nothing written")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        setup = DRY_RUN_SETUP
+    elif torch.cuda.is_available():
+        setup = GPU_SETUP
+    else:
+        parser.error("no CUDA GPU: these benchmarks need one (use --dry-run to check the script on CPU)")
+    print("ragged_attention dispatch on this device, small inference / training:",
+          _dispatched(setup.device, False), "/", _dispatched(setup.device, True), flush=True)
+    results = {"ragged_attention": bench_ragged_attention(setup),
+               "slim_inference": bench_slim_inference(setup),
+               "retrain_step": bench_retrain_step(setup)}
+    if args.dry_run:
+        print(f"dry run: {sum(len(r) for r in results.values())} rows computed, nothing written")
+        return 0
+    for name, rows in results.items():
+        print(f"wrote {write_results(name, rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
