@@ -50,6 +50,26 @@ def device_time_ms(fn: Callable[[], object], warmup: int = 10, iters: int = 50) 
     return statistics.median(times)
 
 
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 10, iters: int = 50) -> float:
+    """Median device time (CUDA events) on a GPU; median wall time on the CPU (the scripts' --dry-run)."""
+    if device.type == "cuda":
+        return device_time_ms(fn, warmup=warmup, iters=iters)
+    import time
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on `device`, or None outside autocast."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 def peak_memory_bytes(fn: Callable[[], object]) -> int:
     """Peak CUDA memory allocated during one call of fn(), above what was allocated before it."""
     torch.cuda.synchronize()

@@ -25,20 +25,23 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import time
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import timm
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/<script>.py` from the root
 
-import vitslim
-from vitslim.gates import SparsityWeights
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from .common import achieved, device_time_ms, peak_memory_bytes, write_results
+import vitslim  # noqa: E402
+from vitslim.gates import SparsityWeights  # noqa: E402
+
+from benchmarks.common import achieved, autocast_dtype, peak_memory_bytes, time_ms, write_results
 
 VARIANTS = ("paper_eager", "folded_sdpa", "folded_sdpa_compile", "fused")
 IMPLEMENTATION = {"paper_eager": "eager", "folded_sdpa": "folded", "folded_sdpa_compile": "folded",
@@ -80,20 +83,6 @@ DRY_RUN_ITERATIONS = Iterations(1, 2, 1, 2)
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    """Median device time (CUDA events) on a GPU; median wall time on the CPU (dry run only)."""
-    if device.type == "cuda":
-        return device_time_ms(fn, warmup=warmup, iters=iters)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def peak_mem(fn: Callable[[], object], device: torch.device) -> int | None:
@@ -194,7 +183,7 @@ def _fused_branch_ops(block, kind: str) -> Callable[[torch.Tensor], torch.Tensor
 
         def attn_branch(x: torch.Tensor) -> torch.Tensor:
             u = K.layernorm_token_scale(x, norm.weight, norm.bias, norm.eps, tokens(), R,
-                                        out_dtype=torch.get_autocast_dtype(x.device.type))
+                                        out_dtype=autocast_dtype(x.device))
             return block.ls1(K.gated_attention_branch(u, attn.qkv.weight, attn.qkv.bias, block.gates.attn_per_dim(),
                                                       attn.proj.weight, attn.proj.bias, attn.num_heads, attn.scale))
         return attn_branch
@@ -203,7 +192,7 @@ def _fused_branch_ops(block, kind: str) -> Callable[[torch.Tensor], torch.Tensor
 
     def mlp_branch(x: torch.Tensor) -> torch.Tensor:
         w = K.layernorm_token_scale(x, norm.weight, norm.bias, norm.eps, tokens(), R,
-                                    out_dtype=torch.get_autocast_dtype(x.device.type))
+                                    out_dtype=autocast_dtype(x.device))
         return block.ls2(K.gated_mlp_branch(w, mlp.fc1.weight, mlp.fc1.bias, block.gates.mlp, mlp.fc2.weight,
                                             mlp.fc2.bias, approximate))
     return mlp_branch

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +46,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import vitslim  # noqa: E402
 import vitslim_kernels  # noqa: E402
-from benchmarks.common import achieved, device_time_ms, write_results  # noqa: E402
+from benchmarks.common import achieved, write_results  # noqa: E402
+from benchmarks.common import time_ms as common_time_ms  # noqa: E402
 
 BUDGET = 0.7
 PLAN_SEED = 0
@@ -84,17 +83,7 @@ DRY_RUN_SETUP = Setup(torch.device("cpu"), (ModelConfig("deit_small(tiny)", "dei
 
 # -- timing --------------------------------------------------------------------------------------------
 def time_ms(fn: Callable[[], object], setup: Setup) -> float:
-    """Median device time (CUDA events) on a GPU; median wall time on the CPU (dry run only)."""
-    if setup.device.type == "cuda":
-        return device_time_ms(fn, warmup=setup.warmup, iters=setup.iters)
-    for _ in range(setup.warmup):
-        fn()
-    times = []
-    for _ in range(setup.iters):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return common_time_ms(fn, setup.device, setup.warmup, setup.iters)
 
 
 def release_memory() -> None:
