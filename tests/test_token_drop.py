@@ -330,3 +330,22 @@ def test_training_continues_after_dropping():
     torch.testing.assert_close(frozen(x), ref, rtol=0, atol=1e-12)
     assert len(alive_tokens(frozen)[-1]) < 16
     assert len(searchable_blocks(frozen)) == 3
+
+
+def test_a_model_without_prefix_tokens_never_gets_an_empty_sequence():
+    model = searchable_copy(make_vit("vit_small_patch16_224", class_token=False, global_pool="avg", fc_norm=True))
+    with torch.no_grad():
+        for g in vitslim.gates(model):
+            g.tokens.uniform_(-0.01, 0.01, generator=torch.Generator().manual_seed(0))
+        vitslim.gates(model)[0].tokens[7] = 0.5
+    vitslim.drop_tokens(model, 0.9)  # every gate is below 0.9: block 0 keeps its strongest, and so do the others
+    assert alive_tokens(model) == [[7]] * 3
+    out = model(images_for(model))
+    assert torch.isfinite(out).all()
+    plan = vitslim.threshold(model, 1.0, 1.0, 0.01)
+    assert all(len(b.tokens) == 1 for b in plan.blocks)
+    assert torch.isfinite(vitslim.slim(model, plan)(images_for(model))).all()
+    empty = vitslim.SlimPlan.from_dict({**plan.to_dict(), "blocks": [
+        {**b, "tokens": []} for b in plan.to_dict()["blocks"]]})
+    with pytest.raises(vitslim.PlanMismatchError, match="block 0 keeps no token"):
+        vitslim.slim(model, empty)

@@ -115,6 +115,10 @@ class SlimPlan:
         diff = [f"{k}={want[k]} (model: {have[k]})" for k in want if want[k] != have[k]]
         if diff:
             raise PlanMismatchError("plan does not fit this model: " + ", ".join(diff))
+        empty = [i for i, b in enumerate(self.blocks) if not b.tokens]
+        if self.num_prefix_tokens == 0 and empty:
+            raise PlanMismatchError(f"block {empty[0]} keeps no token, and the model has no prefix token: its "
+                                    "sequence would be empty; keep at least one patch per block")
 
     def summary(self) -> str:
         """A table: kept width of every head, MLP width and tokens per block."""

@@ -44,7 +44,8 @@ def threshold(model: nn.Module, budget_attn: float = 0.7, budget_mlp: float = 0.
     Each kind is ranked over all blocks by gate magnitude (|attn|, |mlp|, |tanh(tokens)|). Tokens dropped
     during the search (vitslim.drop_tokens) rank as importance 0 and are never kept; budget_tokens stays
     a fraction of all patch slots. Kept tokens are then made monotone: a patch kept by a deeper block is
-    kept by every shallower one (where it is alive too, since dropping is monotone).
+    kept by every shallower one (where it is alive too, since dropping is monotone). A model without prefix
+    tokens keeps at least its strongest patch in every block.
     """
     budgets = {"attn": check_budget("budget_attn", budget_attn),
                "mlp": check_budget("budget_mlp", budget_mlp),
@@ -58,7 +59,12 @@ def threshold(model: nn.Module, budget_attn: float = 0.7, budget_mlp: float = 0.
     keep_attn = global_keep([cpu(g.attn).abs() for g in gates], budgets["attn"])      # each like g.attn
     keep_mlp = global_keep([cpu(g.mlp).abs() for g in gates], budgets["mlp"])
     alive = [b.token_alive.detach().cpu() for b in blocks]
-    keep_tok = global_keep([cpu(g.tokens).tanh().abs() for g in gates], budgets["tokens"], eligible=alive)
+    tok_importance = [cpu(g.tokens).tanh().abs() for g in gates]
+    keep_tok = global_keep(tok_importance, budgets["tokens"], eligible=alive)
+    if arch.num_prefix_tokens == 0:  # no class token: an empty sequence would have nothing to pool
+        for keep, imp, ok in zip(keep_tok, tok_importance, alive):
+            if not keep.any() and ok.any():
+                keep[imp.masked_fill(~ok, -1.0).argmax()] = True
     for i in range(len(keep_tok) - 2, -1, -1):  # monotone: deeper keeps imply shallower keeps
         keep_tok[i] = keep_tok[i] | keep_tok[i + 1]
 

@@ -39,7 +39,12 @@ def drop_tokens(model: nn.Module, eps: float) -> int:
         alive = block.token_alive
         # Compared in float64, as threshold ranks the same values.
         small = block.gates.tokens.detach().to(torch.float64).tanh().abs() < eps
-        gone = (~alive | small.to(alive.device)) if gone is None else (gone | ~alive | small.to(alive.device))
+        present = alive if gone is None else alive & ~gone  # in this block's input after earlier drops
+        gone = ~present | small.to(alive.device)
+        if block.num_prefix_tokens == 0 and gone.all() and present.any():
+            # No class token: keep the strongest present patch so the sequence is never empty.
+            strongest = block.gates.tokens.detach().abs().masked_fill(~present, -1.0).argmax()
+            gone[strongest] = False
         dropped += int((alive & gone).sum())
         alive.copy_(~gone)
     sync_token_inputs(model)
