@@ -1,16 +1,6 @@
-"""Triton ragged attention against the reference: outputs and dq, dk, dv, run by Triton's interpreter on CPU.
-
-Triton reads TRITON_INTERPRET once, when it is imported: from then on every @triton.jit function, its own
-library (tl.max, tl.cdiv, ...) included, is interpreted or compiled for the whole process. When this process
-imported triton with it (TRITON_INTERPRET=1 for the whole run), the CPU tests below run here. Otherwise (the
-usual `pytest tests/`: the conftest imports timm, which imports triton) they are skipped here and
-`test_cpu_tests_under_the_interpreter` reruns this file in a fresh process with TRITON_INTERPRET=1, so the
-variable never leaks into other test files, which keep sending CPU tensors to the reference.
-"""
+"""Triton ragged attention against the reference: outputs and dq, dk, dv, run by Triton's interpreter on CPU
+(in a fresh process when this one imported triton compiled: see tests/kernels/interpreter.py)."""
 import importlib
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -18,12 +8,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
 from vitslim_kernels import explain, ragged_attention, ragged_attention_ref, select  # noqa: E402
 
-INTERPRETED = isinstance(triton.language.cdiv, InterpretedFunction)  # how this process imported triton
-_CHILD_FLAG = "VITSLIM_TEST_INTERPRETER_CHILD"
+from .interpreter import INTERPRETED, rerun_under_interpreter, require_interpreter  # noqa: E402
 
 SCALE = 64 ** -0.5  # a pruned head keeps its original width's scale (DESIGN.md section 4)
 
@@ -38,26 +25,12 @@ FLOOR_EPS = {torch.float32: 32, torch.float16: 4, torch.bfloat16: 4}
 
 @pytest.fixture(autouse=True)
 def triton_interpreter(request, monkeypatch):
-    """CPU tests: run only where triton was imported interpreted; TRITON_INTERPRET=1 set for each of them."""
-    if "gpu" in request.keywords or request.node.name == "test_cpu_tests_under_the_interpreter":
-        return
-    if not INTERPRETED:
-        if os.environ.get(_CHILD_FLAG) == "1":
-            pytest.fail("TRITON_INTERPRET=1 was set for this process, yet triton was imported compiled")
-        pytest.skip("triton was imported without TRITON_INTERPRET=1; test_cpu_tests_under_the_interpreter "
-                    "runs this test in a fresh process")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    require_interpreter(request, monkeypatch)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the CPU tests run in this process")
 def test_cpu_tests_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_FLAG: "1"})
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not gpu",
-                           "-k", "not test_cpu_tests_under_the_interpreter"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    assert proc.returncode == 0 and " passed" in summary and "skipped" not in summary, \
-        f"interpreter run failed ({summary!r}):\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    rerun_under_interpreter(__file__)
 
 
 @pytest.fixture

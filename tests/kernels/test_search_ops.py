@@ -9,24 +9,18 @@ and `test_cpu_tests_under_the_interpreter` reruns this file in a fresh process w
 import contextlib
 import functools
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
 from vitslim_kernels import (explain, gated_attention_branch, gated_attention_branch_ref,  # noqa: E402
                              gated_gelu_linear, gated_gelu_linear_ref, gated_linear, gated_linear_ref,
                              gated_mlp_branch, gated_mlp_branch_ref, layernorm_token_scale,
                              layernorm_token_scale_ref, select)
 
-INTERPRETED = isinstance(triton.language.cdiv, InterpretedFunction)  # how this process imported triton
-_CHILD_FLAG = "VITSLIM_TEST_INTERPRETER_CHILD"
+from .interpreter import INTERPRETED, rerun_under_interpreter, require_interpreter  # noqa: E402
 
 EPS = 1e-6
 KERNEL_MODULES = ("vitslim_kernels.triton.layernorm_token_scale", "vitslim_kernels.triton.gated_linear",
@@ -48,26 +42,12 @@ FLOOR_EPS = {torch.float32: 8, torch.float16: 4, torch.bfloat16: 4}
 
 @pytest.fixture(autouse=True)
 def triton_interpreter(request, monkeypatch):
-    """CPU tests: run only where triton was imported interpreted; TRITON_INTERPRET=1 set for each of them."""
-    if "gpu" in request.keywords or request.node.name == "test_cpu_tests_under_the_interpreter":
-        return
-    if not INTERPRETED:
-        if os.environ.get(_CHILD_FLAG) == "1":
-            pytest.fail("TRITON_INTERPRET=1 was set for this process, yet triton was imported compiled")
-        pytest.skip("triton was imported without TRITON_INTERPRET=1; test_cpu_tests_under_the_interpreter "
-                    "runs this test in a fresh process")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    require_interpreter(request, monkeypatch)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the CPU tests run in this process")
 def test_cpu_tests_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_FLAG: "1"})
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not gpu",
-                           "-k", "not test_cpu_tests_under_the_interpreter"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    assert proc.returncode == 0 and " passed" in summary and "skipped" not in summary, \
-        f"interpreter run failed ({summary!r}):\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    rerun_under_interpreter(__file__)
 
 
 @pytest.fixture

@@ -35,6 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import alloc as _alloc
+from ._common import check_device, interpreter_agrees
+
 from ..ops.gated_linear import check_gated_gelu_linear_args, check_gated_linear_args, compute_dtype
 
 
@@ -203,27 +206,11 @@ def _gated_gelu_linear_bwd_kernel(
 # Host side
 # ---------------------------------------------------------------------------------------------------------
 
-def _alloc(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Every buffer a kernel writes comes from here (tests swap in a NaN-filled one to prove full coverage)."""
-    return torch.empty(tuple(shape), dtype=dtype or like.dtype, device=like.device)
-
-
-def _interpreted(kernel) -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(kernel, InterpretedFunction)
-
-
-_INTERPRETED = _interpreted(_gated_linear_fwd_kernel)
-if _INTERPRETED != _interpreted(tl.cdiv):
-    raise ImportError(
-        f"TRITON_INTERPRET changed between importing triton ({'=1' if _interpreted(tl.cdiv) else 'unset'}) and "
-        f"{__name__} ({'=1' if _INTERPRETED else 'unset'}); set it before anything imports triton")
+_INTERPRETED = interpreter_agrees(_gated_linear_fwd_kernel, __name__)
 
 
 def _check_device(t: torch.Tensor) -> None:
-    if t.device.type == "cpu" and not _INTERPRETED:
-        raise RuntimeError("gated linear epilogues: CPU tensors run the Triton kernels only in Triton's "
-                           "interpreter; set TRITON_INTERPRET=1 before anything imports triton")
+    check_device(t, "gated linear epilogues", _INTERPRETED)
 
 
 @functools.lru_cache(maxsize=16)

@@ -26,6 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import alloc as _alloc
+from ._common import check_device, interpreter_agrees
+
 from ..ops.ragged_attention import check_ragged_args
 
 _MIN_BLOCK_D = 16  # tl.dot needs every dimension >= 16 on NVIDIA GPUs
@@ -248,11 +251,6 @@ def _ragged_attention_bwd_kernel(
 # Host side
 # ---------------------------------------------------------------------------------------------------------
 
-def _alloc(shape: Sequence[int], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Every buffer a kernel writes comes from here (tests swap in a NaN-filled one to prove full coverage)."""
-    return torch.empty(tuple(shape), dtype=dtype or like.dtype, device=like.device)
-
-
 @functools.lru_cache(maxsize=256)
 def _head_table(head_dims: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """(3, H) int32 on `device`: column offset, width and padded width of every head with width > 0."""
@@ -271,25 +269,11 @@ def _log2_dmax(head_dims: Sequence[int]) -> int:
     return max(_MIN_BLOCK_D, triton.next_power_of_2(max(head_dims))).bit_length() - 1
 
 
-def _interpreted(kernel) -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(kernel, InterpretedFunction)
-
-
-# Triton decides once, at import, whether @triton.jit gives interpreted or compiled functions (TRITON_INTERPRET,
-# read by triton itself and again by @triton.jit here): its own library (tl.max, tl.cdiv, ...) and these
-# kernels must agree, or the kernels fail deep inside Triton. Dispatch checks the same before loading this.
-_INTERPRETED = _interpreted(_ragged_attention_fwd_kernel)
-if _INTERPRETED != _interpreted(tl.cdiv):
-    raise ImportError(
-        f"TRITON_INTERPRET changed between importing triton ({'=1' if _interpreted(tl.cdiv) else 'unset'}) and "
-        f"{__name__} ({'=1' if _INTERPRETED else 'unset'}); set it before anything imports triton")
+_INTERPRETED = interpreter_agrees(_ragged_attention_fwd_kernel, __name__)
 
 
 def _check_device(t: torch.Tensor) -> None:
-    if t.device.type == "cpu" and not _INTERPRETED:
-        raise RuntimeError("ragged_attention: CPU tensors run the Triton kernels only in Triton's interpreter; "
-                           "set TRITON_INTERPRET=1 before anything imports triton")
+    check_device(t, "ragged_attention", _INTERPRETED)
 
 
 def _dot_precision(t: torch.Tensor) -> str:
