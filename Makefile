@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/kernels/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel ninja
 	$(PY) -m pip install --quiet torch torchvision
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,demo]"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
 setup: $(STAMP)
