@@ -6,6 +6,7 @@ returns the first that can, in order of preference, and `explain` lists every de
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -51,6 +52,11 @@ def _imported_triton_interprets() -> bool | None:
     return type(tl.cdiv).__name__ == "InterpretedFunction"
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None  # asked on every fused block call: look once
+
+
 def triton_unavailable(example: torch.Tensor) -> str | None:
     """None if the Triton kernels can run on tensors like `example`, else why not (read at call time)."""
     if example.device.type == "cpu":
@@ -60,7 +66,7 @@ def triton_unavailable(example: torch.Tensor) -> str | None:
         return f"{example.device.type} tensor: Triton runs on CUDA, or on CPU with TRITON_INTERPRET=1"
     if example.dtype not in _TRITON_DTYPES:
         return f"dtype {example.dtype} is not supported by the Triton kernels (float32, float16, bfloat16 are)"
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "triton is not installed"
     interprets = _imported_triton_interprets()
     if interprets is not None and interprets != interpreter_enabled():
