@@ -24,9 +24,10 @@ _ACTIVATIONS = ("gelu", "gelu_tanh")
 
 def _timm():
     # Imported lazily: vitslim_kernels users that never touch timm models pay nothing for it.
-    from timm.layers import Attention, LayerNorm, LayerScale, Mlp, PatchEmbed
+    from timm.layers import LayerNorm
     from timm.models.deit import VisionTransformerDistilled
-    from timm.models.vision_transformer import Block, VisionTransformer
+    # Imported from vision_transformer, which defines them in older timm and re-exports them in newer timm.
+    from timm.models.vision_transformer import Attention, Block, LayerScale, Mlp, PatchEmbed, VisionTransformer
 
     return dict(Attention=Attention, LayerNorm=LayerNorm, LayerScale=LayerScale, Mlp=Mlp,
                 PatchEmbed=PatchEmbed, VisionTransformer=VisionTransformer,
