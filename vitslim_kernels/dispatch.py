@@ -6,7 +6,6 @@ returns the first that can, in order of preference, and `explain` lists every de
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import sys
@@ -52,9 +51,15 @@ def _imported_triton_interprets() -> bool | None:
     return type(tl.cdiv).__name__ == "InterpretedFunction"
 
 
-@functools.lru_cache(maxsize=1)
+_TRITON_INSTALLED: bool | None = None
+
+
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None  # asked on every fused block call: look once
+    """Looked up once: asked on every fused block call (a plain global, which torch.compile traces quietly)."""
+    global _TRITON_INSTALLED
+    if _TRITON_INSTALLED is None:
+        _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def triton_unavailable(example: torch.Tensor) -> str | None:
