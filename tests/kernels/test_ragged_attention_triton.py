@@ -11,6 +11,7 @@ triton = pytest.importorskip("triton")
 from vitslim_kernels import explain, ragged_attention, ragged_attention_ref, select  # noqa: E402
 
 from .interpreter import INTERPRETED, rerun_under_interpreter, require_interpreter  # noqa: E402
+from .tolerance import assert_within_spec  # noqa: E402
 
 SCALE = 64 ** -0.5  # a pruned head keeps its original width's scale (DESIGN.md section 4)
 
@@ -47,11 +48,7 @@ def poisoned(monkeypatch, kernels):
 
 
 def _assert_within_spec(name, got, ref_same_dtype, expected):
-    assert not torch.isnan(got).any(), f"{name}: NaN left (an element the kernel never wrote?)"
-    err = (got.double() - expected).abs().max().item()
-    ref_err = (ref_same_dtype.double() - expected).abs().max().item()
-    bound = 2 * ref_err + FLOOR_EPS[got.dtype] * torch.finfo(got.dtype).eps * max(expected.abs().max().item(), 1.0)
-    assert err <= bound, f"{name}: kernel error {err:.3g} > bound {bound:.3g} (reference error {ref_err:.3g})"
+    assert_within_spec(name, got, ref_same_dtype, expected, FLOOR_EPS[got.dtype], got.dtype)
 
 
 def _run(fn, qkv, grad_out, head_dims, dtype, layout):
