@@ -78,12 +78,16 @@ def budget_type(name: str) -> Callable[[str], float]:
     return parse
 
 
+def _number(name: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+
+
 def non_negative(name: str) -> Callable[[str], float]:
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        value = _number(name, text)
         if not value >= 0.0:  # also refuses nan
             raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {text!r}")
         return value
@@ -93,10 +97,7 @@ def non_negative(name: str) -> Callable[[str], float]:
 def fraction(name: str) -> Callable[[str], float]:
     """A number in [0, 1)."""
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        value = _number(name, text)
         if not 0.0 <= value < 1.0:
             raise argparse.ArgumentTypeError(f"{name} must be in [0, 1), got {text!r}")
         return value

@@ -25,7 +25,7 @@ from .threshold import threshold
 DEFAULTS = {
     "epochs": (300, 30), "batch_size": (128, 64), "mixup": (0.8, 0.0), "cutmix": (1.0, 0.0),
     "smoothing": (0.1, 0.0), "reprob": (0.25, 0.0), "drop_path": (0.1, 0.0), "warmup_epochs": (5, 2),
-    "model_ema_decay": (None, None),
+    "model_ema_decay": (None, None), "lr": (None, 1e-3),  # None: 5e-4 x global batch / 512
 }
 
 
@@ -155,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise UserError(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
     train_loader, val_loader, sampler = loaders(data, args.batch_size, dist, args.seed, args.workers)
-    lr = args.lr if args.lr is not None else 5e-4 * args.batch_size * dist.world_size / 512
-    if embedded and args.lr is None:
-        lr = 1e-3
+    lr = args.lr if args.lr is not None else 5e-4 * args.batch_size * dist.world_size / 512  # DeiT's scaling
     recipe = Recipe(epochs=args.epochs, lr=lr, weight_decay=args.weight_decay, sched="cosine",
                     warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, clip_grad=args.clip_grad,
                     ema_decay=args.model_ema_decay, mixup=args.mixup, cutmix=args.cutmix,

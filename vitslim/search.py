@@ -104,12 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     model = cli.create_model(args.model, args.pretrained, args.checkpoint, drop_path_rate=args.drop_path,
                              **({"num_classes": 10} if embedded else {}))
     arch = describe(model)  # refuses unsupported models before any data is read
+    mean, std = _mean_std(model, embedded)
     if embedded:
         data = embedded_digits()
     else:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        data = image_folders(args.data_path, arch.img_size[0], cfg.get("mean", (0.485, 0.456, 0.406)),
-                             cfg.get("std", (0.229, 0.224, 0.225)),
+        data = image_folders(args.data_path, arch.img_size[0], mean, std,
                              Augment(rand_augment=args.aa, reprob=args.reprob))
     if data.num_classes != arch.num_classes:
         model.reset_classifier(data.num_classes)
@@ -172,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
     extra = {"arch": arch.to_dict(), "search": args.search, "model_name": args.model, "dense_eval": dense_eval,
              "dense_weights": str(dense_file.resolve()), "data": data.description, "embedded": embedded,
-             "mean_std": list(map(list, _mean_std(model, embedded)))}
+             "mean_std": [list(mean), list(std)]}
     trainer = Trainer(model, recipe, train_loader, val_loader, sampler, dist, out, data.num_classes, loss_fn,
                       penalty=weights.penalty, epoch_end=epoch_end, checkpoint_extra=extra,
                       progress=args.progress, name="search")
