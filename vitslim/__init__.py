@@ -4,7 +4,7 @@ search -> threshold -> slim on timm Vision Transformers. See DESIGN.md for the s
 """
 from .arch import UnsupportedModelError, ViTArch
 from .counting import count_flops, count_params
-from .export import SlimFileError, load_slim, save_slim
+from .saving import SlimFileError, load_slim, save_slim
 from .gates import BlockGates, gates, sparsity_losses
 from .plan import BlockPlan, PlanMismatchError, SlimPlan
 from .searchable import SearchableBlock, make_searchable, set_implementation

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .arch import UnsupportedModelError
-from .export import SlimFileError
+from .saving import SlimFileError
 from .plan import PlanMismatchError
 from .threshold import check_budget
 

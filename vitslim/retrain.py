@@ -15,7 +15,7 @@ from . import cli
 from .arch import ViTArch, build
 from .cli import ArgumentParser, UserError
 from .counting import count_flops
-from .export import save_slim
+from .saving import save_slim
 from .plan import SlimPlan
 from .searchable import make_searchable
 from .slim import slim

@@ -1,4 +1,7 @@
-"""Save and load slim models: a folder with model.safetensors and config.json (arch + plan). No pickle."""
+"""Save and load slim models: a folder with model.safetensors and config.json (arch + plan). No pickle.
+
+(Deployment formats, ONNX and torch.export, are in vitslim.export.)
+"""
 from __future__ import annotations
 
 import json
