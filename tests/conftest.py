@@ -7,3 +7,27 @@ from .tiny_models import VARIANTS
 def variant(request):
     """(timm name, overrides) of each supported ViT family, tiny."""
     return VARIANTS[request.param]
+
+
+
+def _stack() -> str:
+    import platform
+
+    import numpy
+    import timm
+    import torch
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return (f"vitslim test stack: python {platform.python_version()}, torch {torch.__version__}, "
+            f"triton {triton_version}, timm {timm.__version__}, numpy {numpy.__version__}")
+
+
+def pytest_sessionstart(session):
+    """Print the versions this run tests, -q included, so a CI log says what it proved."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(_stack())
