@@ -14,7 +14,7 @@ from torch import nn
 
 from .arch import ViTArch
 from .plan import SlimPlan
-from .slim import build_slim, set_fused
+from .slim import build_slim, set_fused, set_pretrained_cfg
 
 FORMAT = "vitslim-slim"
 FORMAT_VERSION = 1
@@ -36,6 +36,22 @@ def _atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
+def _json_cfg(cfg: dict) -> dict:
+    """timm's pretrained_cfg as JSON: entries that are not plain data (a state dict, a callable) are left out."""
+    def plain(v) -> bool:
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return True
+        if isinstance(v, (list, tuple)):
+            return all(plain(e) for e in v)
+        return isinstance(v, dict) and all(isinstance(k, str) and plain(e) for k, e in v.items())
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if plain(v)}
+
+
+def _cfg_from_json(cfg: dict) -> dict:
+    # timm keeps sizes and mean/std as tuples; JSON gave lists back.
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+
+
 def save_slim(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write `model` (from vitslim.slim or load_slim) to the folder `path`; returns the folder."""
     from safetensors.torch import save_file
@@ -50,6 +66,9 @@ def save_slim(model: nn.Module, path: str | os.PathLike) -> Path:
     token_scale = any(k.endswith(".token_scale") for k in state)
     config = {"format": FORMAT, "version": FORMAT_VERSION, "arch": arch.to_dict(), "plan": plan.to_dict(),
               "token_scale": token_scale}
+    cfg = getattr(model, "pretrained_cfg", None)
+    if cfg:
+        config["pretrained_cfg"] = _json_cfg(cfg)
     _atomic_write(folder / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
     _atomic_write(folder / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1)))
     return folder
@@ -99,4 +118,9 @@ def load_slim(path: str | os.PathLike, device: str | torch.device = "cpu", fused
     model.to(dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
     model.load_state_dict(state, strict=True)
     set_fused(model, fused)
+    cfg = config.get("pretrained_cfg")
+    if cfg is not None:
+        if not isinstance(cfg, dict):
+            raise SlimFileError(f"{config_file}: pretrained_cfg must be a JSON object, got {type(cfg).__name__}")
+        set_pretrained_cfg(model, _cfg_from_json(cfg))
     return model.to(device).eval()

@@ -27,6 +27,7 @@ from torch import nn
 
 from .arch import activation_name, describe
 from .gates import BlockGates, check_search_mode
+from .intermediates import install_checked_forward_intermediates
 
 IMPLEMENTATIONS = ("eager", "folded", "fused")
 
@@ -262,6 +263,7 @@ def make_searchable(model: nn.Module, search: str = "dims", fused: bool = False)
         model.blocks[i] = SearchableBlock(block, search, arch.num_prefix_tokens, arch.num_patches,
                                           implementation)
     model.register_load_state_dict_post_hook(_sync_token_inputs_after_load)
+    install_checked_forward_intermediates(model)  # drop_tokens shortens later blocks
     return model
 
 

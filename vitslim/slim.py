@@ -6,6 +6,7 @@ remains: every removed weight is gone.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 import vitslim_kernels
 
 from .arch import ViTArch, build, describe
+from .intermediates import install_checked_forward_intermediates
 from .plan import SlimPlan
 from .searchable import describe_searchable, is_searchable, searchable_blocks
 
@@ -85,6 +87,7 @@ class SlimBlock(nn.Module):
                                   attn.attn_drop.p, attn.proj_drop.p)
         self.mlp = SlimMlp(arch.embed_dim, mlp_hidden, mlp.act, arch.proj_bias, mlp.drop1.p)
         self.num_prefix_tokens = arch.num_prefix_tokens
+        self.num_patches_out = num_kept_patches
         # Derived from the plan, so not saved: load_slim rebuilds it.
         self.register_buffer("gather_index", gather_index, persistent=False)
         self.register_buffer("token_scale", torch.ones(num_kept_patches) if token_scale else None)
@@ -130,7 +133,17 @@ def build_slim(arch: ViTArch, plan: SlimPlan, token_scale: bool) -> nn.Module:
                                     token_scale)
     model.slim_plan = plan
     model.slim_arch = arch
+    install_checked_forward_intermediates(model)
     return model
+
+
+def set_pretrained_cfg(model: nn.Module, cfg: dict | None) -> None:
+    """Give `model` timm's pretrained_cfg (and its old alias default_cfg): input size, mean/std, crop,
+    interpolation, ... so timm.data.resolve_data_config(model=model) preprocesses as for the dense model."""
+    if cfg is None:
+        return
+    model.pretrained_cfg = copy.deepcopy(dict(cfg))
+    model.default_cfg = model.pretrained_cfg
 
 
 def _qkv_rows(plan_heads: tuple[tuple[int, ...], ...], head_dim: int) -> tuple[list[int], list[int]]:
@@ -189,7 +202,8 @@ def slim(model: nn.Module, plan: SlimPlan, fold_gates: bool = False, fused: bool
     computes what the search model computes with pruned entries zeroed and pruned tokens removed.
     fused: let dispatch pick the fastest ragged-attention implementation for the device (kernels where
     available); False keeps the plain PyTorch reference.
-    The search model is left unchanged; the slim model is on its device and dtype, in its train/eval mode.
+    The search model is left unchanged; the slim model is on its device and dtype, in its train/eval mode,
+    and carries its timm pretrained_cfg (so timm.data.resolve_data_config gives the same preprocessing).
     """
     if not isinstance(plan, SlimPlan):
         raise TypeError(f"plan must be a SlimPlan (see vitslim.threshold or SlimPlan.from_dict), "
@@ -202,6 +216,7 @@ def slim(model: nn.Module, plan: SlimPlan, fold_gates: bool = False, fused: bool
     # Cast before loading: loading float64 weights into the float32 skeleton would round them.
     slim_model = build_slim(arch, plan, token_scale=fold_gates).to(device=param.device, dtype=param.dtype)
     slim_model.load_state_dict(_slim_state_dict(model, plan, fold_gates), strict=True)
+    set_pretrained_cfg(slim_model, getattr(model, "pretrained_cfg", None))
     slim_model.train(model.training)
     return set_fused(slim_model, fused)
 
