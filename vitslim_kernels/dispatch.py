@@ -51,14 +51,12 @@ def _imported_triton_interprets() -> bool | None:
     return type(tl.cdiv).__name__ == "InterpretedFunction"
 
 
-_TRITON_INSTALLED: bool | None = None
+# Looked up at import (find_spec imports nothing and touches no device): torch.compile traces a plain global
+# quietly, while torch 2.11's dynamo refuses to trace find_spec on a first call inside a compiled function.
+_TRITON_INSTALLED: bool = importlib.util.find_spec("triton") is not None
 
 
 def _triton_installed() -> bool:
-    """Looked up once: asked on every fused block call (a plain global, which torch.compile traces quietly)."""
-    global _TRITON_INSTALLED
-    if _TRITON_INSTALLED is None:
-        _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
     return _TRITON_INSTALLED
 
 
