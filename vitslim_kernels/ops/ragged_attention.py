@@ -50,6 +50,72 @@ def ragged_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     return out
 
 
+def _head_slices(head_dims: Sequence[int]) -> list[slice]:
+    """The columns of every head of non-zero width, in order."""
+    slices, offset = [], 0
+    for w in head_dims:
+        if w > 0:
+            slices.append(slice(offset, offset + w))
+        offset += w
+    return slices
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float32 if t.element_size() < 4 else t.dtype  # fp16/bf16 math in fp32, as the kernels do
+
+
+def _cat_heads(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The per-head (B, N, w) pieces packed back into (B, N, D) like `like` (zero-width heads own no column)."""
+    if not parts:
+        return like.new_zeros(like.shape)
+    return torch.cat(parts, dim=-1).to(like.dtype)
+
+
+def ragged_attention_fwd_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int],
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the op vitslim::ragged_attention_fwd returns, in plain PyTorch: (o, lse).
+
+    o: (B, N, D) like q. lse: (B, H_kept, N) float32, the natural logsumexp over keys of the scaled scores
+    q_h k_h^T * scale of each query row, one row per head of non-zero width (the saved statistic of the
+    backward). Math in float32 for fp16/bf16 inputs, else in the input dtype.
+    """
+    dtype = _compute_dtype(q)
+    outs, lses = [], []
+    for cols in _head_slices(head_dims):
+        qh, kh, vh = (t[..., cols].to(dtype) for t in (q, k, v))
+        scores = (qh @ kh.transpose(-2, -1)) * scale                                        # (B, N, N)
+        lse = torch.logsumexp(scores, dim=-1)                                               # (B, N)
+        outs.append(torch.exp(scores - lse.unsqueeze(-1)) @ vh)
+        lses.append(lse.to(torch.float32))
+    B, N, _ = q.shape
+    lse = torch.stack(lses, dim=1) if lses else q.new_zeros((B, 0, N), dtype=torch.float32)
+    return _cat_heads(outs, q), lse
+
+
+def ragged_attention_bwd_ref(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             o: torch.Tensor, lse: torch.Tensor, head_dims: Sequence[int], scale: float
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the op vitslim::ragged_attention_bwd returns, as an explicit function of ALL its inputs:
+    (dq, dk, dv), each (B, N, D) like q.
+
+    Per kept head h, with S = q_h k_h^T * scale: P = exp(S - lse_h), delta = rowsum(dO_h * O_h),
+    dS = P * (dO_h v_h^T - delta), dq_h = dS k_h * scale, dk_h = dS^T q_h * scale, dv_h = P^T dO_h.
+    At o and lse of the forward this is the gradient of attention; as a function of o and lse too it is what
+    the kernel computes, so its derivatives are those of the op (double backward).
+    """
+    dtype = _compute_dtype(q)
+    dqs, dks, dvs = [], [], []
+    for h, cols in enumerate(_head_slices(head_dims)):
+        doh, qh, kh, vh, oh = (t[..., cols].to(dtype) for t in (do, q, k, v, o))
+        p = torch.exp((qh @ kh.transpose(-2, -1)) * scale - lse[:, h].to(dtype).unsqueeze(-1))  # (B, N, N)
+        delta = (doh * oh).sum(-1, keepdim=True)                                             # (B, N, 1)
+        ds = p * (doh @ vh.transpose(-2, -1) - delta)
+        dqs.append((ds @ kh) * scale)
+        dks.append((ds.transpose(-2, -1) @ qh) * scale)
+        dvs.append(p.transpose(-2, -1) @ doh)
+    return _cat_heads(dqs, q), _cat_heads(dks, q), _cat_heads(dvs, q)
+
+
 def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int],
                      scale: float, dropout_p: float = 0.0, *, implementation: str | None = None
                      ) -> torch.Tensor:

@@ -29,7 +29,7 @@ import triton.language as tl
 from ._common import alloc as _alloc
 from ._common import check_device, interpreter_agrees
 
-from ..ops.ragged_attention import check_ragged_args
+from ..ops.ragged_attention import check_ragged_args, ragged_attention_bwd_ref, ragged_attention_fwd_ref
 
 _MIN_BLOCK_D = 16  # tl.dot needs every dimension >= 16 on NVIDIA GPUs
 
@@ -276,6 +276,12 @@ def _check_device(t: torch.Tensor) -> None:
     check_device(t, "ragged_attention", _INTERPRETED)
 
 
+def _reference_on(t: torch.Tensor) -> bool:
+    """CPU tensors without the interpreter: the op computes the reference math in plain PyTorch, so it runs
+    (and torch.export / ONNX export of a fused slim model trace it) on CPU too."""
+    return t.device.type == "cpu" and not _INTERPRETED
+
+
 def _dot_precision(t: torch.Tensor) -> str:
     # fp32 inputs follow torch's matmul setting (TF32 off by default), as the reference's matmuls do; fp16/bf16
     # keep Triton's default (the precision only applies to fp32 operands).
@@ -301,6 +307,8 @@ def _bwd_config(interpret: bool) -> tuple[dict, dict]:
 
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int], scale: float
          ) -> tuple[torch.Tensor, torch.Tensor]:
+    if _reference_on(q):
+        return ragged_attention_fwd_ref(q, k, v, head_dims, scale)
     B, N, D = q.shape
     dims = tuple(int(w) for w in head_dims)
     table = _head_table(dims, q.device)
@@ -327,6 +335,8 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[
 def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
          lse: torch.Tensor, head_dims: Sequence[int], scale: float
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _reference_on(q):
+        return ragged_attention_bwd_ref(do, q, k, v, o, lse, head_dims, scale)
     B, N, D = q.shape
     dims = tuple(int(w) for w in head_dims)
     table = _head_table(dims, q.device)
