@@ -36,6 +36,23 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreter_broken() -> str | None:
+    """Why the installed triton's interpreter cannot run our kernels, or None. Seen: triton 3.6's interpreter
+    with numpy 2.4 fails every kernel with "TypeError: only 0-dimensional arrays can be converted to Python
+    scalars"; triton 3.8 with numpy 2.4 works."""
+    import importlib.metadata as md
+
+    try:
+        triton_version, numpy_version = md.version("triton"), md.version("numpy")
+    except md.PackageNotFoundError:
+        return None
+    major_minor = lambda v: tuple(int(p) for p in v.split(".")[:2])  # noqa: E731
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (f"triton {triton_version}'s interpreter (TRITON_INTERPRET=1) fails with numpy {numpy_version}; "
+                f"it needs numpy < 2.4 (or triton >= 3.7)")
+    return None
+
+
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -60,11 +77,17 @@ def _triton_installed() -> bool:
     return _TRITON_INSTALLED
 
 
+_INTERPRETER_BROKEN: str | None = interpreter_broken()  # package metadata only: no import, no device
+
+
 def triton_unavailable(example: torch.Tensor) -> str | None:
     """None if the Triton kernels can run on tensors like `example`, else why not (read at call time)."""
     if example.device.type == "cpu":
         if not interpreter_enabled():
             return "CPU tensor and TRITON_INTERPRET is not 1"
+        broken = _INTERPRETER_BROKEN
+        if broken:
+            return broken
     elif example.device.type != "cuda":
         return f"{example.device.type} tensor: Triton runs on CUDA, or on CPU with TRITON_INTERPRET=1"
     if example.dtype not in _TRITON_DTYPES:
