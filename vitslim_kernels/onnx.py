@@ -1,0 +1,80 @@
+"""ONNX translations of the vitslim custom ops, for `torch.onnx.export(..., dynamo=True)`.
+
+    torch.onnx.export(model, (x,), dynamo=True, custom_translation_table=vitslim_kernels.onnx.translation_table())
+
+Only the inference op has one: `vitslim::ragged_attention_fwd` becomes per-head attention in standard ONNX
+ops (opset 18: Slice, MatMul, Mul, Softmax, ReduceLogSumExp, Concat), so any ONNX runtime runs the model;
+zero-width heads produce no node. onnxscript (which torch's exporter needs too) is imported when a table is
+asked for, not when this module is imported.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def _onnxscript():
+    try:
+        import onnxscript
+        from onnxscript import ir
+        from onnxscript.onnx_opset import opset18
+    except ImportError as e:
+        raise ImportError(f"ONNX export needs onnx and onnxscript (pip install onnx onnxscript): {e}") from None
+    return onnxscript, ir, opset18
+
+
+def _ragged_attention_fwd(q, k, v, head_dims: list[int], scale: float):
+    """ONNX graph of vitslim::ragged_attention_fwd: (o (B, N, D) like q, lse (B, H_kept, N) float32).
+
+    Traced by torch's exporter: q, k, v are graph values, head_dims and scale plain Python values. Scores,
+    softmax and lse are computed in float32 for float16/bfloat16 inputs, in the input dtype otherwise (as the
+    reference, vitslim_kernels.ragged_attention_ref, does).
+    """
+    _, ir, op = _onnxscript()
+    half = q.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    outputs, lses, offset = [], [], 0
+    for w in head_dims:
+        if w > 0:
+            start, end, axis = (op.Constant(value_ints=[c]) for c in (offset, offset + w, -1))
+            qh, kh, vh = (op.Slice(t, start, end, axis) for t in (q, k, v))              # (B, N, w)
+            scores = op.MatMul(qh, op.Transpose(kh, perm=[0, 2, 1]))                      # (B, N, N)
+            scores = op.Cast(scores, to=ir.DataType.FLOAT) if half else scores
+            scores = op.Mul(scores, op.CastLike(op.Constant(value_float=float(scale)), scores))
+            probs = op.CastLike(op.Softmax(scores, axis=-1), q)
+            outputs.append(op.MatMul(probs, vh))                                          # (B, N, w)
+            lse = op.ReduceLogSumExp(scores, op.Constant(value_ints=[-1]), keepdims=1)    # (B, N, 1)
+            lses.append(op.Cast(op.Transpose(lse, perm=[0, 2, 1]), to=ir.DataType.FLOAT))  # (B, 1, N)
+        offset += w
+    if not outputs:  # every head pruned: o is q's empty (B, N, 0), lse an empty (B, 0, N)
+        return op.Identity(q), op.Cast(op.Transpose(q, perm=[0, 2, 1]), to=ir.DataType.FLOAT)
+    o = outputs[0] if len(outputs) == 1 else op.Concat(*outputs, axis=-1)
+    lse = lses[0] if len(lses) == 1 else op.Concat(*lses, axis=1)
+    return o, lse
+
+
+def translation_table() -> dict[Callable, Callable]:
+    """The `custom_translation_table` of torch.onnx.export(dynamo=True) for the vitslim ops."""
+    import torch
+
+    _onnxscript()  # the clear error, here, rather than deep inside the exporter
+    try:
+        return {ragged_attention_fwd_op(): _ragged_attention_fwd}
+    except ImportError:  # then no graph can hold the op: plain models export without it
+        return {}
+
+
+def ragged_attention_fwd_op():
+    """torch.ops.vitslim.ragged_attention_fwd.default, the op an exported fused slim model holds.
+
+    Registered by importing the module that defines it (today the Triton one, which needs triton installed;
+    the op itself runs on CPU tensors without it, in plain PyTorch).
+    """
+    import torch
+
+    from .ops import ragged_attention  # noqa: F401 - where the op belongs (CONVENTIONS.md)
+    if not hasattr(torch.ops.vitslim, "ragged_attention_fwd"):
+        try:
+            from .triton import ragged_attention as _  # noqa: F401
+        except ImportError as e:
+            raise ImportError(f"the op vitslim::ragged_attention_fwd is defined with the Triton kernels, which "
+                              f"cannot be imported here ({e}); export with fused=False instead") from None
+    return torch.ops.vitslim.ragged_attention_fwd.default
