@@ -28,8 +28,19 @@ def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
         return nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias)
 
 
+def _ragged_attention_fwd_op():
+    from vitslim_kernels.onnx import ragged_attention_fwd_op
+    return ragged_attention_fwd_op()
+
+
 class SlimAttention(nn.Module):
-    """Attention with ragged heads. qkv rows: [q heads packed | k heads packed | v heads packed]."""
+    """Attention with ragged heads. qkv rows: [q heads packed | k heads packed | v heads packed].
+
+    implementation None (slim(..., fused=True)): dispatch picks per device; under torch.export (and so
+    torch.onnx.export(dynamo=True)) the graph holds the op vitslim::ragged_attention_fwd itself, on any device,
+    not what dispatch would pick on the tracing device (on CPU the reference: plain ops).
+    "reference" (fused=False): the plain PyTorch per-head loop, also in exported graphs.
+    """
 
     def __init__(self, embed_dim: int, head_dims: tuple[int, ...], head_dim: int, qkv_bias: bool,
                  proj_bias: bool, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
@@ -46,6 +57,10 @@ class SlimAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv, w = self.qkv(x), self.width
         q, k, v = qkv[..., :w], qkv[..., w:2 * w], qkv[..., 2 * w:]  # each (B, N, width); width may be 0
+        if self.implementation is None and torch.compiler.is_exporting() and not (self.training and self.attn_drop_p):
+            # The same graph whatever the tracing device; vitslim_kernels.onnx translates the op for ONNX.
+            o, _ = _ragged_attention_fwd_op()(q, k, v, list(self.head_dims), self.scale)
+            return self.proj_drop(self.proj(o))
         o = vitslim_kernels.ragged_attention(q, k, v, self.head_dims, self.scale,
                                              dropout_p=self.attn_drop_p if self.training else 0.0,
                                              implementation=self.implementation)
