@@ -376,6 +376,18 @@ def test_tokens_ranked_by_abs_tanh_saturation_ties(model):
     assert [b["tokens"] for b in blocks_of(plan)] == [list(range(P)), [], []]
 
 
+def test_float32_saturated_token_gates_still_keep_the_budget(model):
+    # Raw 9.5, 10, ..., 17 in block 0: float32 tanh is exactly 1.0 for all of them (they would tie, and `>= thr`
+    # keep all 16, as the paper's float32 ranking does), float64 tanh still orders them.
+    raw = 9.5 + 0.5 * np.arange(P)
+    assert model.blocks[0].gates.tokens.dtype == torch.float32
+    assert (torch.tanh(torch.tensor(raw, dtype=torch.float32)) == 1.0).all()
+    set_gates(model, tokens=[raw, np.arange(1, P + 1) * 0.05, np.arange(1, P + 1) * 0.06])
+    # n = 48, budget 0.25: floor(0.75 * 48) = 36 -> the 12 largest are block 0's patches 4..15: the budget holds.
+    plan = vitslim.threshold(model, 1.0, 1.0, 0.25)
+    assert [b["tokens"] for b in blocks_of(plan)] == [list(range(4, P)), [], []]
+
+
 def test_negative_token_gates_rank_by_magnitude(model):
     tokens = [np.full(P, 0.1) for _ in range(DEPTH)]
     tokens[0][[2, 9]] = -3.0   # |tanh| = 0.995: strongly kept
