@@ -154,6 +154,7 @@ def test_bad_input_is_one_line_and_status_2(slim_dirs, tmp_path, capsys):
         ([slim_dirs["deit"], "--format", "tflite", "-o", out], r"invalid choice: 'tflite' \(choose from"),
         ([slim_dirs["deit"], "--format", "pt2", "-o", tmp_path], "is a folder; give the file to write"),
         ([slim_dirs["deit"], "--format", "pt2"], "the following arguments are required: -o/--output"),
+        ([slim_dirs["deit"], "--format", "onnx", "--opset", "17", "-o", out], "--opset must be >= 18 .* got 17"),
     ]
     for argv, message in cases:
         assert _run(argv) == 2, argv

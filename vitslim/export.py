@@ -31,6 +31,7 @@ from .saving import load_slim
 
 FORMATS = ("onnx", "pt2")
 RAGGED_OP = "vitslim.ragged_attention_fwd"
+MIN_OPSET = 18
 # Warnings torch's own exporter and loader raise about themselves (seen on torch 2.11), not about the model.
 _TORCH_NOISE = (r"`isinstance\(treespec, LeafSpec\)` is deprecated", "The given buffer is not writable")
 
@@ -45,14 +46,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--fused", action="store_true", help="export the ragged-attention op (load_slim(..., "
                    "fused=True)) instead of the plain PyTorch per-head path")
     p.add_argument("--dynamic-batch", action="store_true", help="the batch size is an input dimension of the "
-                   "exported model (checked at another batch size than the traced one)")
+                   "exported model (checked at batch 1 and at the traced batch + 1)")
     p.add_argument("--batch-size", type=cli.positive_int("--batch-size"), default=1,
                    help="batch of the exported model; with --dynamic-batch it is traced at max(2, this) (torch.export "
                    "specialises a size of 1) and checked at 1 and at the traced batch + 1")
     p.add_argument("--tolerance", type=cli.non_negative("--tolerance"), default=1e-4,
                    help="the check passes when max |exported - eager| <= TOL x max(1, max |eager|)")
     p.add_argument("--opset", type=cli.positive_int("--opset"), default=None,
-                   help="ONNX opset (default: the exporter's)")
+                   help=f"ONNX opset, >= {MIN_OPSET} (default: the exporter's)")
     p.add_argument("--seed", type=int, default=0, help="of the random check images")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -183,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"SLIM_DIR {folder} does not exist")
     if not folder.is_dir():
         raise UserError(f"SLIM_DIR {folder} is not a folder; it must be one written by save_slim")
+    if args.opset is not None and args.opset < MIN_OPSET:
+        raise UserError(f"--opset must be >= {MIN_OPSET} (torch's dynamo exporter builds opset {MIN_OPSET} and up), "
+                        f"got {args.opset}")
     if out.is_dir():
         raise UserError(f"-o {out} is a folder; give the file to write")
     if args.fused:
