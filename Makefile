@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vitslim-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-compat clean
 
 # vitslim itself installs without build isolation, so that setup.py sees torch and builds the CUDA extension
 # (vitslim_kernels._C) when nvcc is there; it skips it, and says why, when not (VITSLIM_SKIP_CUDA_BUILD=1 too).
@@ -27,6 +27,27 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The same suite on the oldest supported stack (requirements/oldest-supported.txt: the GPU image's torch 2.11 and
+# triton 3.6, timm 1.0.25, numpy < 2.4), on Python 3.12 where pyenv has it (the GPU image's), else $(PYTHON).
+# It runs in a copy of the tree (build/compat/src, tracked and untracked files) with its own venv, so that its
+# CUDA extension, built against torch 2.11, never replaces the one .venv's torch loads.
+COMPAT := build/compat
+COMPAT_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(PYTHON))
+COMPAT_STAMP := $(COMPAT)/venv/.vitslim-deps
+$(COMPAT_STAMP): requirements/oldest-supported.txt pyproject.toml
+	rm -rf $(COMPAT)/venv
+	$(COMPAT_PYTHON) -m venv $(COMPAT)/venv
+	$(COMPAT)/venv/bin/pip install --quiet --upgrade pip setuptools wheel ninja
+	$(COMPAT)/venv/bin/pip install --quiet -c requirements/oldest-supported.txt torch torchvision triton timm numpy
+	touch $(COMPAT_STAMP)
+
+test-compat: $(COMPAT_STAMP)
+	rm -rf $(COMPAT)/src && mkdir -p $(COMPAT)/src
+	git ls-files -z --cached --others --exclude-standard | tar --null -T - --ignore-failed-read -cf - | tar -xf - -C $(COMPAT)/src
+	cd $(COMPAT)/src && ../venv/bin/pip install --quiet -c ../../../requirements/oldest-supported.txt \
+		--no-build-isolation -e ".[test]"
+	cd $(COMPAT)/src && ../venv/bin/python -m pytest -q -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache vitslim_kernels/_C*.so vitslim_kernels/_build_info.json
