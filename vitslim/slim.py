@@ -216,7 +216,8 @@ def slim(model: nn.Module, plan: SlimPlan, fold_gates: bool = False, fused: bool
     are multiplied into the weights and kept token scales stay as a per-position scale, so the slim model
     computes what the search model computes with pruned entries zeroed and pruned tokens removed.
     fused: let dispatch pick the fastest ragged-attention implementation for the device (kernels where
-    available); False keeps the plain PyTorch reference.
+    available); under torch.export the graph then holds vitslim::ragged_attention_fwd itself (see
+    vitslim.export). False keeps the plain PyTorch reference, in exported graphs too.
     The search model is left unchanged; the slim model is on its device and dtype, in its train/eval mode,
     and carries its timm pretrained_cfg (so timm.data.resolve_data_config gives the same preprocessing).
     """
