@@ -14,7 +14,6 @@ and the command fails (status 1) above --tolerance.
 from __future__ import annotations
 
 import os
-import tempfile
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from vitslim_kernels.onnx import ragged_attention_fwd_op
 
 from . import cli
 from .cli import ArgumentParser, UserError
-from .saving import load_slim
+from .saving import atomic_write, load_slim
 
 FORMATS = ("onnx", "pt2")
 RAGGED_OP = "vitslim.ragged_attention_fwd"
@@ -59,18 +58,6 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp) to a temporary file beside `path` (same suffix, as torch.export.save wants), then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def images(model: nn.Module, batch: int, seed: int) -> torch.Tensor:
     """Random float32 images of the model's input size: (batch, in_chans, H, W)."""
     arch = model.slim_arch
@@ -90,7 +77,7 @@ def count_ragged_ops(program: torch.export.ExportedProgram) -> int:
 def export_pt2(model: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool) -> int:
     """torch.export `model` on `example` and save the program to `path`; returns its ragged-op count."""
     program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic_batch))
-    _atomic_write(path, lambda tmp: torch.export.save(program, tmp))
+    atomic_write(path, lambda tmp: torch.export.save(program, tmp))
     return count_ragged_ops(program)
 
 
@@ -110,7 +97,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamic_bat
                                 dynamic_shapes=_dynamic_shapes(dynamic_batch), input_names=["images"],
                                 output_names=["logits"], opset_version=opset, verbose=False)
     # external_data=False: one self-contained file (the temporary name would end up in a sidecar's reference)
-    _atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
+    atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
     return count_ragged_ops(program.exported_program)
 
 

@@ -25,8 +25,9 @@ class SlimFileError(ValueError):
     """A saved slim model is missing, corrupted, or does not match its own plan."""
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def atomic_write(path: Path, write) -> None:
+    """write(tmp) to a temporary file beside `path` (same suffix, as torch.export.save wants), then rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
         write(tmp)
@@ -69,8 +70,8 @@ def save_slim(model: nn.Module, path: str | os.PathLike) -> Path:
     cfg = getattr(model, "pretrained_cfg", None)
     if cfg:
         config["pretrained_cfg"] = _json_cfg(cfg)
-    _atomic_write(folder / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
-    _atomic_write(folder / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1)))
+    atomic_write(folder / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
+    atomic_write(folder / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1)))
     return folder
 
 
