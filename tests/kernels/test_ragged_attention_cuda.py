@@ -179,6 +179,9 @@ def test_opcheck(cuda_ext):
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 17, 3 * 18, device="cuda").split(18, dim=-1)
     torch.library.opcheck(torch.ops.vitslim.ragged_attention_fwd_cuda, (q, k, v, [17, 0, 1], SCALE))
+    # Inputs that require grad: the op's registered backward (the Triton one) under AOT dispatch too.
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.vitslim.ragged_attention_fwd_cuda, (q, k, v, [17, 0, 1], SCALE))
 
 
 @pytest.mark.gpu

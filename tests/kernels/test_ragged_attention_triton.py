@@ -155,16 +155,6 @@ def test_explain_names_a_late_interpreter_switch(monkeypatch):
                                                "(triton reads it once, at import)")
 
 
-def test_opcheck(kernels):
-    torch.manual_seed(0)
-    head_dims = [17, 0, 1]
-    q, k, v = torch.randn(1, 17, 54).split(18, dim=-1)  # strided views
-    torch.library.opcheck(torch.ops.vitslim.ragged_attention_fwd, (q, k, v, head_dims, SCALE))
-    o, lse = torch.ops.vitslim.ragged_attention_fwd(q, k, v, head_dims, SCALE)
-    do = torch.randn_like(o)
-    torch.library.opcheck(torch.ops.vitslim.ragged_attention_bwd, (do, q, k, v, o, lse, head_dims, SCALE))
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1 for this run: the kernels are interpreted")

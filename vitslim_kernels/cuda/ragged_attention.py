@@ -1,8 +1,8 @@
 """Launcher of the CUDA C++ ragged-attention forward (csrc/kernels/ragged_attention_fwd.cuh).
 
-Forward only, for inference: there is no backward kernel, so it refuses inputs that need a gradient (dispatch
-sends training to Triton). q, k, v: (B, N, sum(head_dims)), any strides (views of one (B, N, 3D) qkv
-tensor are fine); output (B, N, D), contiguous.
+Forward only, for inference: there is no backward kernel, so the launcher refuses inputs that need a gradient
+(dispatch sends training to Triton); the custom op itself has a backward, the Triton one. q, k, v:
+(B, N, sum(head_dims)), any strides (views of one (B, N, 3D) qkv tensor are fine); output (B, N, D), contiguous.
 """
 from __future__ import annotations
 
@@ -39,6 +39,28 @@ def ragged_attention_fwd_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @ragged_attention_fwd_cuda.register_fake
 def _(q, k, v, head_dims, scale):
     return q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, head_dims, scale = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.head_dims, ctx.scale = list(head_dims), scale
+
+
+def _backward(ctx, do):
+    """The Triton backward (the same math): the CUDA kernel keeps no logsumexp, so the Triton forward recomputes
+    o and lse first. Both are differentiable ops, so this backward is differentiable again. Triton is imported
+    here, not before: inference through this op never needs it."""
+    from ..triton.ragged_attention import ragged_attention_bwd, ragged_attention_fwd
+    q, k, v = ctx.saved_tensors
+    o, lse = ragged_attention_fwd(q, k, v, ctx.head_dims, ctx.scale)
+    dq, dk, dv = ragged_attention_bwd(do, q, k, v, o, lse, ctx.head_dims, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+# The launcher below still refuses inputs that need a gradient (training belongs to the Triton path, which keeps
+# lse instead of recomputing the forward); the op itself is differentiable, as torch.library expects.
+ragged_attention_fwd_cuda.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _plain(*tensors: torch.Tensor) -> bool:

@@ -33,3 +33,71 @@ def check_device(t: torch.Tensor, op: str, is_interpreted: bool) -> None:
     if t.device.type == "cpu" and not is_interpreted:
         raise RuntimeError(f"{op}: CPU tensors run the Triton kernels only in Triton's interpreter; "
                            "set TRITON_INTERPRET=1 before anything imports triton")
+
+
+def uses_triton_op(is_interpreted: bool) -> bool:
+    """Whether the Triton-backed ops are torch.library.triton_op (torch.compile traces into them) or custom_op.
+
+    triton_op where torch has it and Triton compiles. Under TRITON_INTERPRET=1 custom_op: the interpreted
+    kernels are no JITFunction, so torch 2.11's wrap_triton refuses them and 2.14's hands them back unwrapped,
+    and triton_op's traced implementation then runs the interpreter on FakeTensors (opcheck: "Attempted to
+    set the storage of a tensor on device meta"). Triton decides interpreted or compiled once, at import, and
+    so does each op module.
+    """
+    return not is_interpreted and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+
+
+def kernel_wrapper(is_interpreted: bool):
+    """`wrap_triton` for the kernel launches inside the ops: torch.library.wrap_triton for triton_ops (a traced
+    launch under torch.compile, the plain kernel in eager), else the kernel itself. Call it by that bare name
+    in the launchers: triton_op finds the kernels of an op (for the AOTAutograd cache key) by reading its
+    source for `wrap_triton(kernel)`."""
+    if uses_triton_op(is_interpreted):
+        return torch.library.wrap_triton
+    return lambda kernel: kernel
+
+
+def define_op(name: str, fn, fake, is_interpreted: bool):
+    """The custom op `name` implemented by `fn` (schema from its annotations) with the fake implementation
+    `fake`, as triton_op or custom_op (see uses_triton_op). triton_op would trace `fn` itself as the fake
+    implementation; ours replaces it in both modes, so fake tensors never reach a launcher."""
+    if uses_triton_op(is_interpreted):
+        op = torch.library.triton_op(name, fn, mutates_args=())
+    else:
+        op = torch.library.custom_op(name, fn, mutates_args=())
+    op.register_fake(fake)
+    return op
+
+
+def tracing() -> bool:
+    """True while torch.compile / torch.export / a dispatch mode (fake, functional, ...) runs the code: no
+    tensor made then may enter a cache that eager calls read."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+
+
+def formula_vjp(formula, args: tuple, cotangents: tuple, needs_input_grad: tuple) -> tuple:
+    """The vector-Jacobian product of `formula(*args)` (plain differentiable PyTorch) with `cotangents`: one
+    gradient per argument, None for arguments that are not floating tensors or need no gradient.
+
+    The backward of each backward op: its formula written out in PyTorch is a function of all its inputs, and
+    torch.func.vjp of it is differentiable again (a third derivative is right, too). A None cotangent (an
+    output nobody used) counts as zero.
+    """
+    wrt = [i for i, a in enumerate(args)
+           if isinstance(a, torch.Tensor) and a.is_floating_point() and needs_input_grad[i]]
+    if not wrt:
+        return (None,) * len(args)
+
+    def of_differentiable(*tensors):
+        full = list(args)
+        for i, t in zip(wrt, tensors):
+            full[i] = t
+        return formula(*full)
+
+    outputs, pullback = torch.func.vjp(of_differentiable, *(args[i] for i in wrt))
+    cotangents = tuple(torch.zeros_like(o) if c is None else c for c, o in zip(cotangents, outputs))
+    grads = [None] * len(args)
+    for i, g in zip(wrt, pullback(cotangents)):
+        grads[i] = g
+    return tuple(grads)

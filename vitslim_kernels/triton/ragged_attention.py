@@ -17,6 +17,11 @@ Kernels:
   accumulating dk and dv over all query blocks, one per query block accumulating dq over all key blocks. Every
   gradient element is written by exactly one program, summed in a fixed order: deterministic, no atomics.
 
+Ops (torch.library, with fake implementations and register_autograd): vitslim::ragged_attention_fwd -> (o, lse)
+and vitslim::ragged_attention_bwd -> (dq, dk, dv). On CPU tensors without the interpreter they compute the
+reference math of ops/ragged_attention.py instead of launching kernels, so the op runs (and torch.export of a
+fused model traces it) on CPU too.
+
 This module imports Triton; dispatch only imports it when the Triton implementation is chosen.
 """
 import functools
@@ -27,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ._common import alloc as _alloc
-from ._common import check_device, interpreter_agrees
+from ._common import check_device, define_op, formula_vjp, interpreter_agrees, kernel_wrapper, tracing
 
 from ..ops.ragged_attention import check_ragged_args, ragged_attention_bwd_ref, ragged_attention_fwd_ref
 
@@ -251,9 +256,19 @@ def _ragged_attention_bwd_kernel(
 # Host side
 # ---------------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=256)
 def _head_table(head_dims: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """(3, H) int32 on `device`: column offset, width and padded width of every head with width > 0."""
+    if tracing():  # a tensor made under torch.compile's tracing must not enter the eager cache
+        return _build_head_table(head_dims, device)
+    return _cached_head_table(head_dims, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_head_table(head_dims: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return _build_head_table(head_dims, device)
+
+
+def _build_head_table(head_dims: tuple[int, ...], device: torch.device) -> torch.Tensor:
     rows: list[list[int]] = [[], [], []]
     offset = 0
     for w in head_dims:
@@ -270,6 +285,7 @@ def _log2_dmax(head_dims: Sequence[int]) -> int:
 
 
 _INTERPRETED = interpreter_agrees(_ragged_attention_fwd_kernel, __name__)
+wrap_triton = kernel_wrapper(_INTERPRETED)
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -320,7 +336,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[
     _check_device(q)
     blocks, launch = _fwd_config(_INTERPRETED)
     grid = (triton.cdiv(N, blocks["BLOCK_M"]) * B * H,)
-    _ragged_attention_fwd_kernel[grid](
+    wrap_triton(_ragged_attention_fwd_kernel)[grid](
         q, k, v, o, lse, table[0], table[1], table[2],
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -345,10 +361,11 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
     if B * N * H == 0:
         return dq, dk, dv
     _check_device(q)
+    lse = lse.contiguous()  # its strides are given for dims 0 and 1 only; delta shares them
     delta = _alloc((B, H, N), q, torch.float32)
     fwd_blocks, _ = _fwd_config(_INTERPRETED)
     grid = (triton.cdiv(N, fwd_blocks["BLOCK_M"]) * B * H,)
-    _ragged_attention_bwd_preprocess_kernel[grid](
+    wrap_triton(_ragged_attention_bwd_preprocess_kernel)[grid](
         o, do, delta, table[0], table[1],
         o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
@@ -356,7 +373,7 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
         N, H, BLOCK_M=fwd_blocks["BLOCK_M"], BLOCK_D=2 ** _log2_dmax(dims))
     blocks, launch = _bwd_config(_INTERPRETED)
     grid = ((triton.cdiv(N, blocks["BLOCK_N1"]) + triton.cdiv(N, blocks["BLOCK_M2"])) * B * H,)
-    _ragged_attention_bwd_kernel[grid](
+    wrap_triton(_ragged_attention_bwd_kernel)[grid](
         q, k, v, do, dq, dk, dv, lse, delta, table[0], table[1], table[2],
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -369,56 +386,77 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
     return dq, dk, dv
 
 
-# torch.library custom ops (opaque to torch.compile, with fake implementations so it traces through them
-# without graph breaks). Not triton_op: under TRITON_INTERPRET=1 torch.library.wrap_triton hands the
-# InterpretedFunction back unwrapped, so triton_op's traced fake implementation runs the interpreter on
-# FakeTensors and fails (opcheck: "Attempted to set the storage of a tensor on device meta ..."), and CI only
-# has the interpreter.
+# ---------------------------------------------------------------------------------------------------------
+# The torch.library ops (triton_op or custom_op: see _common.uses_triton_op) and their autograd
+# ---------------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("vitslim::ragged_attention_fwd", mutates_args=())
-def ragged_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: list[int], scale: float
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def _ragged_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: list[int], scale: float
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse): o (B, N, D) like q; lse (B, H_kept, N) float32, one row per head of non-zero width."""
     return _fwd(q, k, v, head_dims, scale)
 
 
-@ragged_attention_fwd.register_fake
-def _(q, k, v, head_dims, scale):
+def _ragged_attention_fwd_fake(q, k, v, head_dims, scale):
     B, N, D = q.shape
     H = sum(1 for w in head_dims if w > 0)
     return q.new_empty((B, N, D)), q.new_empty((B, H, N), dtype=torch.float32)
 
 
-@torch.library.custom_op("vitslim::ragged_attention_bwd", mutates_args=())
-def ragged_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                         lse: torch.Tensor, head_dims: list[int], scale: float
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _ragged_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                          lse: torch.Tensor, head_dims: list[int], scale: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), each (B, N, D) like q."""
     return _bwd(do, q, k, v, o, lse, head_dims, scale)
 
 
-@ragged_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, head_dims, scale):
+def _ragged_attention_bwd_fake(do, q, k, v, o, lse, head_dims, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
-class RaggedAttentionTriton(torch.autograd.Function):
-    """Autograd around the two custom ops; saves q, k, v (views are fine), o and lse."""
+ragged_attention_fwd = define_op("vitslim::ragged_attention_fwd", _ragged_attention_fwd,
+                                 _ragged_attention_fwd_fake, _INTERPRETED)
+ragged_attention_bwd = define_op("vitslim::ragged_attention_bwd", _ragged_attention_bwd,
+                                 _ragged_attention_bwd_fake, _INTERPRETED)
 
-    @staticmethod
-    def forward(ctx, q, k, v, head_dims: tuple[int, ...], scale: float):
-        o, lse = torch.ops.vitslim.ragged_attention_fwd(q, k, v, list(head_dims), scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.head_dims = head_dims
-        ctx.scale = scale
-        return o
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.vitslim.ragged_attention_bwd(do, q, k, v, o, lse, list(ctx.head_dims), ctx.scale)
-        return dq, dk, dv, None, None
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, head_dims, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)  # q, k, v may be views of one qkv tensor: nothing is copied
+    ctx.head_dims, ctx.scale = list(head_dims), scale
+    ctx.set_materialize_grads(False)  # an unused lse gets None, not a zero tensor to add
+
+
+def _fwd_backward(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    if do is None and dlse is None:
+        return None, None, None, None, None
+    dq, dk, dv = torch.ops.vitslim.ragged_attention_bwd(do if do is not None else torch.zeros_like(o),
+                                                        q, k, v, o, lse, ctx.head_dims, ctx.scale)
+    if dlse is not None:
+        # lse is a differentiable output (the backward op reads it, so second derivatives flow through it);
+        # only a double backward or a caller of the op itself gives it a gradient: plain PyTorch then.
+        dq2, dk2, dv2, _, _ = formula_vjp(ragged_attention_fwd_ref, (q, k, v, ctx.head_dims, ctx.scale),
+                                          (None, dlse), ctx.needs_input_grad)
+        dq, dk, dv = dq + dq2, dk + dk2, dv + dv2
+    return dq, dk, dv, None, None
+
+
+def _bwd_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6])
+    ctx.head_dims, ctx.scale = list(inputs[6]), inputs[7]
+    ctx.set_materialize_grads(False)
+
+
+def _bwd_backward(ctx, ddq, ddk, ddv):
+    """Double backward: the derivatives of ragged_attention_bwd_ref, the backward as a function of do, q, k, v,
+    o and lse, in plain PyTorch (materialises each head's (B, N, N) scores: second derivatives only)."""
+    args = (*ctx.saved_tensors, ctx.head_dims, ctx.scale)
+    return formula_vjp(ragged_attention_bwd_ref, args, (ddq, ddk, ddv), ctx.needs_input_grad)
+
+
+ragged_attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+ragged_attention_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
 
 
 def ragged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int],
@@ -428,4 +466,5 @@ def ragged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h
     if dropout_p > 0.0:
         raise ValueError(f"ragged_attention: the Triton implementation has no attention dropout, got "
                          f"dropout_p={dropout_p}; use dropout_p=0.0 or implementation='reference'")
-    return RaggedAttentionTriton.apply(q, k, v, dims, float(scale))
+    o, _ = torch.ops.vitslim.ragged_attention_fwd(q, k, v, list(dims), float(scale))
+    return o
