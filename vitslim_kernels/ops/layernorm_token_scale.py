@@ -100,6 +100,58 @@ def layernorm_token_scale_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch
     return y if out_dtype is None else y.to(out_dtype)
 
 
+def layernorm_token_scale_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                  token_raw: torch.Tensor, gather: torch.Tensor | None, num_prefix: int, eps: float,
+                                  out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the op vitslim::layernorm_token_scale_fwd returns, in plain PyTorch: (y (B, N_out, C) in out_dtype,
+    mean (B, N_out) and rstd = 1 / sqrt(var + eps) (B, N_out) float32, the statistics of each output row)."""
+    rows = x if gather is None else x[:, gather]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    xs = rows.to(dtype)
+    mean = xs.mean(-1)
+    rstd = torch.rsqrt((xs - mean.unsqueeze(-1)).square().mean(-1) + eps)
+    y = F.layer_norm(xs, (x.shape[-1],), weight.to(dtype), bias.to(dtype), eps)
+    scale = torch.cat([token_raw.new_ones(num_prefix), torch.tanh(token_raw)]).to(dtype)
+    return (y * scale.unsqueeze(-1)).to(out_dtype), mean.to(torch.float32), rstd.to(torch.float32)
+
+
+def layernorm_token_scale_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                  token_raw: torch.Tensor, inverse: torch.Tensor | None, mean: torch.Tensor,
+                                  rstd: torch.Tensor, num_prefix: int
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the op vitslim::layernorm_token_scale_bwd returns, as an explicit function of ALL its inputs (mean
+    and rstd too): (dx like x, dweight like weight, dbias like bias, dtoken_raw like token_raw).
+
+    Input row n of an image feeds output row j = inverse[n] (-1: dropped, zero gradient). With
+    xhat = (x - mean_j) * rstd_j, s_j = 1 (prefix) or tanh(token_raw[j - R]) and g = dy_j * s_j:
+    dweight = sum g * xhat, dbias = sum g, dx = (g*w - xhat * mean_c(g*w*xhat) - mean_c(g*w)) * rstd_j, and
+    dtoken_raw[j - R] = (1 - s_j^2) * sum over images and c of dy_j * (xhat * w + bias).
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    B, N_in, C = x.shape
+    N_out = mean.shape[1]
+    scale = torch.cat([token_raw.new_ones(num_prefix), torch.tanh(token_raw)]).to(dtype)     # (N_out,)
+    if inverse is None:
+        dy_in, mean_in, rstd_in, s_in = dy.to(dtype), mean, rstd, scale
+    else:  # everything in input-row space: static shapes, dropped rows masked to zero
+        kept = (inverse >= 0).to(dtype)
+        rows = inverse.clamp(min=0).long()
+        dy_in = dy[:, rows].to(dtype) * kept[None, :, None]
+        mean_in, rstd_in, s_in = mean[:, rows], rstd[:, rows], scale[rows]
+    mean_in, rstd_in = mean_in.to(dtype).unsqueeze(-1), rstd_in.to(dtype).unsqueeze(-1)
+    w, b = weight.to(dtype), bias.to(dtype)
+    xhat = (x.to(dtype) - mean_in) * rstd_in
+    g = dy_in * s_in[None, :, None]
+    dxhat = g * w
+    dx = (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True) - dxhat.mean(-1, keepdim=True)) * rstd_in
+    per_row = (dy_in * (xhat * w + b)).sum(-1)                                                  # (B, N_in)
+    if inverse is not None:
+        per_row = per_row.new_zeros((B, N_out)).index_add(1, rows, per_row)
+    dtoken = (per_row[:, num_prefix:] * (1 - scale[num_prefix:].square())).sum(0)
+    return (dx.to(x.dtype), (g * xhat).sum((0, 1)).to(weight.dtype), g.sum((0, 1)).to(bias.dtype),
+            dtoken.to(token_raw.dtype))
+
+
 def layernorm_token_scale(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                           token_raw: torch.Tensor, num_prefix: int, gather_index: GatherIndex | None = None,
                           *, out_dtype: torch.dtype | None = None, implementation: str | None = None

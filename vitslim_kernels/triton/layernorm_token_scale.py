@@ -24,9 +24,10 @@ import triton
 import triton.language as tl
 
 from ._common import alloc as _alloc
-from ._common import check_device, interpreter_agrees
+from ._common import check_device, define_op, formula_vjp, interpreter_agrees, kernel_wrapper
 
-from ..ops.layernorm_token_scale import check_layernorm_token_scale_args, gather_tensors
+from ..ops.layernorm_token_scale import (check_layernorm_token_scale_args, gather_tensors, inverse_index,
+                                         layernorm_token_scale_bwd_ref, layernorm_token_scale_fwd_ref)
 
 
 @triton.jit
@@ -163,6 +164,7 @@ def _layernorm_token_scale_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------
 
 _INTERPRETED = interpreter_agrees(_layernorm_token_scale_fwd_kernel, __name__)
+wrap_triton = kernel_wrapper(_INTERPRETED)
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -205,8 +207,9 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_raw: t
     _check_device(x)
     block_r, block_c, num_warps = _config(C, x.device)
     weight, bias, token_raw = weight.contiguous(), bias.contiguous(), token_raw.contiguous()
+    gather = gather.contiguous() if gather is not None else None
     grid = (triton.cdiv(B * N_out, block_r),)
-    _layernorm_token_scale_fwd_kernel[grid](
+    wrap_triton(_layernorm_token_scale_fwd_kernel)[grid](
         x, weight, bias,
         token_raw if token_raw.numel() > 0 else weight,  # never read when there is no patch row
         gather if gather is not None else mean,          # never read without a gather
@@ -237,7 +240,9 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     db_partial = _alloc((programs, C), x, torch.float32)
     dscale = _alloc((B, N_out), x, torch.float32)
     weight, bias, token_raw = weight.contiguous(), bias.contiguous(), token_raw.contiguous()
-    _layernorm_token_scale_bwd_kernel[(programs,)](
+    mean, rstd = mean.contiguous(), rstd.contiguous()  # read as flat (B * N_out,) vectors
+    inverse = inverse.contiguous() if inverse is not None else None
+    wrap_triton(_layernorm_token_scale_bwd_kernel)[(programs,)](
         x, weight, bias,
         token_raw if token_raw.numel() > 0 else weight,
         inverse if inverse is not None else mean,
@@ -255,58 +260,92 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return dx, dweight, dbias, dtoken
 
 
-# torch.library custom ops with fake implementations (see triton/ragged_attention.py for why not triton_op).
+# ---------------------------------------------------------------------------------------------------------
+# The torch.library ops (triton_op or custom_op: see _common.uses_triton_op) and their autograd
+# ---------------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("vitslim::layernorm_token_scale_fwd", mutates_args=())
-def layernorm_token_scale_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_raw: torch.Tensor,
-                              gather: Optional[torch.Tensor], num_prefix: int, eps: float, out_dtype: torch.dtype
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y (B, N_out, C) in out_dtype, mean (B, N_out) fp32, rstd (B, N_out) fp32)."""
+def _layernorm_token_scale_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_raw: torch.Tensor,
+                               gather: Optional[torch.Tensor], inverse: Optional[torch.Tensor], num_prefix: int,
+                               eps: float, out_dtype: torch.dtype
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y (B, N_out, C) in out_dtype, mean (B, N_out) fp32, rstd (B, N_out) fp32).
+
+    gather: (N_out,) int64 input row of each output row, or None; inverse: its inverse map (N_in,) int32
+    (inverse_index), read only by the backward (passed in so it is built once per gather, not per step), or None
+    to have the backward build it.
+    """
     return _fwd(x, weight, bias, token_raw, gather, num_prefix, eps, out_dtype)
 
 
-@layernorm_token_scale_fwd.register_fake
-def _(x, weight, bias, token_raw, gather, num_prefix, eps, out_dtype):
+def _layernorm_token_scale_fwd_fake(x, weight, bias, token_raw, gather, inverse, num_prefix, eps, out_dtype):
     B, N_in, C = x.shape
     N_out = N_in if gather is None else gather.shape[0]
     return (x.new_empty((B, N_out, C), dtype=out_dtype), x.new_empty((B, N_out), dtype=torch.float32),
             x.new_empty((B, N_out), dtype=torch.float32))
 
 
-@torch.library.custom_op("vitslim::layernorm_token_scale_bwd", mutates_args=())
-def layernorm_token_scale_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                              token_raw: torch.Tensor, inverse: Optional[torch.Tensor], mean: torch.Tensor,
-                              rstd: torch.Tensor, num_prefix: int
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _layernorm_token_scale_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                               token_raw: torch.Tensor, inverse: Optional[torch.Tensor], mean: torch.Tensor,
+                               rstd: torch.Tensor, num_prefix: int
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx like x, dweight like weight, dbias like bias, dtoken_raw like token_raw)."""
     return _bwd(dy, x, weight, bias, token_raw, inverse, mean, rstd, num_prefix)
 
 
-@layernorm_token_scale_bwd.register_fake
-def _(dy, x, weight, bias, token_raw, inverse, mean, rstd, num_prefix):
+def _layernorm_token_scale_bwd_fake(dy, x, weight, bias, token_raw, inverse, mean, rstd, num_prefix):
     return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape), \
         token_raw.new_empty(token_raw.shape)
 
 
-class LayerNormTokenScaleTriton(torch.autograd.Function):
-    """Autograd around the two custom ops; saves x, the parameters, the inverse map and the row statistics."""
+layernorm_token_scale_fwd = define_op("vitslim::layernorm_token_scale_fwd", _layernorm_token_scale_fwd,
+                                      _layernorm_token_scale_fwd_fake, _INTERPRETED)
+layernorm_token_scale_bwd = define_op("vitslim::layernorm_token_scale_bwd", _layernorm_token_scale_bwd,
+                                      _layernorm_token_scale_bwd_fake, _INTERPRETED)
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, token_raw, gather, inverse, num_prefix: int, eps: float,
-                out_dtype: torch.dtype):
-        y, mean, rstd = torch.ops.vitslim.layernorm_token_scale_fwd(x, weight, bias, token_raw, gather,
-                                                                    num_prefix, eps, out_dtype)
-        ctx.save_for_backward(x, weight, bias, token_raw, inverse, mean, rstd)
-        ctx.num_prefix = num_prefix
-        return y
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, weight, bias, token_raw, inverse, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias, dtoken = torch.ops.vitslim.layernorm_token_scale_bwd(
-            dy, x, weight, bias, token_raw, inverse, mean, rstd, ctx.num_prefix)
-        return dx, dweight, dbias, dtoken, None, None, None, None, None
+def _fwd_setup_context(ctx, inputs, output):
+    x, weight, bias, token_raw, gather, inverse, num_prefix, eps, out_dtype = inputs
+    _, mean, rstd = output
+    if gather is not None and inverse is None:
+        inverse = inverse_index(gather, x.shape[1])
+    ctx.save_for_backward(x, weight, bias, token_raw, gather, inverse, mean, rstd)
+    ctx.num_prefix, ctx.eps, ctx.out_dtype = num_prefix, eps, out_dtype
+    ctx.set_materialize_grads(False)  # unused mean and rstd get None, not zero tensors to add
+
+
+def _fwd_backward(ctx, dy, dmean, drstd):
+    x, weight, bias, token_raw, gather, inverse, mean, rstd = ctx.saved_tensors
+    if dy is None and dmean is None and drstd is None:
+        return (None,) * 9
+    if dy is None:
+        dy = x.new_zeros((*mean.shape, x.shape[-1]), dtype=ctx.out_dtype)
+    dx, dweight, dbias, dtoken = torch.ops.vitslim.layernorm_token_scale_bwd(
+        dy, x, weight, bias, token_raw, inverse, mean, rstd, ctx.num_prefix)
+    if dmean is not None or drstd is not None:
+        # mean and rstd are differentiable outputs (the backward op reads them, so second derivatives flow
+        # through them); only a double backward or a caller of the op itself gives them a gradient.
+        args = (x, weight, bias, token_raw, gather, ctx.num_prefix, ctx.eps, ctx.out_dtype)
+        dx_stats = formula_vjp(layernorm_token_scale_fwd_ref, args, (None, dmean, drstd),
+                               (True,) + (False,) * 7)[0]
+        dx = dx + dx_stats
+    return dx, dweight, dbias, dtoken, None, None, None, None, None
+
+
+def _bwd_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8])
+    ctx.num_prefix = inputs[8]
+    ctx.set_materialize_grads(False)
+
+
+def _bwd_backward(ctx, ddx, ddweight, ddbias, ddtoken):
+    """Double backward: the VJP of layernorm_token_scale_bwd_ref, the backward as a function of dy, x, the
+    parameters, mean and rstd."""
+    args = (*ctx.saved_tensors, ctx.num_prefix)
+    return formula_vjp(layernorm_token_scale_bwd_ref, args, (ddx, ddweight, ddbias, ddtoken), ctx.needs_input_grad)
+
+
+layernorm_token_scale_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+layernorm_token_scale_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
 
 
 def layernorm_token_scale_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -315,5 +354,6 @@ def layernorm_token_scale_triton(x: torch.Tensor, weight: torch.Tensor, bias: to
     """Triton implementation of vitslim_kernels.layernorm_token_scale: (B, N_in, C) -> (B, N_out, C)."""
     check_layernorm_token_scale_args(x, weight, bias, token_raw, num_prefix, gather_index)
     gather, inverse = gather_tensors(gather_index, x.shape[1], x.device)
-    return LayerNormTokenScaleTriton.apply(x, weight, bias, token_raw, gather, inverse, int(num_prefix),
-                                           float(eps), out_dtype or x.dtype)
+    y, _, _ = torch.ops.vitslim.layernorm_token_scale_fwd(x, weight, bias, token_raw, gather, inverse,
+                                                          int(num_prefix), float(eps), out_dtype or x.dtype)
+    return y
