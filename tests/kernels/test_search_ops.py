@@ -271,29 +271,6 @@ def test_gated_mlp_branch(N, M, approximate, poisoned):
 # Custom ops, dispatch, errors
 # ---------------------------------------------------------------------------------------------------------
 
-def test_opcheck():
-    importlib.import_module("vitslim_kernels.triton.layernorm_token_scale")
-    importlib.import_module("vitslim_kernels.triton.gated_linear")
-    from vitslim_kernels.ops.layernorm_token_scale import gather_tensors
-    torch.manual_seed(0)
-    ops = torch.ops.vitslim
-    x, w, b = torch.randn(2, 17, 48), torch.randn(48), torch.randn(48)
-    gather, inverse = gather_tensors((0, 2, 3, 16), 17, x.device)
-    raw = torch.randn(3)
-    torch.library.opcheck(ops.layernorm_token_scale_fwd, (x, w, b, raw, gather, 1, EPS, torch.float32))
-    y, mean, rstd = ops.layernorm_token_scale_fwd(x, w, b, raw, gather, 1, EPS, torch.float32)
-    torch.library.opcheck(ops.layernorm_token_scale_bwd, (torch.randn_like(y), x, w, b, raw, inverse, mean, rstd, 1))
-
-    weight, bias, gate = torch.randn(48, 16), torch.randn(48), torch.randn(16)
-    torch.library.opcheck(ops.gated_linear_fold, (weight, bias, gate, torch.float32))
-    torch.library.opcheck(ops.gated_linear_fold, (weight, None, gate, torch.float16))
-    torch.library.opcheck(ops.gated_linear_fold_bwd, (torch.randn(48, 16), torch.randn(48), weight, bias, gate))
-
-    pre, bias, gate = torch.randn(17, 96), torch.randn(96), torch.randn(96)
-    torch.library.opcheck(ops.gated_gelu_fwd, (pre, bias, gate, "none"))
-    torch.library.opcheck(ops.gated_gelu_bwd, (torch.randn(17, 96), pre, None, gate, "tanh"))
-
-
 def test_dispatch_prefers_triton_under_interpreter():
     x = torch.zeros(2, 17, 48)
     for op in OPS:

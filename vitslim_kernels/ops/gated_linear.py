@@ -13,6 +13,8 @@ dh * GELU(pre) over all rows.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -69,6 +71,60 @@ def gated_gelu_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     check_gated_gelu_linear_args(x, weight, bias, gate, approximate)
     h = F.gelu(F.linear(x, weight, bias), approximate=approximate)
     return h * gate.to(h.dtype)
+
+
+def _math_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)  # fp16/bf16/fp32 in fp32 as the kernels do; fp64 stays
+
+
+def gated_linear_fold_bwd_ref(dweight_folded: torch.Tensor, dbias_folded: torch.Tensor | None,
+                              weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the op vitslim::gated_linear_fold_bwd returns, in plain PyTorch: (dW like weight, db like bias or
+    (0,) without one, dgate like gate) from the gradients dW' (O, K) and db' (O,) of W' = g*W and b' = g*b.
+
+    dW = g * dW', db = g * db', dg[j] = sum over rows r = j mod R of (sum_c dW'[r, c] * W[r, c] + db'[r] * b[r]).
+    """
+    O, R = weight.shape[0], gate.numel()
+    dtype = _math_dtype(weight)
+    g = gate.reshape(-1).to(dtype).repeat(O // R)                                       # (O,)
+    dwf = dweight_folded.to(dtype)
+    per_row = (dwf * weight.to(dtype)).sum(1)                                           # (O,)
+    if bias is not None:
+        dbf = dbias_folded.to(dtype)
+        db = (dbf * g).to(bias.dtype)
+        per_row = per_row + dbf * bias.to(dtype)
+    else:
+        db = weight.new_empty((0,))
+    dg = per_row.view(O // R, R).sum(0).to(gate.dtype).view(gate.shape)
+    return (dwf * g[:, None]).to(weight.dtype), db, dg
+
+
+def _gelu_and_grad(a: torch.Tensor, approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GELU(a), GELU'(a)), written out (differentiable again), exact erf form or the tanh approximation."""
+    if approximate == "tanh":
+        k = math.sqrt(2.0 / math.pi)
+        t = torch.tanh(k * (a + 0.044715 * a * a * a))
+        return 0.5 * a * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * k * (1.0 + 3 * 0.044715 * a * a)
+    cdf = 0.5 * (1.0 + torch.erf(a * (1.0 / math.sqrt(2.0))))
+    return a * cdf, cdf + a * torch.exp(-0.5 * a * a) * (1.0 / math.sqrt(2.0 * math.pi))
+
+
+def gated_gelu_bwd_ref(dh: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
+                       approximate: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the op vitslim::gated_gelu_bwd returns, in plain PyTorch: (dpre (T, M) like pre, dbias (M,) like
+    bias or (0,) without one, dgate (M,) like gate) for h = GELU(pre + bias) * gate and its gradient dh.
+
+    dpre = dh * gate * GELU'(pre + bias), dbias = sum_rows dpre (before rounding to pre's dtype),
+    dgate = sum_rows dh * GELU(pre + bias).
+    """
+    dtype = _math_dtype(pre)
+    a = pre.to(dtype) + bias.to(dtype) if bias is not None else pre.to(dtype)
+    gelu, dgelu = _gelu_and_grad(a, approximate)
+    dh = dh.to(dtype)
+    da = dh * gate.to(dtype) * dgelu
+    db = da.sum(0).to(bias.dtype) if bias is not None else pre.new_empty((0,))
+    return da.to(pre.dtype), db, (dh * gelu).sum(0).to(gate.dtype)
 
 
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, *,

@@ -36,9 +36,10 @@ import triton
 import triton.language as tl
 
 from ._common import alloc as _alloc
-from ._common import check_device, interpreter_agrees
+from ._common import check_device, define_op, formula_vjp, interpreter_agrees, kernel_wrapper
 
-from ..ops.gated_linear import check_gated_gelu_linear_args, check_gated_linear_args, compute_dtype
+from ..ops.gated_linear import (check_gated_gelu_linear_args, check_gated_linear_args, compute_dtype,
+                                gated_gelu_bwd_ref, gated_linear_fold_bwd_ref)
 
 
 @triton.jit
@@ -207,6 +208,7 @@ def _gated_gelu_linear_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------
 
 _INTERPRETED = interpreter_agrees(_gated_linear_fwd_kernel, __name__)
+wrap_triton = kernel_wrapper(_INTERPRETED)
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -254,7 +256,7 @@ def _fold(weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, d
     bias = bias.contiguous() if bias is not None else None
     blocks = _weight_blocks()
     block_o = 16 if _INTERPRETED else 32
-    _gated_linear_fwd_kernel[(triton.cdiv(O, block_o),)](
+    wrap_triton(_gated_linear_fwd_kernel)[(triton.cdiv(O, block_o),)](
         weight, bias if bias is not None else gate, gate, wf, bf,
         weight.stride(0), weight.stride(1), O, K, gate.numel(),
         HAS_BIAS=bias is not None, BLOCK_O=block_o, **blocks)
@@ -271,9 +273,10 @@ def _fold_bwd(dwf: torch.Tensor, dbf: torch.Tensor | None, weight: torch.Tensor,
     _check_device(weight)
     gate = gate.contiguous()
     bias = bias.contiguous() if bias is not None else None
+    dbf = dbf.contiguous() if dbf is not None else None  # read as a plain (O,) vector
     blocks = _weight_blocks()
     block_j = 16 if _INTERPRETED else 32
-    _gated_linear_bwd_kernel[(triton.cdiv(R, block_j),)](
+    wrap_triton(_gated_linear_bwd_kernel)[(triton.cdiv(R, block_j),)](
         dwf, dbf if dbf is not None else gate, weight, bias if bias is not None else gate, gate, dw, db, dg,
         dwf.stride(0), dwf.stride(1), weight.stride(0), weight.stride(1),
         K, R, O // R,
@@ -291,7 +294,7 @@ def _gelu_fwd(pre: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, 
     bias = bias.contiguous() if bias is not None else None
     block_t, block_m, num_warps = _gelu_blocks()
     grid = (triton.cdiv(T, block_t), triton.cdiv(M, block_m))
-    _gated_gelu_linear_fwd_kernel[grid](
+    wrap_triton(_gated_gelu_linear_fwd_kernel)[grid](
         pre, bias if bias is not None else gate, gate, h,
         pre.stride(0), pre.stride(1), T, M,
         HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", BLOCK_T=block_t, BLOCK_M=block_m,
@@ -317,7 +320,7 @@ def _gelu_bwd(dh: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor | None, ga
     programs = triton.cdiv(num_tiles, tiles_per_program)
     db_partial = _alloc((programs, M), pre, torch.float32)
     dg_partial = _alloc((programs, M), pre, torch.float32)
-    _gated_gelu_linear_bwd_kernel[(programs, col_blocks)](
+    wrap_triton(_gated_gelu_linear_bwd_kernel)[(programs, col_blocks)](
         dh, pre, bias if bias is not None else gate, gate, dpre, db_partial, dg_partial,
         dh.stride(0), dh.stride(1), pre.stride(0), pre.stride(1), db_partial.stride(0),
         T, M, tiles_per_program,
@@ -328,59 +331,95 @@ def _gelu_bwd(dh: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor | None, ga
     return dpre, db, dg_partial.sum(0).to(gate.dtype)
 
 
-# torch.library custom ops with fake implementations (see triton/ragged_attention.py for why not triton_op).
+# ---------------------------------------------------------------------------------------------------------
+# The torch.library ops (triton_op or custom_op: see _common.uses_triton_op) and their autograd
+#
+# The public functions are gated_linear and gated_gelu_linear, each one op over the whole layer (Triton +
+# cuBLAS). Not the fold (or epilogue) op plus an aten matmul with autograd in between: the folded weight's
+# gradient dW' = dy^T @ x would then reach the fold's backward rounded to the half-precision matmul dtype, and
+# dgate sums C of its products (module docstring). The fold and epilogue ops keep their own autograd too.
 # An absent bias comes back as an empty tensor (a custom op returns tensors, not None).
+# ---------------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("vitslim::gated_linear_fold", mutates_args=())
-def gated_linear_fold(weight: torch.Tensor, bias: Optional[torch.Tensor], gate: torch.Tensor, dtype: torch.dtype
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def _gated_linear_fold(weight: torch.Tensor, bias: Optional[torch.Tensor], gate: torch.Tensor, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(g*W (O, K) contiguous, g*b (O,) or (0,) without a bias), both in `dtype`; row r uses gate[r % R]."""
     return _fold(weight, bias, gate, dtype)
 
 
-@gated_linear_fold.register_fake
-def _(weight, bias, gate, dtype):
+def _gated_linear_fold_fake(weight, bias, gate, dtype):
     return weight.new_empty(weight.shape, dtype=dtype), weight.new_empty((weight.shape[0] if bias is not None
                                                                            else 0,), dtype=dtype)
 
 
-@torch.library.custom_op("vitslim::gated_linear_fold_bwd", mutates_args=())
-def gated_linear_fold_bwd(dweight_folded: torch.Tensor, dbias_folded: Optional[torch.Tensor], weight: torch.Tensor,
-                          bias: Optional[torch.Tensor], gate: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dW like weight, db like bias or (0,), dgate like gate) from the gradients of g*W and g*b (fp32)."""
+def _gated_linear_fold_bwd(dweight_folded: torch.Tensor, dbias_folded: Optional[torch.Tensor], weight: torch.Tensor,
+                           bias: Optional[torch.Tensor], gate: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dW like weight, db like bias or (0,), dgate like gate) from the gradients of g*W and g*b (fp32); the
+    bias gradient db' is given exactly when there is a bias."""
     return _fold_bwd(dweight_folded, dbias_folded, weight, bias, gate)
 
 
-@gated_linear_fold_bwd.register_fake
-def _(dweight_folded, dbias_folded, weight, bias, gate):
+def _gated_linear_fold_bwd_fake(dweight_folded, dbias_folded, weight, bias, gate):
     db = bias.new_empty(bias.shape) if bias is not None else weight.new_empty((0,))
     return weight.new_empty(weight.shape), db, gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("vitslim::gated_gelu_fwd", mutates_args=())
-def gated_gelu_fwd(pre: torch.Tensor, bias: Optional[torch.Tensor], gate: torch.Tensor, approximate: str
-                   ) -> torch.Tensor:
+def _gated_gelu_fwd(pre: torch.Tensor, bias: Optional[torch.Tensor], gate: torch.Tensor, approximate: str
+                    ) -> torch.Tensor:
     """GELU(pre + bias) * gate: (T, M) like pre."""
     return _gelu_fwd(pre, bias, gate, approximate)
 
 
-@gated_gelu_fwd.register_fake
-def _(pre, bias, gate, approximate):
+def _gated_gelu_fwd_fake(pre, bias, gate, approximate):
     return pre.new_empty(pre.shape)
 
 
-@torch.library.custom_op("vitslim::gated_gelu_bwd", mutates_args=())
-def gated_gelu_bwd(dh: torch.Tensor, pre: torch.Tensor, bias: Optional[torch.Tensor], gate: torch.Tensor,
-                   approximate: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gated_gelu_bwd(dh: torch.Tensor, pre: torch.Tensor, bias: Optional[torch.Tensor], gate: torch.Tensor,
+                    approximate: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dpre (T, M) like pre, dbias (M,) like bias or (0,), dgate (M,) like gate)."""
     return _gelu_bwd(dh, pre, bias, gate, approximate)
 
 
-@gated_gelu_bwd.register_fake
-def _(dh, pre, bias, gate, approximate):
+def _gated_gelu_bwd_fake(dh, pre, bias, gate, approximate):
     db = bias.new_empty(bias.shape) if bias is not None else pre.new_empty((0,))
     return pre.new_empty(pre.shape), db, gate.new_empty(gate.shape)
+
+
+def _gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gate: torch.Tensor
+                  ) -> torch.Tensor:
+    """y = x @ (g*W)^T + g*b: (T, O) contiguous in x's dtype, for x (T, K): the Triton fold, then one cuBLAS
+    addmm (the bias in its epilogue)."""
+    wf, bf = _fold(weight, bias, gate, x.dtype)
+    return torch.addmm(bf, x, wf.t()) if bias is not None else torch.mm(x, wf.t())
+
+
+def _gated_linear_fake(x, weight, bias, gate):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _gated_gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gate: torch.Tensor,
+                       approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, pre), both (T, M) contiguous in x's dtype, for x (T, C): pre = x @ W^T (cuBLAS, no bias) and
+    h = GELU(pre + bias) * gate (the Triton epilogue). pre is what the backward reads."""
+    pre = torch.mm(x, weight.to(x.dtype).t())
+    return _gelu_fwd(pre, bias, gate, approximate), pre
+
+
+def _gated_gelu_linear_fake(x, weight, bias, gate, approximate):
+    shape = (x.shape[0], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+gated_linear_fold = define_op("vitslim::gated_linear_fold", _gated_linear_fold, _gated_linear_fold_fake,
+                              _INTERPRETED)
+gated_linear_fold_bwd = define_op("vitslim::gated_linear_fold_bwd", _gated_linear_fold_bwd,
+                                  _gated_linear_fold_bwd_fake, _INTERPRETED)
+gated_gelu_fwd = define_op("vitslim::gated_gelu_fwd", _gated_gelu_fwd, _gated_gelu_fwd_fake, _INTERPRETED)
+gated_gelu_bwd = define_op("vitslim::gated_gelu_bwd", _gated_gelu_bwd, _gated_gelu_bwd_fake, _INTERPRETED)
+gated_linear_op = define_op("vitslim::gated_linear", _gated_linear, _gated_linear_fake, _INTERPRETED)
+gated_gelu_linear_op = define_op("vitslim::gated_gelu_linear", _gated_gelu_linear, _gated_gelu_linear_fake,
+                                 _INTERPRETED)
 
 
 def _mm_out(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -390,70 +429,111 @@ def _mm_out(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
         return torch.mm(a, b)
     if dtype != torch.float32 or a.dtype not in (torch.float16, torch.bfloat16):
         return torch.mm(a, b).to(dtype)
-    if a.is_cuda:
+    if a.is_cuda and not torch.is_grad_enabled():  # (grad enabled: a double backward differentiates this)
         if _HAS_MM_OUT_DTYPE:
             return torch.mm(a, b, out_dtype=dtype)  # cuBLAS: half inputs, fp32 accumulation and output
         return torch.mm(a, b).to(dtype)
-    return torch.mm(a.to(dtype), b.to(dtype))  # CPU: the same product (half -> fp32 is exact)
+    return torch.mm(a.to(dtype), b.to(dtype))  # the same product (half -> fp32 is exact), differentiable
 
 
 _HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # aten::mm.dtype (torch >= 2.8; CUDA only)
 
 
-class GatedLinearTriton(torch.autograd.Function):
-    """Folded-gate linear map: Triton fold + cuBLAS addmm; backward cuBLAS + the Triton weight epilogue.
-
-    Saves x, the folded weight (O(O*K)), and the raw weight, bias and gate.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, gate):
-        wf, bf = torch.ops.vitslim.gated_linear_fold(weight, bias, gate, x.dtype)
-        x2 = x.reshape(-1, x.shape[-1])
-        y = torch.addmm(bf, x2, wf.t()) if bias is not None else torch.mm(x2, wf.t())
-        ctx.save_for_backward(x, wf, weight, bias, gate)
-        return y.view(*x.shape[:-1], wf.shape[0])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, wf, weight, bias, gate = ctx.saved_tensors
-        dy2 = dy.reshape(-1, wf.shape[0])
-        dx = dw = db = dg = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.mm(dy2, wf).view(x.shape)
-        if any(ctx.needs_input_grad[1:4]):
-            dwf = _mm_out(dy2.t(), x.reshape(-1, x.shape[-1]), torch.float32)  # fp32 dW' for dW and dgate
-            dbf = dy2.sum(0, dtype=torch.float32) if bias is not None else None
-            dw, db, dg = torch.ops.vitslim.gated_linear_fold_bwd(dwf, dbf, weight, bias, gate)
-            db = db if bias is not None else None
-        return dx, dw, db, dg
+def _fold_setup_context(ctx, inputs, output):
+    weight, bias, gate, _ = inputs
+    ctx.save_for_backward(weight, bias, gate)
+    ctx.set_materialize_grads(False)
 
 
-class GatedGeluLinearTriton(torch.autograd.Function):
-    """cuBLAS fc1 without bias + the Triton bias/GELU/gate epilogue; saves x, the weight in the matmul dtype
-    and the pre-activation (T, M) in the matmul dtype."""
+def _fold_backward(ctx, dwf, dbf):
+    weight, bias, gate = ctx.saved_tensors
+    if (dwf is None and dbf is None) or not any(ctx.needs_input_grad[:3]):
+        return None, None, None, None
+    dwf = dwf if dwf is not None else weight.new_zeros(weight.shape, dtype=torch.float32)
+    if bias is not None:
+        dbf = dbf.to(torch.float32) if dbf is not None else bias.new_zeros(bias.shape, dtype=torch.float32)
+    else:
+        dbf = None
+    dw, db, dg = torch.ops.vitslim.gated_linear_fold_bwd(dwf, dbf, weight, bias, gate)
+    return dw, db if bias is not None else None, dg, None
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, gate, approximate: str):
-        w = weight.to(x.dtype)
-        pre = torch.mm(x.reshape(-1, x.shape[-1]), w.t())
-        h = torch.ops.vitslim.gated_gelu_fwd(pre, bias, gate, approximate)
-        ctx.save_for_backward(x, w, pre, bias, gate)
-        ctx.approximate = approximate
-        ctx.weight_dtype = weight.dtype
-        return h.view(*x.shape[:-1], w.shape[0])
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dh):
-        x, w, pre, bias, gate = ctx.saved_tensors
-        dpre, db, dg = torch.ops.vitslim.gated_gelu_bwd(dh.reshape(pre.shape), pre, bias, gate, ctx.approximate)
-        dx = torch.mm(dpre, w).view(x.shape) if ctx.needs_input_grad[0] else None
-        dw = None
-        if ctx.needs_input_grad[1]:
-            dw = _mm_out(dpre.t(), x.reshape(-1, x.shape[-1]), ctx.weight_dtype)
-        return dx, dw, db if bias is not None else None, dg, None
+def _formula_setup_context(ctx, inputs, output):
+    """For the backward ops: their backward is the VJP of their formula (the ops/ reference), on saved inputs."""
+    ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor) or t is None))
+    ctx.rest = tuple(a for a in inputs if not (isinstance(a, torch.Tensor) or a is None))
+    ctx.set_materialize_grads(False)
+
+
+def _fold_bwd_backward(ctx, ddw, ddb, ddg):
+    """Double backward: the VJP of gated_linear_fold_bwd_ref (bilinear in (dW', db') and (W, b, gate))."""
+    return formula_vjp(gated_linear_fold_bwd_ref, ctx.saved_tensors, (ddw, ddb, ddg), ctx.needs_input_grad)
+
+
+def _gelu_fwd_setup_context(ctx, inputs, output):
+    pre, bias, gate, approximate = inputs
+    ctx.save_for_backward(pre, bias, gate)
+    ctx.approximate = approximate
+
+
+def _gelu_fwd_backward(ctx, dh):
+    pre, bias, gate = ctx.saved_tensors
+    dpre, db, dg = torch.ops.vitslim.gated_gelu_bwd(dh, pre, bias, gate, ctx.approximate)
+    return dpre, db if bias is not None else None, dg, None
+
+
+def _gelu_bwd_backward(ctx, ddpre, ddb, ddg):
+    """Double backward: the VJP of gated_gelu_bwd_ref."""
+    args = (*ctx.saved_tensors, *ctx.rest)
+    return formula_vjp(gated_gelu_bwd_ref, args, (ddpre, ddb, ddg), ctx.needs_input_grad)
+
+
+def _gated_linear_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # x, weight, bias, gate; the folded weight is recomputed (O(O*K))
+
+
+def _gated_linear_backward(ctx, dy):
+    """cuBLAS dx = dy @ W' and dW' = dy^T @ x (fp32), column sum db' (fp32), then the Triton weight epilogue."""
+    x, weight, bias, gate = ctx.saved_tensors
+    dx = dw = db = dg = None
+    if ctx.needs_input_grad[0]:
+        wf, _ = torch.ops.vitslim.gated_linear_fold(weight, bias, gate, x.dtype)
+        dx = torch.mm(dy, wf)
+    if any(ctx.needs_input_grad[1:4]):
+        dwf = _mm_out(dy.t(), x, torch.float32)  # fp32 dW' for dW and dgate
+        dbf = dy.sum(0, dtype=torch.float32) if bias is not None else None
+        dw, db, dg = torch.ops.vitslim.gated_linear_fold_bwd(dwf, dbf, weight, bias, gate)
+    return dx, dw, db if bias is not None else None, dg
+
+
+def _gated_gelu_linear_setup_context(ctx, inputs, output):
+    x, weight, bias, gate, approximate = inputs
+    ctx.save_for_backward(x, weight, bias, gate, output[1])  # pre, in the matmul dtype
+    ctx.approximate = approximate
+    ctx.set_materialize_grads(False)  # pre is an output too; its gradient is None unless someone used it
+
+
+def _gated_gelu_linear_backward(ctx, dh, dpre_out):
+    """The Triton epilogue's backward (dpre, db, dgate in one pass), then cuBLAS dx = dpre @ W, dW = dpre^T @ x."""
+    x, weight, bias, gate, pre = ctx.saved_tensors
+    if dh is None and dpre_out is None:
+        return None, None, None, None, None
+    if dh is None:
+        dh = torch.zeros_like(pre)
+    dpre, db, dg = torch.ops.vitslim.gated_gelu_bwd(dh, pre, bias, gate, ctx.approximate)
+    if dpre_out is not None:
+        dpre = dpre + dpre_out
+    dx = torch.mm(dpre, weight.to(x.dtype)) if ctx.needs_input_grad[0] else None
+    dw = _mm_out(dpre.t(), x, weight.dtype) if ctx.needs_input_grad[1] else None
+    return dx, dw, db if bias is not None else None, dg, None
+
+
+gated_linear_fold.register_autograd(_fold_backward, setup_context=_fold_setup_context)
+gated_linear_fold_bwd.register_autograd(_fold_bwd_backward, setup_context=_formula_setup_context)
+gated_gelu_fwd.register_autograd(_gelu_fwd_backward, setup_context=_gelu_fwd_setup_context)
+gated_gelu_bwd.register_autograd(_gelu_bwd_backward, setup_context=_formula_setup_context)
+gated_linear_op.register_autograd(_gated_linear_backward, setup_context=_gated_linear_setup_context)
+gated_gelu_linear_op.register_autograd(_gated_gelu_linear_backward, setup_context=_gated_gelu_linear_setup_context)
 
 
 def gated_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor
@@ -462,7 +542,8 @@ def gated_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     check_gated_linear_args(x, weight, bias, gate)
     dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):  # the matmuls run in `dtype` explicitly
-        return GatedLinearTriton.apply(x.to(dtype), weight, bias, gate.reshape(-1))
+        y = torch.ops.vitslim.gated_linear(x.to(dtype).reshape(-1, x.shape[-1]), weight, bias, gate.reshape(-1))
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def gated_gelu_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
@@ -471,4 +552,6 @@ def gated_gelu_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     check_gated_gelu_linear_args(x, weight, bias, gate, approximate)
     dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        return GatedGeluLinearTriton.apply(x.to(dtype), weight, bias, gate, approximate)
+        h, _ = torch.ops.vitslim.gated_gelu_linear(x.to(dtype).reshape(-1, x.shape[-1]), weight, bias, gate,
+                                                   approximate)
+    return h.view(*x.shape[:-1], weight.shape[0])
