@@ -1,12 +1,20 @@
-"""torch.library done the way torch expects, for every vitslim custom op: torch.library.opcheck with all its
-default tests (schema, autograd registration, fake tensor, AOT dispatch) on inputs that require grad, so the
-registered backward (and the backward ops' own backward, for double backward) is exercised too.
+"""torch.library done the way torch expects, for every vitslim custom op.
 
-The Triton-backed ops run under Triton's interpreter (in a fresh process when this one imported triton
-compiled: see tests/kernels/interpreter.py). Tests named `..._compiled_import` check the ops' CPU path,
-which needs triton imported compiled: plain PyTorch reference math, so that torch.export of a fused slim model
-runs on CPU.
+- torch.library.opcheck with all its default tests (schema, autograd registration, fake tensor, AOT dispatch) on
+  inputs that require grad, so each op's registered backward runs eagerly and under AOTAutograd, and each
+  backward op's own backward (double backward) too.
+- The double backward is right: each backward op computes exactly its plain-PyTorch formula (the ops/
+  reference, as a function of ALL its inputs), whose VJP is the backward op's backward; and second derivatives
+  of every public function match those of the reference in float64.
+- Where triton compiles, the Triton-backed ops are triton_ops that AOTAutograd traces into (the kernels appear
+  in the graph); under the interpreter they are opaque custom ops.
+
+The Triton-backed ops run under Triton's interpreter (in a fresh process when this one imported triton compiled:
+see tests/kernels/interpreter.py). Tests named `..._compiled_import` need triton imported compiled: they check
+the ops' CPU path (plain PyTorch reference math, so that torch.export of a fused slim model runs on CPU) and the
+triton_op tracing.
 """
+import functools
 import importlib
 
 import pytest
@@ -14,12 +22,21 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from vitslim_kernels.ops.ragged_attention import ragged_attention_ref  # noqa: E402
+from vitslim_kernels import (gated_gelu_linear_ref, gated_linear_ref, layernorm_token_scale_ref,  # noqa: E402
+                             ragged_attention_ref)
+from vitslim_kernels.ops.gated_linear import gated_gelu_bwd_ref, gated_linear_fold_bwd_ref  # noqa: E402
+from vitslim_kernels.ops.layernorm_token_scale import (gather_tensors,  # noqa: E402
+                                                       layernorm_token_scale_bwd_ref)
+from vitslim_kernels.ops.ragged_attention import ragged_attention_bwd_ref  # noqa: E402
 
 from .interpreter import INTERPRETED, rerun_under_interpreter, require_interpreter  # noqa: E402
 
 SCALE = 64 ** -0.5
-HEAD_DIMS = [17, 0, 1]  # odd widths and a fully pruned head
+HEAD_DIMS = [17, 0, 1]   # odd widths and a fully pruned head
+EPS = 1e-6
+GATHER = (0, 2, 3, 16)   # of 17 input rows: prefix row 0 and 3 patches, the last row too
+MODULES = ("vitslim_kernels.triton.ragged_attention", "vitslim_kernels.triton.gated_linear",
+           "vitslim_kernels.triton.layernorm_token_scale")
 
 
 @pytest.fixture(autouse=True)
@@ -32,20 +49,312 @@ def test_cpu_tests_under_the_interpreter():
     rerun_under_interpreter(__file__)
 
 
-@pytest.fixture(scope="module")
-def ragged():
-    return importlib.import_module("vitslim_kernels.triton.ragged_attention")
+@pytest.fixture(scope="module", autouse=True)
+def ops():
+    for name in MODULES:  # registers the ops
+        importlib.import_module(name)
+    return torch.ops.vitslim
 
 
-def _qkv(B, N, head_dims, dtype, requires_grad=False, seed=0):
-    """q, k, v as strided views of one (B, N, 3D) tensor, as the qkv projection gives them."""
+def _randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def _qkv(B, N, head_dims, dtype, seed=0):
+    """q, k, v as strided views of one (B, N, 3D) leaf, as the qkv projection gives them."""
     D = sum(head_dims)
-    qkv = (1.5 * torch.randn(B, N, 3 * D, generator=g, dtype=torch.float64)).to(dtype)
-    qkv.requires_grad_(requires_grad)
+    qkv = _randn(B, N, 3 * D, dtype=dtype, seed=seed, scale=1.5)
     if D == 0:  # every head pruned: split(0) is refused
         return qkv, qkv[..., :0], qkv[..., :0]
     return qkv.split(D, dim=-1)
+
+
+def _requiring_grad(args):
+    """The op's arguments with every floating tensor a fresh leaf that requires grad."""
+    return tuple(a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                 else a for a in args)
+
+
+def _opcheck(op, args):
+    """opcheck with all default tests, inputs requiring grad; every test must report SUCCESS."""
+    results = torch.library.opcheck(op, _requiring_grad(args))
+    assert results and all(r == "SUCCESS" for r in results.values()), results
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arguments of each op (small odd shapes)
+# ---------------------------------------------------------------------------------------------------------
+
+def _ragged_fwd_args(dtype, head_dims=HEAD_DIMS, B=2, N=17):
+    return (*_qkv(B, N, head_dims, dtype), list(head_dims), SCALE)
+
+
+def _ragged_bwd_args(ops, dtype, head_dims=HEAD_DIMS, B=2, N=17):
+    q, k, v = _qkv(B, N, head_dims, dtype)
+    o, lse = ops.ragged_attention_fwd(q, k, v, list(head_dims), SCALE)
+    return (_randn(*q.shape, dtype=dtype, seed=1), q, k, v, o, lse, list(head_dims), SCALE)
+
+
+def _ln_fwd_args(dtype, out_dtype=None, gather=GATHER, num_prefix=1):
+    x = _randn(3, 17, 24, dtype=dtype, scale=2.0) + 0.5
+    gather, inverse = gather_tensors(gather, 17, x.device)
+    n_out = 17 if gather is None else gather.numel()
+    return (x, 1 + 0.5 * _randn(24, seed=1), 0.5 * _randn(24, seed=2), 1.5 * _randn(n_out - num_prefix, seed=3),
+            gather, inverse, num_prefix, EPS, out_dtype or dtype)
+
+
+def _ln_bwd_args(ops, dtype, out_dtype=None, gather=GATHER, num_prefix=1):
+    x, w, b, raw, gather, inverse, num_prefix, eps, out_dtype = _ln_fwd_args(dtype, out_dtype, gather, num_prefix)
+    y, mean, rstd = ops.layernorm_token_scale_fwd(x, w, b, raw, gather, inverse, num_prefix, eps, out_dtype)
+    return (_randn(*y.shape, dtype=y.dtype, seed=4), x, w, b, raw, inverse, mean, rstd, num_prefix)
+
+
+def _ln_bwd_shapes(dtype, out_dtype):
+    """Arguments of layernorm_token_scale_bwd of the right shapes and dtypes, without running the forward."""
+    x, w, b, raw, gather, inverse, num_prefix, _, _ = _ln_fwd_args(dtype, out_dtype)
+    mean, rstd = _randn(3, len(GATHER), seed=5), 1 + _randn(3, len(GATHER), seed=6).abs()
+    return (_randn(3, len(GATHER), 24, dtype=out_dtype, seed=4), x, w, b, raw, inverse, mean, rstd, num_prefix)
+
+
+def _fold_args(dtype, bias=True):
+    return (_randn(48, 17, dtype=dtype), _randn(48, dtype=dtype, seed=1) if bias else None,
+            _randn(16, dtype=dtype, seed=2), torch.float16 if dtype == torch.float32 else dtype)
+
+
+def _fold_bwd_args(dtype, bias=True):
+    weight, b, gate, _ = _fold_args(dtype, bias)
+    return (_randn(48, 17, seed=3), _randn(48, seed=4) if bias else None, weight, b, gate)
+
+
+def _gelu_fwd_args(dtype, approximate="none", bias=True):
+    return (_randn(17, 96, dtype=dtype, scale=2.0), _randn(96, dtype=dtype, seed=1) if bias else None,
+            _randn(96, dtype=dtype, seed=2), approximate)
+
+
+def _gelu_bwd_args(dtype, approximate="tanh", bias=False):
+    pre, b, gate, approximate = _gelu_fwd_args(dtype, approximate, bias)
+    return (_randn(17, 96, dtype=dtype, seed=3), pre, b, gate, approximate)
+
+
+def _gated_linear_args(dtype, bias=True):
+    return (_randn(17, 24, dtype=dtype), _randn(3 * 16, 24, dtype=dtype, seed=1) / 24 ** 0.5,
+            _randn(48, dtype=dtype, seed=2) if bias else None, _randn(16, dtype=dtype, seed=3))
+
+
+def _gated_gelu_linear_args(dtype, approximate="none", bias=True):
+    return (_randn(17, 24, dtype=dtype), 2 * _randn(40, 24, dtype=dtype, seed=1) / 24 ** 0.5,
+            _randn(40, dtype=dtype, seed=2) if bias else None, _randn(40, dtype=dtype, seed=3), approximate)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# opcheck of the Triton ops under the interpreter
+# ---------------------------------------------------------------------------------------------------------
+
+OPCHECK_CASES = {
+    "ragged_attention_fwd fp32": lambda ops: (ops.ragged_attention_fwd, _ragged_fwd_args(torch.float32)),
+    "ragged_attention_fwd all pruned": lambda ops: (ops.ragged_attention_fwd,
+                                                    _ragged_fwd_args(torch.float32, [0, 0], N=5)),
+    "ragged_attention_bwd fp32": lambda ops: (ops.ragged_attention_bwd, _ragged_bwd_args(ops, torch.float32)),
+    "ragged_attention_bwd fp16": lambda ops: (ops.ragged_attention_bwd, _ragged_bwd_args(ops, torch.float16)),
+    "layernorm_token_scale_fwd fp32 gather": lambda ops: (ops.layernorm_token_scale_fwd,
+                                                          _ln_fwd_args(torch.float32)),
+    "layernorm_token_scale_fwd fp16 no gather": lambda ops: (ops.layernorm_token_scale_fwd,
+                                                             _ln_fwd_args(torch.float16, gather=None)),
+    "layernorm_token_scale_bwd fp32 gather": lambda ops: (ops.layernorm_token_scale_bwd,
+                                                          _ln_bwd_args(ops, torch.float32)),
+    "layernorm_token_scale_bwd fp32->bf16 no prefix": lambda ops: (
+        ops.layernorm_token_scale_bwd, _ln_bwd_args(ops, torch.float32, torch.bfloat16, num_prefix=0)),
+    "gated_linear_fold fp32->fp16": lambda ops: (ops.gated_linear_fold, _fold_args(torch.float32)),
+    "gated_linear_fold no bias": lambda ops: (ops.gated_linear_fold, _fold_args(torch.float32, bias=False)),
+    "gated_linear_fold_bwd": lambda ops: (ops.gated_linear_fold_bwd, _fold_bwd_args(torch.float32)),
+    "gated_linear_fold_bwd no bias": lambda ops: (ops.gated_linear_fold_bwd,
+                                                  _fold_bwd_args(torch.float32, bias=False)),
+    "gated_gelu_fwd fp32": lambda ops: (ops.gated_gelu_fwd, _gelu_fwd_args(torch.float32)),
+    "gated_gelu_fwd fp16 tanh": lambda ops: (ops.gated_gelu_fwd, _gelu_fwd_args(torch.float16, "tanh", False)),
+    "gated_gelu_bwd fp32 tanh": lambda ops: (ops.gated_gelu_bwd, _gelu_bwd_args(torch.float32)),
+    "gated_gelu_bwd fp16": lambda ops: (ops.gated_gelu_bwd, _gelu_bwd_args(torch.float16, "none", True)),
+    "gated_linear fp32": lambda ops: (ops.gated_linear, _gated_linear_args(torch.float32)),
+    "gated_linear fp16 no bias": lambda ops: (ops.gated_linear, _gated_linear_args(torch.float16, bias=False)),
+    "gated_gelu_linear fp32": lambda ops: (ops.gated_gelu_linear, _gated_gelu_linear_args(torch.float32)),
+    "gated_gelu_linear fp16 tanh": lambda ops: (ops.gated_gelu_linear,
+                                                _gated_gelu_linear_args(torch.float16, "tanh", False)),
+}
+
+
+@pytest.mark.parametrize("case", list(OPCHECK_CASES))
+def test_opcheck(ops, case):
+    op, args = OPCHECK_CASES[case](ops)
+    _opcheck(op, args)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Each backward op is its formula, as a function of all its inputs (not only at the forward's outputs)
+# ---------------------------------------------------------------------------------------------------------
+
+def _assert_outputs_close(got, expected, atol):
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert a.dtype == b.dtype and a.shape == b.shape, (i, a.dtype, b.dtype, a.shape, b.shape)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=atol, msg=lambda m: f"output {i}: {m}")
+
+
+def test_backward_ops_are_their_formulas(ops):
+    g = torch.Generator().manual_seed(5)
+    # ragged attention: o and lse independent of q, k, v
+    args = list(_ragged_bwd_args(ops, torch.float32))
+    args[4] = torch.randn(args[4].shape, generator=g)
+    args[5] = 2 + torch.rand(args[5].shape, generator=g)
+    _assert_outputs_close(ops.ragged_attention_bwd(*args), ragged_attention_bwd_ref(*args), atol=1e-5)
+    # layernorm: mean and rstd independent of x
+    for gather in (GATHER, None):
+        args = list(_ln_bwd_args(ops, torch.float32, gather=gather))
+        args[6] = torch.randn(args[6].shape, generator=g)
+        args[7] = 0.5 + torch.rand(args[7].shape, generator=g)
+        _assert_outputs_close(ops.layernorm_token_scale_bwd(*args), layernorm_token_scale_bwd_ref(*args),
+                              atol=1e-4)
+    for bias in (True, False):
+        args = _fold_bwd_args(torch.float32, bias)
+        _assert_outputs_close(ops.gated_linear_fold_bwd(*args), gated_linear_fold_bwd_ref(*args), atol=1e-5)
+        for approximate in ("none", "tanh"):
+            args = _gelu_bwd_args(torch.float32, approximate, bias)
+            _assert_outputs_close(ops.gated_gelu_bwd(*args), gated_gelu_bwd_ref(*args), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Second derivatives of the public functions against the reference's in float64
+# ---------------------------------------------------------------------------------------------------------
+
+def _second_derivatives(fn, inputs, dtype, seed=7):
+    """d/d(inputs) of <d/d(inputs) <fn(inputs), c1>, c2>: a Hessian-vector product through the double backward,
+    every floating input cast to dtype; the cotangents c1, c2 are fixed random float64 tensors."""
+    leaves = [t.detach().to(dtype).requires_grad_() if isinstance(t, torch.Tensor) else t for t in inputs]
+    tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+    out = fn(*leaves)
+    g = torch.Generator().manual_seed(seed)
+    c1 = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    grads = torch.autograd.grad(out, tensors, c1, create_graph=True)
+    c2 = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in tensors]
+    inner = sum((d.double() * c).sum() for d, c in zip(grads, c2))
+    return torch.autograd.grad(inner, tensors, allow_unused=True, materialize_grads=True)
+
+
+def _check_second_derivatives(fn, ref, inputs, rel=1e-4):
+    # The kernels compute in fp32 (and save lse, mean, rstd in fp32): the float32 second derivatives are within
+    # a small multiple of fp32's eps (1.2e-7) of the float64 reference's; 1e-4 of the largest value leaves a
+    # wide margin while any missing term (an output's gradient dropped, a formula wrong) is of order 1.
+    got = _second_derivatives(fn, inputs, torch.float32)
+    expected = _second_derivatives(ref, inputs, torch.float64)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert not torch.isnan(a).any()
+        err, size = (a.double() - b).abs().max().item(), b.abs().max().item()
+        assert size > 0 or a.numel() == 0, f"input {i}: the reference's second derivative is 0 (a weak test)"
+        assert err <= rel * max(size, 1.0), f"input {i}: error {err:.3g} of {size:.3g}"
+
+
+def test_ragged_attention_second_derivatives(ops):
+    from vitslim_kernels.triton.ragged_attention import ragged_attention_triton
+    inputs = [t.double() for t in _qkv(2, 17, HEAD_DIMS, torch.float64)]
+    _check_second_derivatives(lambda q, k, v: ragged_attention_triton(q, k, v, HEAD_DIMS, SCALE),
+                              lambda q, k, v: ragged_attention_ref(q, k, v, HEAD_DIMS, SCALE), inputs)
+
+
+def test_layernorm_token_scale_second_derivatives(ops):
+    from vitslim_kernels.triton.layernorm_token_scale import layernorm_token_scale_triton
+    x, w, b, raw, *_ = _ln_fwd_args(torch.float64)
+    _check_second_derivatives(lambda *t: layernorm_token_scale_triton(*t[:3], EPS, t[3], 1, GATHER),
+                              lambda *t: layernorm_token_scale_ref(*t[:3], EPS, t[3], 1, GATHER), [x, w, b, raw])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gated_linear_second_derivatives(ops, bias):
+    from vitslim_kernels.triton.gated_linear import gated_linear_triton
+    _check_second_derivatives(gated_linear_triton, gated_linear_ref, list(_gated_linear_args(torch.float64, bias)))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gated_gelu_linear_second_derivatives(ops, approximate):
+    from vitslim_kernels.triton.gated_linear import gated_gelu_linear_triton
+    *inputs, _ = _gated_gelu_linear_args(torch.float64, approximate)
+    _check_second_derivatives(functools.partial(gated_gelu_linear_triton, approximate=approximate),
+                              functools.partial(gated_gelu_linear_ref, approximate=approximate), inputs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# custom_op under the interpreter, triton_op where triton compiles
+# ---------------------------------------------------------------------------------------------------------
+
+def _aot_forward_graph(fn, *inputs):
+    """The forward graph AOTAutograd traces for fn(*inputs) (real or fake tensors)."""
+    from functorch.compile import aot_function
+    graphs = []
+
+    def capture(gm, _):
+        graphs.append(gm)
+        return gm
+    aot_function(fn, fw_compiler=capture)(*inputs)
+    return graphs[0]
+
+
+def _targets(gm) -> set[str]:
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+
+
+def test_opaque_custom_ops_under_the_interpreter(ops):
+    # Interpreted kernels cannot be traced: AOTAutograd keeps the op whole and runs it.
+    q, k, v = _qkv(2, 17, HEAD_DIMS, torch.float32)
+    gm = _aot_forward_graph(lambda q, k, v: ops.ragged_attention_fwd(q, k, v, HEAD_DIMS, SCALE)[0], q, k, v)
+    assert "vitslim.ragged_attention_fwd.default" in _targets(gm)
+
+
+TRACED_CASES = {  # op name -> the op's arguments (fake CUDA tensors are made from them)
+    "ragged_attention_fwd": lambda ops: _ragged_fwd_args(torch.float16),
+    "ragged_attention_bwd": lambda ops: _ragged_bwd_args(ops, torch.float16),
+    "layernorm_token_scale_fwd": lambda ops: _ln_fwd_args(torch.float32, torch.bfloat16),
+    "layernorm_token_scale_bwd": lambda ops: _ln_bwd_shapes(torch.float32, torch.bfloat16),
+    "gated_linear_fold": lambda ops: _fold_args(torch.float32),
+    "gated_linear_fold_bwd": lambda ops: _fold_bwd_args(torch.float32),
+    "gated_gelu_fwd": lambda ops: _gelu_fwd_args(torch.float16),
+    "gated_gelu_bwd": lambda ops: _gelu_bwd_args(torch.float16),
+    "gated_linear": lambda ops: _gated_linear_args(torch.float16),
+    "gated_gelu_linear": lambda ops: _gated_gelu_linear_args(torch.float16),
+}
+
+
+@pytest.fixture
+def no_sm_query(monkeypatch):
+    """The launchers size some grids by the GPU's SM count, which this machine may not have: an H100's."""
+    for name in MODULES:
+        module = importlib.import_module(name)
+        if hasattr(module, "_sm_count"):
+            monkeypatch.setattr(module, "_sm_count", lambda device_index: 132)
+
+
+@pytest.mark.parametrize("name", list(TRACED_CASES))
+def test_triton_ops_are_traced_into_compiled_import(ops, name, no_sm_query):
+    """AOTAutograd (torch.compile's) traces through each Triton-backed op to its kernel launches. On fake CUDA
+    tensors, so it needs no GPU (Triton's mutation analysis then warns that it found no driver and assumes
+    every argument is mutated: the traced graph is still the op's implementation)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from vitslim_kernels.triton._common import uses_triton_op
+    assert uses_triton_op(False) == hasattr(torch.library, "triton_op")
+    if not hasattr(torch.library, "triton_op"):
+        pytest.skip(f"torch {torch.__version__} has no torch.library.triton_op: the ops are custom_ops")
+    args = TRACED_CASES[name](ops)
+    op = getattr(ops, name)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a).to("cuda") if isinstance(a, torch.Tensor) else a for a in args]
+        positions = [i for i, a in enumerate(fake) if isinstance(a, torch.Tensor)]
+
+        def call(*tensors):
+            full = list(fake)
+            for i, t in zip(positions, tensors):
+                full[i] = t
+            return op(*full)
+        gm = _aot_forward_graph(call, *(fake[i] for i in positions))
+    targets = _targets(gm)
+    assert "triton_kernel_wrapper_functional" in str(targets), targets
+    assert not any(t.startswith("vitslim.") for t in targets), targets
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -54,9 +363,9 @@ def _qkv(B, N, head_dims, dtype, requires_grad=False, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("head_dims", [HEAD_DIMS, [0, 0], [5]])
-def test_cpu_forward_compiled_import(ragged, dtype, head_dims):
+def test_cpu_forward_compiled_import(ops, dtype, head_dims):
     q, k, v = _qkv(3, 17, head_dims, dtype)
-    o, lse = torch.ops.vitslim.ragged_attention_fwd(q, k, v, head_dims, SCALE)
+    o, lse = ops.ragged_attention_fwd(q, k, v, head_dims, SCALE)
     ref = ragged_attention_ref(q, k, v, head_dims, SCALE)
     assert o.dtype == dtype and o.shape == q.shape
     torch.testing.assert_close(o, ref, rtol=0, atol=8 * torch.finfo(dtype).eps)
@@ -73,12 +382,12 @@ def test_cpu_forward_compiled_import(ragged, dtype, head_dims):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_backward_compiled_import(ragged, dtype):
+def test_cpu_backward_compiled_import(ops, dtype):
     # At the forward's o and lse, the backward op is the gradient of attention.
     q, k, v = _qkv(3, 17, HEAD_DIMS, dtype)
-    do = torch.randn(q.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
-    o, lse = torch.ops.vitslim.ragged_attention_fwd(q, k, v, HEAD_DIMS, SCALE)
-    grads = torch.ops.vitslim.ragged_attention_bwd(do, q, k, v, o, lse, HEAD_DIMS, SCALE)
+    do = _randn(*q.shape, dtype=dtype, seed=1)
+    o, lse = ops.ragged_attention_fwd(q, k, v, HEAD_DIMS, SCALE)
+    grads = ops.ragged_attention_bwd(do, q, k, v, o, lse, HEAD_DIMS, SCALE)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     expected = torch.autograd.grad(ragged_attention_ref(*leaves, HEAD_DIMS, SCALE), leaves, do.double())
     for got, exp in zip(grads, expected):
@@ -86,19 +395,43 @@ def test_cpu_backward_compiled_import(ragged, dtype):
         torch.testing.assert_close(got.double(), exp, rtol=0, atol=64 * torch.finfo(torch.float32).eps)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The Triton ops under the interpreter
-# ---------------------------------------------------------------------------------------------------------
+def test_cpu_opcheck_compiled_import(ops):
+    # float64 only where it is a different path: the bwd op then computes in float64 (lse stays float32)
+    _opcheck(ops.ragged_attention_fwd, _ragged_fwd_args(torch.float32))
+    _opcheck(ops.ragged_attention_bwd, _ragged_bwd_args(ops, torch.float32))
+    _opcheck(ops.ragged_attention_bwd, _ragged_bwd_args(ops, torch.float64))
 
-def test_ragged_bwd_kernel_is_its_formula(ragged):
-    # The backward op as a function of all its inputs (o and lse too, here not the forward's) is
-    # ragged_attention_bwd_ref, whose derivatives are then the op's second derivatives.
-    from vitslim_kernels.ops.ragged_attention import ragged_attention_bwd_ref
-    q, k, v = _qkv(2, 17, HEAD_DIMS, torch.float32)
-    g = torch.Generator().manual_seed(2)
-    do, o = (torch.randn(q.shape, generator=g) for _ in range(2))
-    lse = 2 + torch.rand(2, 2, 17, generator=g)
-    got = torch.ops.vitslim.ragged_attention_bwd(do, q, k, v, o, lse, HEAD_DIMS, SCALE)
-    expected = ragged_attention_bwd_ref(do, q, k, v, o, lse, HEAD_DIMS, SCALE)
+
+def test_cpu_gradcheck_compiled_import(ops):
+    """float64 gradcheck of the backward op with respect to all six inputs: its registered backward (the double
+    backward of attention) against finite differences; and of the forward op's o."""
+    head_dims = [3, 0, 1]
+    q, k, v = (t.detach().clone().requires_grad_() for t in _qkv(2, 5, head_dims, torch.float64))
+    o, lse = ops.ragged_attention_fwd(q, k, v, head_dims, 0.5)
+    do = _randn(*o.shape, dtype=torch.float64, seed=1).requires_grad_()
+    o, lse = o.detach().requires_grad_(), lse.detach().double().requires_grad_()  # lse as a float64 input
+    assert torch.autograd.gradcheck(lambda *t: ops.ragged_attention_bwd(*t, head_dims, 0.5), (do, q, k, v, o, lse))
+    assert torch.autograd.gradcheck(lambda *t: ops.ragged_attention_fwd(*t, head_dims, 0.5)[0], (q, k, v))
+
+
+def test_cpu_second_derivatives_compiled_import(ops):
+    # End to end on the CPU path in float64: only lse is float32 (the op's contract).
+    q, k, v = _qkv(2, 17, HEAD_DIMS, torch.float64)
+    got = _second_derivatives(lambda q, k, v: ops.ragged_attention_fwd(q, k, v, HEAD_DIMS, SCALE)[0], [q, k, v],
+                              torch.float64)
+    expected = _second_derivatives(lambda q, k, v: ragged_attention_ref(q, k, v, HEAD_DIMS, SCALE), [q, k, v],
+                                   torch.float64)
     for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+
+
+def test_cuda_op_autograd_compiled_import(ops, monkeypatch):
+    """vitslim::ragged_attention_fwd_cuda's registered backward (the Triton ops, here on their CPU path), with the
+    extension's forward replaced by the reference: this machine may have no GPU (the real op's opcheck is in
+    test_ragged_attention_cuda.py)."""
+    cuda_module = importlib.import_module("vitslim_kernels.cuda.ragged_attention")
+    monkeypatch.setattr(cuda_module, "_fwd", lambda q, k, v, head_dims, scale:
+                        ragged_attention_ref(q, k, v, head_dims, scale).contiguous())
+    _opcheck(ops.ragged_attention_fwd_cuda, _ragged_fwd_args(torch.float32))
+    q, k, v = (t.detach().clone().requires_grad_() for t in _qkv(2, 5, [3, 0, 1], torch.float64))
+    assert torch.autograd.gradcheck(lambda *t: ops.ragged_attention_fwd_cuda(*t, [3, 0, 1], 0.5), (q, k, v))
