@@ -8,6 +8,7 @@ import torch
 from timm.data import resolve_data_config
 
 import vitslim
+import vitslim.digits  # noqa: F401 - registers vitslim_digits_vit with timm
 
 from .tiny_models import TINY, VARIANTS, images_for, make_vit, randomize_gates, searchable_copy
 
@@ -16,6 +17,7 @@ from .tiny_models import TINY, VARIANTS, images_for, make_vit, randomize_gates, 
 NON_DEFAULT_CONFIGS = {
     "vit_tiny_patch16_384": dict(patch_size=32, embed_dim=48, depth=2, num_heads=3),   # 384 px, mean 0.5, crop 1
     "deit_small_distilled_patch16_224": dict(TINY, img_size=224, patch_size=32),     # crop 0.9
+    "vitslim_digits_vit": dict(depth=2),                                              # the embedded data's
 }
 
 

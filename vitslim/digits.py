@@ -23,7 +23,13 @@ def vitslim_digits_vit(pretrained: bool = False, **kwargs) -> VisionTransformer:
         kwargs.pop(key, None)
     args = dict(img_size=DIGITS_IMG_SIZE, patch_size=4, in_chans=3, num_classes=DIGITS_CLASSES, embed_dim=64,
                 depth=4, num_heads=4, mlp_ratio=4.0)
-    return VisionTransformer(**{**args, **kwargs})
+    model = VisionTransformer(**{**args, **kwargs})
+    # timm's data config of the embedded data (what timm.data.resolve_data_config reads, for dense and slim models)
+    size = model.patch_embed.img_size
+    model.pretrained_cfg = model.default_cfg = dict(
+        architecture="vitslim_digits_vit", num_classes=model.num_classes, input_size=(3, *size),
+        interpolation="bilinear", mean=(DIGITS_MEAN,) * 3, std=(DIGITS_STD,) * 3, crop_pct=1.0, crop_mode="center")
+    return model
 
 
 def digits_split(img_size: int = DIGITS_IMG_SIZE, val_fraction: float = 0.2, seed: int = 0
