@@ -35,6 +35,48 @@ class Data:
     description: str
 
 
+def posterize_any_pillow(img, bits_to_keep: int, **_):
+    """timm's RandAugment posterize, as it behaved before Pillow 13: 0 bits kept gives a black image.
+
+    timm's increasing posterize maps magnitude 10 to 0 bits (`rand-m9-mstd0.5` draws it for about 0.17% of
+    images); Pillow 13's ImageOps.posterize refuses 0 ("bits must be between or equal to 1 and 8") in a loader
+    worker, and the run dies. Older Pillow masked every channel value with ~(2**8 - 1), i.e. to 0: that is what
+    the DeiT recipe was trained with, so it is kept here; 1-7 bits go to Pillow unchanged.
+    """
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _mend_posterize(transform) -> int:
+    """Swap posterize_any_pillow into every timm posterize op inside `transform`; returns how many."""
+    from timm.data import auto_augment
+
+    count = 0
+    for op in getattr(transform, "ops", ()):  # timm's RandAugment / AutoAugment policies
+        if getattr(op, "aug_fn", None) is auto_augment.posterize:
+            op.aug_fn = posterize_any_pillow
+            count += 1
+    for child in getattr(transform, "transforms", ()):  # Compose
+        count += _mend_posterize(child)
+    return count
+
+
+def train_transform(img_size: int, mean, std, augment: Augment, no_aug: bool = False):
+    """The DeiT training transform of timm.data, with posterize working on every Pillow (posterize_any_pillow)."""
+    from timm.data import create_transform
+
+    transform = create_transform(img_size, is_training=True, no_aug=no_aug, auto_augment=augment.rand_augment,
+                                 color_jitter=augment.color_jitter, re_prob=augment.reprob,
+                                 interpolation=augment.interpolation, mean=mean, std=std)
+    _mend_posterize(transform)
+    return transform
+
+
 def _image_folder(root: Path, transform) -> Dataset:
     from torchvision.datasets import ImageFolder
 
@@ -54,9 +96,7 @@ def image_folders(data_path: str, img_size: int, mean, std, augment: Augment, no
     root = Path(data_path)
     if not root.is_dir():
         raise UserError(f"--data-path {data_path} does not exist")
-    train_tf = create_transform(img_size, is_training=True, no_aug=no_aug, auto_augment=augment.rand_augment,
-                                color_jitter=augment.color_jitter, re_prob=augment.reprob,
-                                interpolation=augment.interpolation, mean=mean, std=std)
+    train_tf = train_transform(img_size, mean, std, augment, no_aug)
     val_tf = create_transform(img_size, is_training=False, interpolation=augment.interpolation,
                               crop_pct=augment.crop_pct, mean=mean, std=std)
     train, val = _image_folder(root / "train", train_tf), _image_folder(root / "val", val_tf)
