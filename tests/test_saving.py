@@ -64,3 +64,17 @@ def test_corrupted_and_mismatched_files(tmp_path):
 def test_save_needs_a_slim_model(tmp_path):
     with pytest.raises(ValueError, match="save_slim takes a model made by vitslim.slim"):
         vitslim.save_slim(make_vit(), tmp_path / "x")
+
+
+@pytest.mark.parametrize("name,num_classes,pool", [
+    ("deit_small_patch16_224", 7, None), ("deit_small_patch16_224", 0, None), ("deit_small_patch16_224", 5, "avg"),
+    ("deit_small_distilled_patch16_224", 7, None), ("deit_small_distilled_patch16_224", 0, None)])  # timm: token pool only
+def test_a_slim_model_with_a_reset_head_saves_and_loads(tmp_path, name, num_classes, pool):
+    slim = _slim(True, name=name)
+    slim.reset_classifier(num_classes, pool)  # fine-tuning on another data set
+    loaded = vitslim.load_slim(vitslim.save_slim(slim, tmp_path / "slim"))
+    assert loaded.num_classes == num_classes and loaded.global_pool == slim.global_pool
+    x = images_for(slim)
+    out = slim(x)
+    assert out.shape[-1] == (num_classes or slim.embed_dim)
+    torch.testing.assert_close(loaded(x), out, rtol=0, atol=0)

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -61,6 +62,8 @@ def save_slim(model: nn.Module, path: str | os.PathLike) -> Path:
     if plan is None or arch is None:
         raise ValueError(f"save_slim takes a model made by vitslim.slim or vitslim.load_slim; "
                          f"this {type(model).__name__} has no slim plan")
+    # The head as it is now: timm's reset_classifier (fine-tuning) changes num_classes and maybe the pooling.
+    arch = dataclasses.replace(arch, num_classes=int(model.num_classes), global_pool=model.global_pool)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
