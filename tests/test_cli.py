@@ -178,12 +178,27 @@ def _bad_inputs(tmp_path):
         (retrain.main, ["--searched", str(garbage)], "cannot read checkpoint"),
         (retrain.main, ["--searched", str(other)], "not a vitslim training checkpoint"),
         (retrain.main, ["--searched", "x", "--budget-tokens", "2"], "--budget-tokens must be in (0, 1]"),
+        # numeric flags, all refused before any work starts (issue 12)
+        (search.main, ["--workers", "-1"], "--workers must be an integer >= 0, got '-1'"),
+        (search.main, ["--seed", "-1"], "--seed must be an integer >= 0, got '-1'"),
+        (search.main, ["--dense-epochs", "-1"], "--dense-epochs must be an integer >= 0, got '-1'"),
+        (search.main, ["--dense-lr", "nan"], "--dense-lr must be a number > 0, got 'nan'"),
+        (search.main, ["--lr", "nan"], "--lr must be a number > 0, got 'nan'"),
+        (search.main, ["--lr", "0"], "--lr must be a number > 0, got '0'"),
+        (search.main, ["--model-ema-decay", "1"], "--model-ema-decay must be in [0, 1), got '1'"),
+        (retrain.main, ["--searched", "x", "--workers", "-1"], "--workers must be an integer >= 0"),
+        (retrain.main, ["--searched", "x", "--seed", "-1"], "--seed must be an integer >= 0"),
+        (retrain.main, ["--searched", "x", "--lr", "inf"], "--lr must be a number > 0, got 'inf'"),
+        (retrain.main, ["--searched", "x", "--distillation-tau", "-1"], "--distillation-tau must be a number > 0"),
+        (retrain.main, ["--searched", "x", "--distillation-tau", "0"], "--distillation-tau must be a number > 0"),
+        (retrain.main, ["--searched", "x", "--distillation-alpha", "nan"], "--distillation-alpha must be in [0, 1]"),
+        (retrain.main, ["--searched", "x", "--distillation-alpha", "1.5"], "--distillation-alpha must be in [0, 1]"),
     ]
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     for main, argv, message in _bad_inputs(tmp_path):
-        code, _, err = run_cli(main, [*argv, "--output-dir", str(tmp_path / "out"), *FAST], capsys)
+        code, _, err = run_cli(main, [*FAST, "--output-dir", str(tmp_path / "out"), *argv], capsys)  # argv last: it wins
         lines = err.strip().splitlines()
         assert code == 2, (argv, err)
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (argv, err)

@@ -78,3 +78,13 @@ def test_a_slim_model_with_a_reset_head_saves_and_loads(tmp_path, name, num_clas
     out = slim(x)
     assert out.shape[-1] == (num_classes or slim.embed_dim)
     torch.testing.assert_close(loaded(x), out, rtol=0, atol=0)
+
+
+def test_saved_files_get_the_usual_mode(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        folder = vitslim.save_slim(_slim(False), tmp_path / "slim")
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {oct(0o644)}  # not mkstemp's 0600

@@ -94,6 +94,26 @@ def non_negative(name: str) -> Callable[[str], float]:
     return parse
 
 
+def positive(name: str) -> Callable[[str], float]:
+    """A finite number > 0."""
+    def parse(text: str) -> float:
+        value = _number(name, text)
+        if not 0.0 < value < float("inf"):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{name} must be a number > 0, got {text!r}")
+        return value
+    return parse
+
+
+def unit_interval(name: str) -> Callable[[str], float]:
+    """A number in [0, 1]."""
+    def parse(text: str) -> float:
+        value = _number(name, text)
+        if not 0.0 <= value <= 1.0:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {text!r}")
+        return value
+    return parse
+
+
 def fraction(name: str) -> Callable[[str], float]:
     """A number in [0, 1)."""
     def parse(text: str) -> float:
@@ -104,16 +124,26 @@ def fraction(name: str) -> Callable[[str], float]:
     return parse
 
 
-def positive_int(name: str) -> Callable[[str], int]:
+def _integer(name: str, minimum: int) -> Callable[[str], int]:
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}")
+            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {text!r}")
         return value
     return parse
+
+
+def positive_int(name: str) -> Callable[[str], int]:
+    return _integer(name, 1)
+
+
+def non_negative_int(name: str) -> Callable[[str], int]:
+    return _integer(name, 0)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -42,11 +42,11 @@ def build_parser() -> ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="train/ and val/ class folders (default: the data the "
                    "search used, if it was the embedded digits)")
-    g.add_argument("--workers", type=int, default=4)
+    g.add_argument("--workers", type=cli.non_negative_int("--workers"), default=4)
     g = p.add_argument_group("recipe (defaults: DeiT's; lighter ones on the embedded data)")
     g.add_argument("--epochs", type=cli.positive_int("--epochs"), default=None)
     g.add_argument("--batch-size", type=cli.positive_int("--batch-size"), default=None, help="per process")
-    g.add_argument("--lr", type=float, default=None, help="default: 5e-4 x global batch / 512")
+    g.add_argument("--lr", type=cli.positive("--lr"), default=None, help="default: 5e-4 x global batch / 512")
     g.add_argument("--min-lr", type=cli.non_negative("--min-lr"), default=1e-5)
     g.add_argument("--warmup-epochs", type=cli.non_negative("--warmup-epochs"), default=None)
     g.add_argument("--weight-decay", type=cli.non_negative("--weight-decay"), default=0.05)
@@ -56,15 +56,15 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1")
     g.add_argument("--reprob", type=cli.non_negative("--reprob"), default=None)
     g.add_argument("--drop-path", type=cli.non_negative("--drop-path"), default=None)
-    g.add_argument("--model-ema-decay", type=float, default=None)
+    g.add_argument("--model-ema-decay", type=cli.fraction("--model-ema-decay"), default=None)
     g.add_argument("--clip-grad", type=cli.non_negative("--clip-grad"), default=None)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=cli.non_negative_int("--seed"), default=0)
     g = p.add_argument_group("distillation")
     g.add_argument("--teacher", default=None, help="'dense' (the model the search started from) or a timm name")
     g.add_argument("--teacher-checkpoint", default=None, help="local weights for a timm --teacher")
     g.add_argument("--distillation-type", choices=("soft", "hard"), default="soft")
-    g.add_argument("--distillation-alpha", type=float, default=0.5)
-    g.add_argument("--distillation-tau", type=float, default=1.0)
+    g.add_argument("--distillation-alpha", type=cli.unit_interval("--distillation-alpha"), default=0.5)
+    g.add_argument("--distillation-tau", type=cli.positive("--distillation-tau"), default=1.0)
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default="runs/retrain")
     g.add_argument("--resume", action="store_true")
@@ -121,8 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     for name, (paper, light) in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, light if embedded else paper)
-    if args.distillation_alpha < 0 or args.distillation_alpha > 1:
-        raise UserError(f"--distillation-alpha must be in [0, 1], got {args.distillation_alpha}")
     dist, say, out = cli.start_run(args, [CHECKPOINT], "retrain")
 
     if args.plan is not None:

@@ -26,12 +26,19 @@ class SlimFileError(ValueError):
     """A saved slim model is missing, corrupted, or does not match its own plan."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """write(tmp) to a temporary file beside `path` (same suffix, as torch.export.save wants), then rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model gets the mode any new file gets
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -43,15 +43,17 @@ def build_parser() -> ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="folder with train/ and val/ class folders "
                    "(default: the embedded digits data)")
-    g.add_argument("--workers", type=int, default=4, help="data loading processes per rank (default: 4)")
+    g.add_argument("--workers", type=cli.non_negative_int("--workers"), default=4,
+                   help="data loading processes per rank (default: 4)")
     g = p.add_argument_group("recipe (defaults: the paper's; lighter ones on the embedded data)")
     g.add_argument("--epochs", type=cli.positive_int("--epochs"), default=None)
-    g.add_argument("--dense-epochs", type=int, default=None,
-                   help="train the dense model first for this many epochs (default: 40 on the embedded data, "
+    g.add_argument("--dense-epochs", type=cli.non_negative_int("--dense-epochs"), default=None,
+                   help="train the dense model first for this many epochs (default: 30 on the embedded data, "
                         "where no pretrained weights exist; else 0)")
-    g.add_argument("--dense-lr", type=float, default=None, help="peak lr of that dense training (cosine)")
+    g.add_argument("--dense-lr", type=cli.positive("--dense-lr"), default=None,
+                   help="peak lr of that dense training (cosine)")
     g.add_argument("--batch-size", type=cli.positive_int("--batch-size"), default=None, help="per process")
-    g.add_argument("--lr", type=float, default=None, help="constant learning rate (paper: 5e-4)")
+    g.add_argument("--lr", type=cli.positive("--lr"), default=None, help="constant learning rate (paper: 5e-4)")
     g.add_argument("--weight-decay", type=cli.non_negative("--weight-decay"), default=1e-3)
     g.add_argument("--w1", type=cli.non_negative("--w1"), default=None, help="attention gate l1 weight (2e-4)")
     g.add_argument("--w2", type=cli.non_negative("--w2"), default=None, help="MLP gate l1 weight (5e-5)")
@@ -62,9 +64,10 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="RandAugment policy (timm syntax)")
     g.add_argument("--reprob", type=cli.non_negative("--reprob"), default=None, help="random erasing")
     g.add_argument("--drop-path", type=cli.non_negative("--drop-path"), default=None)
-    g.add_argument("--model-ema-decay", type=float, default=None, help="EMA decay (0 turns the EMA off)")
+    g.add_argument("--model-ema-decay", type=cli.fraction("--model-ema-decay"), default=None,
+                   help="EMA decay (0 turns the EMA off)")
     g.add_argument("--clip-grad", type=cli.non_negative("--clip-grad"), default=None)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=cli.non_negative_int("--seed"), default=0)
     g = p.add_argument_group("output")
     g.add_argument("--budgets", type=cli.budgets_type, nargs="+", default=[(0.7, 0.7, 0.7)],
                    help="plans to write at the end: 'b' or 'attn,mlp,tokens' each (default: 0.7,0.7,0.7)")
