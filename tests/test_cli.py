@@ -178,6 +178,8 @@ def _bad_inputs(tmp_path):
         (retrain.main, ["--searched", str(garbage)], "cannot read checkpoint"),
         (retrain.main, ["--searched", str(other)], "not a vitslim training checkpoint"),
         (retrain.main, ["--searched", "x", "--budget-tokens", "2"], "--budget-tokens must be in (0, 1]"),
+        (search.main, ["--output-dir", str(garbage)], "is a file, not a folder"),
+        (search.main, ["--output-dir", str(garbage / "sub")], "a part of that path is a file"),
         # numeric flags, all refused before any work starts (issue 12)
         (search.main, ["--workers", "-1"], "--workers must be an integer >= 0, got '-1'"),
         (search.main, ["--seed", "-1"], "--seed must be an integer >= 0, got '-1'"),

@@ -283,5 +283,19 @@ def start_run(args, started: list[str], kind: str) -> tuple[Distributed, Callabl
     if not args.resume and any((out / name).exists() for name in started):
         raise UserError(f"{out} already holds a {kind} run: pass --resume to continue it, or another --output-dir")
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        check_output_dir(out)
     return dist, say, out
+
+
+def check_output_dir(out: Path) -> None:
+    """Create --output-dir and make sure it takes files, or raise UserError in one line saying why not."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"--output-dir {out} is a file, not a folder") from None
+    except NotADirectoryError:
+        raise UserError(f"--output-dir {out}: a part of that path is a file, not a folder") from None
+    except PermissionError:
+        raise UserError(f"--output-dir {out} cannot be created: permission denied") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"--output-dir {out} is not writable")
