@@ -85,43 +85,33 @@ def _number(name: str, text: str) -> float:
         raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
 
 
-def non_negative(name: str) -> Callable[[str], float]:
+def _number_where(name: str, ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
+    """A parser of numbers for which ok(value) holds (comparisons refuse nan); the error says `what` is wanted."""
     def parse(text: str) -> float:
         value = _number(name, text)
-        if not value >= 0.0:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {text!r}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{name} must be {what}, got {text!r}")
         return value
     return parse
+
+
+def non_negative(name: str) -> Callable[[str], float]:
+    return _number_where(name, lambda v: v >= 0.0, ">= 0")
 
 
 def positive(name: str) -> Callable[[str], float]:
     """A finite number > 0."""
-    def parse(text: str) -> float:
-        value = _number(name, text)
-        if not 0.0 < value < float("inf"):  # also refuses nan
-            raise argparse.ArgumentTypeError(f"{name} must be a number > 0, got {text!r}")
-        return value
-    return parse
+    return _number_where(name, lambda v: 0.0 < v < float("inf"), "a number > 0")
 
 
 def unit_interval(name: str) -> Callable[[str], float]:
     """A number in [0, 1]."""
-    def parse(text: str) -> float:
-        value = _number(name, text)
-        if not 0.0 <= value <= 1.0:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1], got {text!r}")
-        return value
-    return parse
+    return _number_where(name, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
 
 
 def fraction(name: str) -> Callable[[str], float]:
     """A number in [0, 1)."""
-    def parse(text: str) -> float:
-        value = _number(name, text)
-        if not 0.0 <= value < 1.0:
-            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1), got {text!r}")
-        return value
-    return parse
+    return _number_where(name, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
 
 
 def _integer(name: str, minimum: int) -> Callable[[str], int]:
