@@ -6,7 +6,7 @@ ONNX goes through torch's dynamo exporter; with --fused the model is loaded as l
 its graph holds one vitslim::ragged_attention_fwd per block, which vitslim_kernels.onnx translates into
 per-head attention in standard ONNX ops; without it the graph is the plain PyTorch path. pt2 is
 torch.export.save's program; vitslim.export.load_pt2 loads either kind (torch.export.load too, once the op is
-registered: vitslim_kernels.onnx.ragged_attention_fwd_op() does that).
+registered: vitslim_kernels.ops.ragged_attention.ragged_attention_fwd_op() does that).
 The written file is loaded back and run on random images of the model's input size, and compared with the
 eager model (ONNX: onnxruntime where installed, else onnx's reference evaluator): the max error is printed,
 and the command fails (status 1) above --tolerance.
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitslim_kernels.onnx import ragged_attention_fwd_op
+from vitslim_kernels.ops.ragged_attention import ragged_attention_fwd_op
 
 from . import cli
 from .cli import ArgumentParser, UserError

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import vitslim_kernels
+from vitslim_kernels.ops.ragged_attention import ragged_attention_fwd_op
 
 from .arch import ViTArch, build, describe
 from .intermediates import install_checked_forward_intermediates
@@ -26,11 +27,6 @@ def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
         return nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias)
-
-
-def _ragged_attention_fwd_op():
-    from vitslim_kernels.onnx import ragged_attention_fwd_op
-    return ragged_attention_fwd_op()
 
 
 class SlimAttention(nn.Module):
@@ -59,7 +55,7 @@ class SlimAttention(nn.Module):
         q, k, v = qkv[..., :w], qkv[..., w:2 * w], qkv[..., 2 * w:]  # each (B, N, width); width may be 0
         if self.implementation is None and torch.compiler.is_exporting() and not (self.training and self.attn_drop_p):
             # The same graph whatever the tracing device; vitslim_kernels.onnx translates the op for ONNX.
-            o, _ = _ragged_attention_fwd_op()(q, k, v, list(self.head_dims), self.scale)
+            o, _ = ragged_attention_fwd_op()(q, k, v, list(self.head_dims), self.scale)
             return self.proj_drop(self.proj(o))
         o = vitslim_kernels.ragged_attention(q, k, v, self.head_dims, self.scale,
                                              dropout_p=self.attn_drop_p if self.training else 0.0,

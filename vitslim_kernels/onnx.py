@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .ops.ragged_attention import ragged_attention_fwd_op
+
 
 def _onnxscript():
     try:
@@ -53,28 +55,8 @@ def _ragged_attention_fwd(q, k, v, head_dims: list[int], scale: float):
 
 def translation_table() -> dict[Callable, Callable]:
     """The `custom_translation_table` of torch.onnx.export(dynamo=True) for the vitslim ops."""
-    import torch
-
     _onnxscript()  # the clear error, here, rather than deep inside the exporter
     try:
         return {ragged_attention_fwd_op(): _ragged_attention_fwd}
     except ImportError:  # then no graph can hold the op: plain models export without it
         return {}
-
-
-def ragged_attention_fwd_op():
-    """torch.ops.vitslim.ragged_attention_fwd.default, the op an exported fused slim model holds.
-
-    Registered by importing the module that defines it (today the Triton one, which needs triton installed;
-    the op itself runs on CPU tensors without it, in plain PyTorch).
-    """
-    import torch
-
-    from .ops import ragged_attention  # noqa: F401 - where the op belongs (CONVENTIONS.md)
-    if not hasattr(torch.ops.vitslim, "ragged_attention_fwd"):
-        try:
-            from .triton import ragged_attention as _  # noqa: F401
-        except ImportError as e:
-            raise ImportError(f"the op vitslim::ragged_attention_fwd is defined with the Triton kernels, which "
-                              f"cannot be imported here ({e}); export with fused=False instead") from None
-    return torch.ops.vitslim.ragged_attention_fwd.default

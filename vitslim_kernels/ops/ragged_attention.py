@@ -134,3 +134,16 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim
         implementation = "reference"  # only the reference has attention dropout (the kernels have no RNG)
     impl = select("ragged_attention", q, forced=implementation)
     return impl(q, k, v, head_dims, scale, dropout_p)
+
+
+def ragged_attention_fwd_op() -> torch._ops.OpOverload:
+    """torch.ops.vitslim.ragged_attention_fwd.default, the op an exported fused slim model holds (and what a
+    loaded fused .pt2 program calls). Registered by importing the Triton module that defines it, so it needs
+    triton installed; the op itself also runs on CPU tensors, in plain PyTorch."""
+    if not hasattr(torch.ops.vitslim, "ragged_attention_fwd"):
+        try:
+            from ..triton import ragged_attention as _  # noqa: F401
+        except ImportError as e:
+            raise ImportError(f"the op vitslim::ragged_attention_fwd is defined with the Triton kernels, which "
+                              f"cannot be imported here ({e}); export with fused=False instead") from None
+    return torch.ops.vitslim.ragged_attention_fwd.default
