@@ -32,6 +32,17 @@ def register(op: str, name: str, load: Callable[[], Callable],
     _REGISTRY.setdefault(op, []).append(Implementation(op, name, load, unavailable))
 
 
+_COMPILE_ONLY_TARGETS: list = []  # stack of vitslim_kernels.compile_only targets; the last one is active
+
+
+def compile_only_target():
+    """The stand-in GPU target (vitslim_kernels.compile_only.Target) while `compile_only` is active, else None.
+
+    While one is active, CPU tensors take the Triton path and every kernel launch only compiles, for that
+    target: nothing runs, outputs stay uninitialised. The compile gate reads what was compiled."""
+    return _COMPILE_ONLY_TARGETS[-1] if _COMPILE_ONLY_TARGETS else None
+
+
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -82,7 +93,9 @@ _INTERPRETER_BROKEN: str | None = interpreter_broken()  # package metadata only:
 
 def triton_unavailable(example: torch.Tensor) -> str | None:
     """None if the Triton kernels can run on tensors like `example`, else why not (read at call time)."""
-    if example.device.type == "cpu":
+    if example.device.type == "cpu" and compile_only_target() is not None:
+        pass  # vitslim_kernels.compile_only: launches compile for its stand-in GPU and run nothing
+    elif example.device.type == "cpu":
         if not interpreter_enabled():
             return "CPU tensor and TRITON_INTERPRET is not 1"
         broken = _INTERPRETER_BROKEN

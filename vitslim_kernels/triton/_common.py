@@ -1,8 +1,12 @@
 """Host-side helpers shared by the Triton ops: buffer allocation and the interpreter/compiled checks."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton.language as tl
+
+from ..dispatch import compile_only_target
 
 
 def alloc(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -30,9 +34,22 @@ def interpreter_agrees(kernel, module: str) -> bool:
 
 
 def check_device(t: torch.Tensor, op: str, is_interpreted: bool) -> None:
-    if t.device.type == "cpu" and not is_interpreted:
+    if t.device.type == "cpu" and not is_interpreted and compile_only_target() is None:
         raise RuntimeError(f"{op}: CPU tensors run the Triton kernels only in Triton's interpreter; "
                            "set TRITON_INTERPRET=1 before anything imports triton")
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (of the stand-in target under vitslim_kernels.compile_only)."""
+    target = compile_only_target()
+    if target is not None:
+        return target.sm_count
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def uses_triton_op(is_interpreted: bool) -> bool:

@@ -28,7 +28,6 @@ Deterministic: no atomics. Every column reduction over rows is a per-program par
 order written to a (programs, M) buffer, then one torch.sum over dim 0; cuBLAS GEMMs and torch.sum are
 deterministic for a fixed shape on a fixed device.
 """
-import functools
 from typing import Optional  # custom_op schemas are inferred from typing.Optional on every torch we support
 
 import torch
@@ -36,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._common import alloc as _alloc
-from ._common import check_device, define_op, formula_vjp, interpreter_agrees, kernel_wrapper
+from ._common import check_device, define_op, sm_count, formula_vjp, interpreter_agrees, kernel_wrapper
 
 from ..ops.gated_linear import (check_gated_gelu_linear_args, check_gated_linear_args, compute_dtype,
                                 gated_gelu_bwd_ref, gated_linear_fold_bwd_ref)
@@ -215,11 +214,6 @@ def _check_device(t: torch.Tensor) -> None:
     check_device(t, "gated linear epilogues", _INTERPRETED)
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _weight_blocks() -> dict:
     if _INTERPRETED:
         return dict(BLOCK_K=32)  # K = 48 gives a full and a partial column block
@@ -240,8 +234,7 @@ def _row_programs(num_tiles: int, col_blocks: int, device: torch.device) -> int:
         return triton.cdiv(num_tiles, 2)  # 2 tiles per program: the in-program accumulation is exercised
     # Not yet measured: about 4 programs per SM over the whole grid; the (programs, M) partial buffers stay
     # small (for DeiT-S on an H100: 44 x 1536 fp32).
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(num_tiles, triton.cdiv(4 * sms, col_blocks)))
+    return max(1, min(num_tiles, triton.cdiv(4 * sm_count(device), col_blocks)))
 
 
 def _fold(weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, dtype: torch.dtype

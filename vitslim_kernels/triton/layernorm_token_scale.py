@@ -16,7 +16,6 @@ Kernels:
 Deterministic: no atomics anywhere; the partition of rows into programs depends only on the shape and the
 device's SM count.
 """
-import functools
 from typing import Optional  # custom_op schemas are inferred from typing.Optional on every torch we support
 
 import torch
@@ -24,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import alloc as _alloc
-from ._common import check_device, define_op, formula_vjp, interpreter_agrees, kernel_wrapper
+from ._common import check_device, define_op, sm_count, formula_vjp, interpreter_agrees, kernel_wrapper
 
 from ..ops.layernorm_token_scale import (check_layernorm_token_scale_args, gather_tensors, inverse_index,
                                          layernorm_token_scale_bwd_ref, layernorm_token_scale_fwd_ref)
@@ -171,11 +170,6 @@ def _check_device(t: torch.Tensor) -> None:
     check_device(t, "layernorm_token_scale", _INTERPRETED)
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _config(C: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps)."""
     block_c = triton.next_power_of_2(C)
@@ -191,7 +185,7 @@ def _bwd_programs(num_tiles: int, device: torch.device) -> int:
         return triton.cdiv(num_tiles, 2)  # 2 tiles per program: the in-program accumulation is exercised
     # Not yet measured: 4 programs per SM keep every SM busy while the (programs, C) partial buffers stay
     # small (528 x 384 fp32 = 0.8 MB for DeiT-S on an H100) next to dx itself.
-    return min(num_tiles, 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()))
+    return min(num_tiles, 4 * sm_count(device))
 
 
 def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_raw: torch.Tensor,

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ._common import alloc as _alloc
+from ..dispatch import compile_only_target
 from ._common import check_device, define_op, formula_vjp, interpreter_agrees, kernel_wrapper, tracing
 
 from ..ops.ragged_attention import check_ragged_args, ragged_attention_bwd_ref, ragged_attention_fwd_ref
@@ -295,7 +296,7 @@ def _check_device(t: torch.Tensor) -> None:
 def _reference_on(t: torch.Tensor) -> bool:
     """CPU tensors without the interpreter: the op computes the reference math in plain PyTorch, so it runs
     (and torch.export / ONNX export of a fused slim model trace it) on CPU too."""
-    return t.device.type == "cpu" and not _INTERPRETED
+    return t.device.type == "cpu" and not _INTERPRETED and compile_only_target() is None
 
 
 def _dot_precision(t: torch.Tensor) -> str:
