@@ -324,10 +324,8 @@ TRACED_CASES = {  # op name -> the op's arguments (fake CUDA tensors are made fr
 @pytest.fixture
 def no_sm_query(monkeypatch):
     """The launchers size some grids by the GPU's SM count, which this machine may not have: an H100's."""
-    for name in MODULES:
-        module = importlib.import_module(name)
-        if hasattr(module, "_sm_count"):
-            monkeypatch.setattr(module, "_sm_count", lambda device_index: 132)
+    common = importlib.import_module("vitslim_kernels.triton._common")
+    monkeypatch.setattr(common, "_cuda_sm_count", lambda device_index: 132)
 
 
 @pytest.mark.parametrize("name", list(TRACED_CASES))

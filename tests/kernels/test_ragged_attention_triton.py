@@ -95,6 +95,8 @@ def _check_against_reference(head_dims, N, B, dtype, layout, expanded_grad=False
     ((64, 63), 50, "split", False),          # full and nearly full heads, 4 key blocks with a partial one
     ((0, 0, 5, 0), 17, "split", False),      # every head pruned but one
     ((3, 1), 50, "separate", True),          # sum(head_dims) = 4; contiguous inputs; zero-stride dO
+    ((16, 0, 16, 16), 50, "split", False),   # uniform kept width (the search's compile-time width path)
+    ((8, 24, 0, 16), 50, "split", False),    # ragged, every offset and width a multiple of 8: aligned loads
 ])
 def test_matches_reference_fp32(head_dims, N, layout, expanded_grad, poisoned):
     _check_against_reference(head_dims, N, B=3, dtype=torch.float32, layout=layout, expanded_grad=expanded_grad)
@@ -104,6 +106,23 @@ def test_matches_reference_fp16(poisoned):
     # bf16 is only tested on a GPU: Triton's interpreter computes tl.dot on bfloat16 operands wrongly
     # (triton 3.9: a 16x16 bf16 dot is off by ~1e10).
     _check_against_reference((17, 0, 41, 1), 17, B=2, dtype=torch.float16, layout="split")
+
+
+def test_alignment_is_proven_from_offsets_widths_and_strides(kernels):
+    def vec(head_dims, dtype=torch.bfloat16, layout="split"):
+        D = sum(head_dims)
+        qkv = torch.zeros(2, 50, 3 * D, dtype=dtype)
+        q = qkv[..., :D] if layout == "split" else torch.zeros(2, 50, D, dtype=dtype)
+        return kernels._alignment(tuple(head_dims), (q,))
+
+    assert vec((64, 64, 0, 64)) == 8                 # 16 bytes of bf16: v4 loads
+    assert vec((64, 64), torch.float32) == 4         # 16 bytes of fp32
+    assert vec((40, 0, 24, 8)) == 8                  # ragged but every offset and width a multiple of 8
+    assert vec((40, 0, 20, 8)) == 4                  # a width of 20: 8 bytes
+    assert vec((17, 0, 41, 1)) == 1                  # nothing to prove
+    assert vec((24, 24), layout="separate") == 8     # row stride 48
+    assert kernels._uniform_width((64, 0, 64)) == 64 and kernels._uniform_width((64, 32)) == 0
+    assert kernels._uniform_width((0, 0)) == 0
 
 
 def test_all_heads_zero_width():

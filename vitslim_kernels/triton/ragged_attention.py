@@ -41,6 +41,50 @@ _MIN_BLOCK_D = 16  # tl.dot needs every dimension >= 16 on NVIDIA GPUs
 
 
 @triton.jit
+def _head_columns(HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD, h, HEAD_D: tl.constexpr, VEC: tl.constexpr):
+    """(first column, width, padded width) of kept head h: from the table, or h * HEAD_D when uniform."""
+    if HEAD_D > 0:
+        return h * HEAD_D, HEAD_D, 0
+    else:
+        # The host proved every offset and width a multiple of VEC (_alignment): 16-byte vector loads.
+        return (tl.multiple_of(tl.load(HEAD_OFFSET + h), VEC), tl.multiple_of(tl.load(HEAD_WIDTH + h), VEC),
+                tl.load(HEAD_PAD + h))
+
+
+@triton.jit
+def _attn_fwd_head(q_base, k_base, v_base, o_base, lse_ptrs, offs_m, mask_m, width, N, qk_scale,
+                   stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on, stride_od,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax attention of BLOCK_M query rows of one head over all N keys, at tile width BLOCK_D."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < width
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    m_i = tl.full([offs_m.shape[0]], float("-inf"), tl.float32)
+    l_i = tl.zeros([offs_m.shape[0]], tl.float32)
+    acc = tl.zeros([offs_m.shape[0], BLOCK_D], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=mask_d[:, None] & mask_n[None, :], other=0.0)                    # (BLOCK_D, BLOCK_N)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every key block holds a valid key
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+             acc.to(o_base.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(lse_ptrs, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_m)  # natural log
+
+
+@triton.jit
 def _ragged_attention_fwd_kernel(
     Q, K, V,                                # (B, N, D) inputs, any strides
     O,                                      # (B, N, D) output
@@ -56,6 +100,8 @@ def _ragged_attention_fwd_kernel(
     scale,                                  # softmax scale applied to q k^T
     BLOCK_M: tl.constexpr,                  # query rows per program
     BLOCK_N: tl.constexpr,                  # keys per inner-loop step
+    HEAD_D: tl.constexpr,                   # width of every kept head when all are equal (the search), else 0
+    VEC: tl.constexpr,                      # the host proved offsets, widths and row strides multiples of this
     LOG2_DMAX: tl.constexpr,                # log2 of the largest padded head width (>= 4)
     DOT_PRECISION: tl.constexpr,            # tl.dot input_precision for fp32 inputs ("ieee" or "tf32")
 ):
@@ -67,56 +113,39 @@ def _ragged_attention_fwd_kernel(
     pid_bh = pid // num_m_blocks
     b = (pid_bh // H).to(tl.int64)  # int64: b * stride_b can pass 2**31 for large batches
     h = pid_bh % H
-    col0 = tl.load(HEAD_OFFSET + h)
-    width = tl.load(HEAD_WIDTH + h)
-    pad = tl.load(HEAD_PAD + h)
+    col0, width, pad = _head_columns(HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD, h, HEAD_D, VEC)
     qk_scale = scale * 1.4426950408889634  # softmax in base 2: exp(x * scale) = exp2(x * scale * log2(e))
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
-    q_base = Q + b * stride_qb + col0 * stride_qd
-    k_base = K + b * stride_kb + col0 * stride_kd
-    v_base = V + b * stride_vb + col0 * stride_vd
-    o_base = O + b * stride_ob + col0 * stride_od
-
-    # One branch per padded width; a program takes exactly one (pad is uniform over the program).
-    # (2 ** LOG2_D is written out, not assigned: the interpreter turns assigned ints into tensors.)
-    for LOG2_D in tl.static_range(4, LOG2_DMAX + 1):
-        if pad == 2 ** LOG2_D:
-            offs_d = tl.arange(0, 2 ** LOG2_D)
-            mask_d = offs_d < width
-            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                        mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, 2 ** LOG2_D], tl.float32)
-            for start_n in range(0, N, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                mask_n = offs_n < N
-                kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                             mask=mask_d[:, None] & mask_n[None, :], other=0.0)            # (BLOCK_D, BLOCK_N)
-                s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-                s = tl.where(mask_n[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every key block holds a valid key
-                p = tl.exp2(s - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                            mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-                m_i = m_new
-            acc = acc / l_i[:, None]
-            tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-                     acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-            lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
-            tl.store(LSE + b * stride_lseb + h * stride_lseh + offs_m, lse, mask=mask_m)
+    q_base = Q + b * tl.multiple_of(stride_qb, VEC) + col0 * stride_qd
+    k_base = K + b * tl.multiple_of(stride_kb, VEC) + col0 * stride_kd
+    v_base = V + b * tl.multiple_of(stride_vb, VEC) + col0 * stride_vd
+    o_base = O + b * tl.multiple_of(stride_ob, VEC) + col0 * stride_od
+    lse_ptrs = LSE + b * stride_lseb + h * stride_lseh + offs_m
+    stride_qn = tl.multiple_of(stride_qn, VEC)
+    stride_kn = tl.multiple_of(stride_kn, VEC)
+    stride_vn = tl.multiple_of(stride_vn, VEC)
+    stride_on = tl.multiple_of(stride_on, VEC)
+    if HEAD_D > 0:
+        _attn_fwd_head(q_base, k_base, v_base, o_base, lse_ptrs, offs_m, mask_m, width, N, qk_scale,
+                       stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on, stride_od,
+                       BLOCK_N, 2 ** LOG2_DMAX, DOT_PRECISION)
+    else:
+        # One branch per padded width; a program takes exactly one (pad is uniform over the program).
+        # (2 ** LOG2_D is written out, not assigned: the interpreter turns assigned ints into tensors.)
+        for LOG2_D in tl.static_range(4, LOG2_DMAX + 1):
+            if pad == 2 ** LOG2_D:
+                _attn_fwd_head(q_base, k_base, v_base, o_base, lse_ptrs, offs_m, mask_m, width, N, qk_scale,
+                               stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on,
+                               stride_od, BLOCK_N, 2 ** LOG2_D, DOT_PRECISION)
 
 
 @triton.jit
 def _ragged_attention_bwd_preprocess_kernel(
     O, DO,                                  # (B, N, D) forward output and its gradient
     DELTA,                                  # (B, H, N) fp32 out: rowsum(dO * O) per head
-    HEAD_OFFSET, HEAD_WIDTH,                # (H,) int32: first column and width of each kept head
+    HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD,      # (H,) int32: first column, width, padded width of each kept head
     stride_ob, stride_on, stride_od,        # strides of o
     stride_dob, stride_don, stride_dod,     # strides of do
     stride_deltab, stride_deltah,           # strides of delta (its last dim is contiguous)
@@ -124,6 +153,8 @@ def _ragged_attention_bwd_preprocess_kernel(
     H,                                      # number of kept heads
     BLOCK_M: tl.constexpr,                  # rows per program
     BLOCK_D: tl.constexpr,                  # largest padded head width (loads are masked to the real width)
+    HEAD_D: tl.constexpr,                   # uniform head width, or 0 (see the forward kernel)
+    VEC: tl.constexpr,                      # proven alignment of offsets, widths and row strides
 ):
     num_m_blocks = tl.cdiv(N, BLOCK_M)
     pid = tl.program_id(0)
@@ -131,17 +162,72 @@ def _ragged_attention_bwd_preprocess_kernel(
     pid_bh = pid // num_m_blocks
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
-    col0 = tl.load(HEAD_OFFSET + h)
-    width = tl.load(HEAD_WIDTH + h)
+    col0, width, pad = _head_columns(HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD, h, HEAD_D, VEC)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < N)[:, None] & (offs_d < width)[None, :]
-    o = tl.load(O + b * stride_ob + offs_m[:, None] * stride_on + (col0 + offs_d)[None, :] * stride_od,
-                mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_don + (col0 + offs_d)[None, :] * stride_dod,
-                 mask=mask, other=0.0)
+    o_rows = b * tl.multiple_of(stride_ob, VEC) + offs_m[:, None] * tl.multiple_of(stride_on, VEC)
+    do_rows = b * tl.multiple_of(stride_dob, VEC) + offs_m[:, None] * tl.multiple_of(stride_don, VEC)
+    o = tl.load(O + o_rows + (col0 + offs_d)[None, :] * stride_od, mask=mask, other=0.0)
+    do = tl.load(DO + do_rows + (col0 + offs_d)[None, :] * stride_dod, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + b * stride_deltab + h * stride_deltah + offs_m, delta, mask=offs_m < N)
+
+
+@triton.jit
+def _attn_bwd_head(q_base, k_base, v_base, do_base, dq_base, dk_base, dv_base, acc_base, lse_base, delta_base,
+                   width, N, scale, qk_scale,
+                   stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
+                   stride_gn, stride_gd, stride_an,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """dq, dk, dv of one head over all N rows, FlashAttention-2's five matmuls per tile, in a fixed order.
+
+    Outer loop over key blocks (dk, dv accumulate in registers), inner loop over query blocks. Each tile adds
+    its dq contribution to an fp32 accumulator in global memory that only this program touches (read-add-
+    write in key-block order, a CTA barrier between key blocks): FlashAttention-2's dq without its atomics,
+    so the sums are deterministic. The last key block writes dq itself.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < width
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=mask_nd, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=mask_nd, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for start_m in range(0, N, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < N
+            mask_md = mask_m[:, None] & mask_d[None, :]
+            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                        mask=mask_md, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                         mask=mask_md, other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale             # (BLOCK_N, BLOCK_M)
+            pt = tl.exp2(st - lse[None, :] * 1.4426950408889634)
+            pt = tl.where(mask_n[:, None] & mask_m[None, :], pt, 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+            dk += tl.dot(dst, q, input_precision=DOT_PRECISION)
+            dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION)                       # (BLOCK_M, BLOCK_D)
+            acc_ptrs = acc_base + offs_m[:, None] * stride_an + offs_d[None, :]
+            if start_n > 0:
+                dq += tl.load(acc_ptrs, mask=mask_md, other=0.0)
+            if start_n + BLOCK_N >= N:
+                tl.store(dq_base + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+                         (dq * scale).to(dq_base.dtype.element_ty), mask=mask_md)
+            else:
+                tl.store(acc_ptrs, dq, mask=mask_md)
+        g_ptrs = offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd
+        tl.store(dk_base + g_ptrs, (dk * scale).to(dk_base.dtype.element_ty), mask=mask_nd)
+        tl.store(dv_base + g_ptrs, dv.to(dv_base.dtype.element_ty), mask=mask_nd)
+        tl.debug_barrier()  # this key block's dq partial sums are visible to every thread of the next one
 
 
 @triton.jit
@@ -149,6 +235,7 @@ def _ragged_attention_bwd_kernel(
     Q, K, V,                                # (B, N, D) forward inputs, any strides
     DO,                                     # (B, N, D) gradient of the output, any strides
     DQ, DK, DV,                             # (B, N, D) out: gradients, allocated alike (one set of strides)
+    DQ_ACC,                                 # (B, N, D) fp32 scratch: dq partial sums (when N > BLOCK_N)
     LSE, DELTA,                             # (B, H, N) fp32: forward logsumexp and rowsum(dO * O)
     HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD,      # (H,) int32: first column, width, padded width of each kept head
     stride_qb, stride_qn, stride_qd,        # strides of q
@@ -156,101 +243,51 @@ def _ragged_attention_bwd_kernel(
     stride_vb, stride_vn, stride_vd,        # strides of v
     stride_dob, stride_don, stride_dod,     # strides of do
     stride_gb, stride_gn, stride_gd,        # strides of dq, dk and dv
+    stride_ab, stride_an,                   # strides of dq_acc (its last dim is contiguous)
     stride_lseb, stride_lseh,               # strides of lse and delta (last dim contiguous)
     N,                                      # sequence length
     H,                                      # number of kept heads
     scale,                                  # softmax scale applied to q k^T
-    BLOCK_M1: tl.constexpr,                 # dk/dv programs: query rows per inner-loop step
-    BLOCK_N1: tl.constexpr,                 # dk/dv programs: keys per program
-    BLOCK_M2: tl.constexpr,                 # dq programs: query rows per program
-    BLOCK_N2: tl.constexpr,                 # dq programs: keys per inner-loop step
+    BLOCK_M: tl.constexpr,                  # query rows per inner-loop step
+    BLOCK_N: tl.constexpr,                  # keys per outer-loop step
+    HEAD_D: tl.constexpr,                   # uniform head width, or 0 (see the forward kernel)
+    VEC: tl.constexpr,                      # proven alignment of offsets, widths and row strides
     LOG2_DMAX: tl.constexpr,                # log2 of the largest padded head width (>= 4)
     DOT_PRECISION: tl.constexpr,            # tl.dot input_precision for fp32 inputs ("ieee" or "tf32")
 ):
-    # Per (batch, head): cdiv(N, BLOCK_N1) dk/dv programs, then cdiv(N, BLOCK_M2) dq programs.
-    num_kv_blocks = tl.cdiv(N, BLOCK_N1)
-    programs_per_bh = num_kv_blocks + tl.cdiv(N, BLOCK_M2)
-    pid = tl.program_id(0)
-    task = pid % programs_per_bh
-    pid_bh = pid // programs_per_bh
+    # One program per (batch, head): it owns every gradient element of its head, so nothing is shared.
+    pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
-    col0 = tl.load(HEAD_OFFSET + h)
-    width = tl.load(HEAD_WIDTH + h)
-    pad = tl.load(HEAD_PAD + h)
+    col0, width, pad = _head_columns(HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD, h, HEAD_D, VEC)
     qk_scale = scale * 1.4426950408889634
-    q_base = Q + b * stride_qb + col0 * stride_qd
-    k_base = K + b * stride_kb + col0 * stride_kd
-    v_base = V + b * stride_vb + col0 * stride_vd
-    do_base = DO + b * stride_dob + col0 * stride_dod
+    q_base = Q + b * tl.multiple_of(stride_qb, VEC) + col0 * stride_qd
+    k_base = K + b * tl.multiple_of(stride_kb, VEC) + col0 * stride_kd
+    v_base = V + b * tl.multiple_of(stride_vb, VEC) + col0 * stride_vd
+    do_base = DO + b * tl.multiple_of(stride_dob, VEC) + col0 * stride_dod
+    g_off = b * tl.multiple_of(stride_gb, VEC) + col0 * stride_gd
+    acc_base = DQ_ACC + b * stride_ab + col0
     lse_base = LSE + b * stride_lseb + h * stride_lseh
     delta_base = DELTA + b * stride_lseb + h * stride_lseh
-    g_off = b * stride_gb + col0 * stride_gd
-
-    # (2 ** LOG2_D is written out, not assigned: the interpreter turns assigned ints into tensors.)
-    for LOG2_D in tl.static_range(4, LOG2_DMAX + 1):
-        if pad == 2 ** LOG2_D:
-            offs_d = tl.arange(0, 2 ** LOG2_D)
-            mask_d = offs_d < width
-            if task < num_kv_blocks:
-                # dk, dv of one key block: sums over every query row, in order.
-                offs_n = task * BLOCK_N1 + tl.arange(0, BLOCK_N1)
-                mask_n = offs_n < N
-                mask_nd = mask_n[:, None] & mask_d[None, :]
-                k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                            mask=mask_nd, other=0.0)
-                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                            mask=mask_nd, other=0.0)
-                dk = tl.zeros([BLOCK_N1, 2 ** LOG2_D], tl.float32)
-                dv = tl.zeros([BLOCK_N1, 2 ** LOG2_D], tl.float32)
-                for start_m in range(0, N, BLOCK_M1):
-                    offs_m = start_m + tl.arange(0, BLOCK_M1)
-                    mask_m = offs_m < N
-                    mask_md = mask_m[:, None] & mask_d[None, :]
-                    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                                mask=mask_md, other=0.0)
-                    do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                                 mask=mask_md, other=0.0)
-                    lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
-                    delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
-                    st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N1, BLOCK_M1)
-                    pt = tl.exp2(st - lse[None, :] * 1.4426950408889634)
-                    pt = tl.where(mask_n[:, None] & mask_m[None, :], pt, 0.0)
-                    dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
-                    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-                    dst = pt * (dpt - delta[None, :])
-                    dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
-                g_ptrs = g_off + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd
-                tl.store(DK + g_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=mask_nd)
-                tl.store(DV + g_ptrs, dv.to(DV.dtype.element_ty), mask=mask_nd)
-            else:
-                # dq of one query block: sums over every key, in order.
-                offs_m = (task - num_kv_blocks) * BLOCK_M2 + tl.arange(0, BLOCK_M2)
-                mask_m = offs_m < N
-                mask_md = mask_m[:, None] & mask_d[None, :]
-                q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                            mask=mask_md, other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                             mask=mask_md, other=0.0)
-                lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
-                delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
-                dq = tl.zeros([BLOCK_M2, 2 ** LOG2_D], tl.float32)
-                for start_n in range(0, N, BLOCK_N2):
-                    offs_n = start_n + tl.arange(0, BLOCK_N2)
-                    mask_n = offs_n < N
-                    mask_nd = mask_n[:, None] & mask_d[None, :]
-                    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                                mask=mask_nd, other=0.0)
-                    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                                mask=mask_nd, other=0.0)
-                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale    # (BLOCK_M2, BLOCK_N2)
-                    p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
-                    p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-                    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-                    ds = p * (dp - delta[:, None])
-                    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-                g_ptrs = g_off + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd
-                tl.store(DQ + g_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=mask_md)
+    stride_qn = tl.multiple_of(stride_qn, VEC)
+    stride_kn = tl.multiple_of(stride_kn, VEC)
+    stride_vn = tl.multiple_of(stride_vn, VEC)
+    stride_don = tl.multiple_of(stride_don, VEC)
+    stride_gn = tl.multiple_of(stride_gn, VEC)
+    if HEAD_D > 0:
+        _attn_bwd_head(q_base, k_base, v_base, do_base, DQ + g_off, DK + g_off, DV + g_off, acc_base, lse_base,
+                       delta_base, width, N, scale, qk_scale,
+                       stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
+                       stride_gn, stride_gd, stride_an, BLOCK_M, BLOCK_N, 2 ** LOG2_DMAX, DOT_PRECISION)
+    else:
+        # (2 ** LOG2_D is written out, not assigned: the interpreter turns assigned ints into tensors.)
+        for LOG2_D in tl.static_range(4, LOG2_DMAX + 1):
+            if pad == 2 ** LOG2_D:
+                _attn_bwd_head(q_base, k_base, v_base, do_base, DQ + g_off, DK + g_off, DV + g_off, acc_base,
+                               lse_base, delta_base, width, N, scale, qk_scale,
+                               stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don,
+                               stride_dod, stride_gn, stride_gd, stride_an, BLOCK_M, BLOCK_N, 2 ** LOG2_D,
+                               DOT_PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -305,21 +342,47 @@ def _dot_precision(t: torch.Tensor) -> str:
     return "ieee" if t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
+def _uniform_width(head_dims: tuple[int, ...]) -> int:
+    """The width of every kept head when all are equal (the search path: every head d wide), else 0."""
+    kept = {w for w in head_dims if w > 0}
+    return kept.pop() if len(kept) == 1 else 0
+
+
+def _alignment(head_dims: tuple[int, ...], tensors: Sequence[torch.Tensor]) -> int:
+    """VEC: the largest power of two <= 16 bytes of elements dividing every head offset and width and the batch
+    and row strides of `tensors`. The kernels hand it to tl.multiple_of, which lets Triton prove 16-byte
+    alignment (pointers it checks itself) and emit vector loads and cp.async: with every offset a runtime table
+    entry it cannot, and a DeiT-S head then loads element by element (168 scalar ld.global.b16 in the
+    forward's PTX for sm_90, against 7 ld.global.v4 + 28 cp.async of 16 bytes with the hint: compile_only)."""
+    numbers, offset = [], 0
+    for w in head_dims:
+        if w > 0:
+            numbers += [offset, w]
+        offset += w
+    for t in tensors:
+        numbers += [t.stride(0), t.stride(1)]
+    vec = 16 // tensors[0].element_size()
+    while vec > 1 and any(n % vec for n in numbers):
+        vec //= 2
+    return vec
+
+
 def _fwd_config(interpret: bool) -> tuple[dict, dict]:
     if interpret:
         # Smallest tl.dot tile: cheap in the interpreter, and N = 17 or 50 still spans several blocks, so the
         # online softmax across key blocks and the partial last block are both exercised.
         return dict(BLOCK_M=16, BLOCK_N=16), {}
-    # Not yet measured (no GPU in the session that wrote this): the Triton tutorial's tile for head width
-    # <= 64; N = 197 gives 4 query blocks of 64 (last one 5 rows). To be tuned with benchmark P2.
+    # Not yet measured on a GPU: the Triton tutorial's tile for head width <= 64; N = 197 gives 4 query blocks
+    # of 64 (last one 5 rows). Compiled for sm_90 (bf16, d = 64): 139 registers, no spills (compile_only).
     return dict(BLOCK_M=64, BLOCK_N=64), dict(num_warps=4, num_stages=2)
 
 
 def _bwd_config(interpret: bool) -> tuple[dict, dict]:
     if interpret:
-        return dict(BLOCK_M1=16, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=16), {}
-    # Not yet measured: the Triton tutorial's shape (big outer tile, 32-wide inner steps), scaled to N ~ 197.
-    return dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32), dict(num_warps=4, num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_N=16), {}
+    # Not yet measured on a GPU: 64 keys held (k, v, dk, dv) against 32-row query steps, 4 warps: the five
+    # (64 x 32 x 64) matmuls per step fit without spills in bf16 on sm_90 (compile_only; see the gate).
+    return dict(BLOCK_M=32, BLOCK_N=64), dict(num_warps=4, num_stages=2)
 
 
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int], scale: float
@@ -345,7 +408,8 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[
         o.stride(0), o.stride(1), o.stride(2),
         lse.stride(0), lse.stride(1),
         N, H, scale,
-        LOG2_DMAX=_log2_dmax(dims), DOT_PRECISION=_dot_precision(q), **blocks, **launch)
+        HEAD_D=_uniform_width(dims), VEC=_alignment(dims, (q, k, v, o)), LOG2_DMAX=_log2_dmax(dims),
+        DOT_PRECISION=_dot_precision(q), **blocks, **launch)
     return o, lse
 
 
@@ -364,26 +428,31 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
     _check_device(q)
     lse = lse.contiguous()  # its strides are given for dims 0 and 1 only; delta shares them
     delta = _alloc((B, H, N), q, torch.float32)
+    head_d, log2_dmax = _uniform_width(dims), _log2_dmax(dims)
     fwd_blocks, _ = _fwd_config(_INTERPRETED)
     grid = (triton.cdiv(N, fwd_blocks["BLOCK_M"]) * B * H,)
     wrap_triton(_ragged_attention_bwd_preprocess_kernel)[grid](
-        o, do, delta, table[0], table[1],
+        o, do, delta, table[0], table[1], table[2],
         o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         delta.stride(0), delta.stride(1),
-        N, H, BLOCK_M=fwd_blocks["BLOCK_M"], BLOCK_D=2 ** _log2_dmax(dims))
+        N, H, BLOCK_M=fwd_blocks["BLOCK_M"], BLOCK_D=2 ** log2_dmax, HEAD_D=head_d,
+        VEC=_alignment(dims, (o, do)))
     blocks, launch = _bwd_config(_INTERPRETED)
-    grid = ((triton.cdiv(N, blocks["BLOCK_N1"]) + triton.cdiv(N, blocks["BLOCK_M2"])) * B * H,)
-    wrap_triton(_ragged_attention_bwd_kernel)[grid](
-        q, k, v, do, dq, dk, dv, lse, delta, table[0], table[1], table[2],
+    # dq partial sums between key blocks, fp32; one key block needs none (a 1-element stand-in is passed).
+    dq_acc = _alloc((B, N, D) if N > blocks["BLOCK_N"] else (1, 1, 1), q, torch.float32)
+    wrap_triton(_ragged_attention_bwd_kernel)[(B * H,)](
+        q, k, v, do, dq, dk, dv, dq_acc, lse, delta, table[0], table[1], table[2],
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
+        dq_acc.stride(0), dq_acc.stride(1),
         lse.stride(0), lse.stride(1),
         N, H, scale,
-        LOG2_DMAX=_log2_dmax(dims), DOT_PRECISION=_dot_precision(q), **blocks, **launch)
+        HEAD_D=head_d, VEC=_alignment(dims, (q, k, v, do, dq)), LOG2_DMAX=log2_dmax,
+        DOT_PRECISION=_dot_precision(q), **blocks, **launch)
     return dq, dk, dv
 
 
