@@ -194,3 +194,41 @@ def test_compiled_on_gpu(dtype, N, monkeypatch, poisoned):
     # Deterministic backward: no atomics, so a second run is bit-identical (on a GPU this can fail).
     _, dqkv_again = _run(_triton, qkv, grad_out, head_dims, dtype, "split")
     assert torch.equal(dqkv, dqkv_again)
+
+
+def test_slim_attention_pads_heads_to_aligned_widths_exactly(monkeypatch):
+    """SlimAttention hands the Triton kernel heads padded to multiples of 8 with zero weights (16-byte aligned
+    loads); output and every gradient are within the kernel spec of the float64 unpadded reference path."""
+    from vitslim.slim import SlimAttention
+
+    torch.manual_seed(0)
+    head_dims, C = (17, 0, 41, 1, 64), 48
+    fused = SlimAttention(C, head_dims, head_dim=64, qkv_bias=True, proj_bias=True)
+    with torch.no_grad():
+        for p in fused.parameters():  # built uninitialised, as slim models are before their weights load
+            p.copy_(0.3 * torch.randn(p.shape))
+    assert fused._aligned.head_dims == (24, 0, 48, 8, 64)
+    reference = SlimAttention(C, head_dims, head_dim=64, qkv_bias=True, proj_bias=True)
+    reference.load_state_dict(fused.state_dict())
+    reference.implementation = "reference"
+    taken = []
+    original = SlimAttention._forward_aligned
+    monkeypatch.setattr(SlimAttention, "_forward_aligned", lambda self, x: taken.append(1) or original(self, x))
+    x = torch.randn(3, 50, C, dtype=torch.float64)
+    grad = torch.randn(3, 50, C, dtype=torch.float64)
+
+    def run(module, dtype):
+        module = module.to(dtype)
+        module.zero_grad()
+        xi = x.to(dtype).requires_grad_()
+        out = module(xi)
+        out.backward(grad.to(dtype))
+        return [out.detach(), xi.grad] + [p.grad.clone() for p in module.parameters()]
+
+    got = run(fused, torch.float32)
+    assert taken == [1]
+    ref32 = run(reference, torch.float32)
+    expected = run(reference, torch.float64)
+    names = ["out", "dx"] + [name for name, _ in fused.named_parameters()]
+    for name, g, r, e in zip(names, got, ref32, expected):
+        _assert_within_spec(name, g, r, e)
