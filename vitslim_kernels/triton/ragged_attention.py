@@ -90,10 +90,10 @@ def _ragged_attention_fwd_kernel(
     O,                                      # (B, N, D) output
     LSE,                                    # (B, H, N) fp32 out: logsumexp of the scaled scores of each row
     HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD,      # (H,) int32: first column, width, padded width of each kept head
-    stride_qb, stride_qn, stride_qd,        # strides of q
-    stride_kb, stride_kn, stride_kd,        # strides of k
-    stride_vb, stride_vn, stride_vd,        # strides of v
-    stride_ob, stride_on, stride_od,        # strides of o
+    stride_qb, stride_qn, stride_qd,        # strides of q (b and n ones divided by VEC)
+    stride_kb, stride_kn, stride_kd,        # strides of k (b and n ones divided by VEC)
+    stride_vb, stride_vn, stride_vd,        # strides of v (b and n ones divided by VEC)
+    stride_ob, stride_on, stride_od,        # strides of o (b and n ones divided by VEC)
     stride_lseb, stride_lseh,               # strides of lse (its last dim is contiguous)
     N,                                      # sequence length
     H,                                      # number of kept (non-zero-width) heads
@@ -118,15 +118,17 @@ def _ragged_attention_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N
-    q_base = Q + b * tl.multiple_of(stride_qb, VEC) + col0 * stride_qd
-    k_base = K + b * tl.multiple_of(stride_kb, VEC) + col0 * stride_kd
-    v_base = V + b * tl.multiple_of(stride_vb, VEC) + col0 * stride_vd
-    o_base = O + b * tl.multiple_of(stride_ob, VEC) + col0 * stride_od
+    # Batch and row strides arrive divided by VEC: multiplied back by the constexpr, Triton knows they are
+    # multiples of VEC (tl.multiple_of does nothing on a kernel argument itself).
+    stride_qb, stride_qn = stride_qb * VEC, stride_qn * VEC
+    stride_kb, stride_kn = stride_kb * VEC, stride_kn * VEC
+    stride_vb, stride_vn = stride_vb * VEC, stride_vn * VEC
+    stride_ob, stride_on = stride_ob * VEC, stride_on * VEC
+    q_base = Q + b * stride_qb + col0 * stride_qd
+    k_base = K + b * stride_kb + col0 * stride_kd
+    v_base = V + b * stride_vb + col0 * stride_vd
+    o_base = O + b * stride_ob + col0 * stride_od
     lse_ptrs = LSE + b * stride_lseb + h * stride_lseh + offs_m
-    stride_qn = tl.multiple_of(stride_qn, VEC)
-    stride_kn = tl.multiple_of(stride_kn, VEC)
-    stride_vn = tl.multiple_of(stride_vn, VEC)
-    stride_on = tl.multiple_of(stride_on, VEC)
     if HEAD_D > 0:
         _attn_fwd_head(q_base, k_base, v_base, o_base, lse_ptrs, offs_m, mask_m, width, N, qk_scale,
                        stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on, stride_od,
@@ -146,8 +148,8 @@ def _ragged_attention_bwd_preprocess_kernel(
     O, DO,                                  # (B, N, D) forward output and its gradient
     DELTA,                                  # (B, H, N) fp32 out: rowsum(dO * O) per head
     HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD,      # (H,) int32: first column, width, padded width of each kept head
-    stride_ob, stride_on, stride_od,        # strides of o
-    stride_dob, stride_don, stride_dod,     # strides of do
+    stride_ob, stride_on, stride_od,        # strides of o (b and n ones divided by VEC)
+    stride_dob, stride_don, stride_dod,     # strides of do (b and n ones divided by VEC)
     stride_deltab, stride_deltah,           # strides of delta (its last dim is contiguous)
     N,                                      # sequence length
     H,                                      # number of kept heads
@@ -166,8 +168,9 @@ def _ragged_attention_bwd_preprocess_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < N)[:, None] & (offs_d < width)[None, :]
-    o_rows = b * tl.multiple_of(stride_ob, VEC) + offs_m[:, None] * tl.multiple_of(stride_on, VEC)
-    do_rows = b * tl.multiple_of(stride_dob, VEC) + offs_m[:, None] * tl.multiple_of(stride_don, VEC)
+    # Batch and row strides arrive divided by VEC (see the forward kernel).
+    o_rows = b * (stride_ob * VEC) + offs_m[:, None] * (stride_on * VEC)
+    do_rows = b * (stride_dob * VEC) + offs_m[:, None] * (stride_don * VEC)
     o = tl.load(O + o_rows + (col0 + offs_d)[None, :] * stride_od, mask=mask, other=0.0)
     do = tl.load(DO + do_rows + (col0 + offs_d)[None, :] * stride_dod, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -238,7 +241,7 @@ def _ragged_attention_bwd_kernel(
     DQ_ACC,                                 # (B, N, D) fp32 scratch: dq partial sums (when N > BLOCK_N)
     LSE, DELTA,                             # (B, H, N) fp32: forward logsumexp and rowsum(dO * O)
     HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD,      # (H,) int32: first column, width, padded width of each kept head
-    stride_qb, stride_qn, stride_qd,        # strides of q
+    stride_qb, stride_qn, stride_qd,        # strides of q (b and n ones divided by VEC, as below)
     stride_kb, stride_kn, stride_kd,        # strides of k
     stride_vb, stride_vn, stride_vd,        # strides of v
     stride_dob, stride_don, stride_dod,     # strides of do
@@ -261,19 +264,20 @@ def _ragged_attention_bwd_kernel(
     h = pid_bh % H
     col0, width, pad = _head_columns(HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD, h, HEAD_D, VEC)
     qk_scale = scale * 1.4426950408889634
-    q_base = Q + b * tl.multiple_of(stride_qb, VEC) + col0 * stride_qd
-    k_base = K + b * tl.multiple_of(stride_kb, VEC) + col0 * stride_kd
-    v_base = V + b * tl.multiple_of(stride_vb, VEC) + col0 * stride_vd
-    do_base = DO + b * tl.multiple_of(stride_dob, VEC) + col0 * stride_dod
-    g_off = b * tl.multiple_of(stride_gb, VEC) + col0 * stride_gd
+    # Batch and row strides of q, k, v, do and the gradients arrive divided by VEC (see the forward kernel).
+    stride_qb, stride_qn = stride_qb * VEC, stride_qn * VEC
+    stride_kb, stride_kn = stride_kb * VEC, stride_kn * VEC
+    stride_vb, stride_vn = stride_vb * VEC, stride_vn * VEC
+    stride_dob, stride_don = stride_dob * VEC, stride_don * VEC
+    stride_gb, stride_gn = stride_gb * VEC, stride_gn * VEC
+    q_base = Q + b * stride_qb + col0 * stride_qd
+    k_base = K + b * stride_kb + col0 * stride_kd
+    v_base = V + b * stride_vb + col0 * stride_vd
+    do_base = DO + b * stride_dob + col0 * stride_dod
+    g_off = b * stride_gb + col0 * stride_gd
     acc_base = DQ_ACC + b * stride_ab + col0
     lse_base = LSE + b * stride_lseb + h * stride_lseh
     delta_base = DELTA + b * stride_lseb + h * stride_lseh
-    stride_qn = tl.multiple_of(stride_qn, VEC)
-    stride_kn = tl.multiple_of(stride_kn, VEC)
-    stride_vn = tl.multiple_of(stride_vn, VEC)
-    stride_don = tl.multiple_of(stride_don, VEC)
-    stride_gn = tl.multiple_of(stride_gn, VEC)
     if HEAD_D > 0:
         _attn_bwd_head(q_base, k_base, v_base, do_base, DQ + g_off, DK + g_off, DV + g_off, acc_base, lse_base,
                        delta_base, width, N, scale, qk_scale,
@@ -367,21 +371,38 @@ def _alignment(head_dims: tuple[int, ...], tensors: Sequence[torch.Tensor]) -> i
     return vec
 
 
-def _fwd_config(interpret: bool) -> tuple[dict, dict]:
+def _strides(t: torch.Tensor, vec: int) -> tuple[int, int, int]:
+    """t's strides as the kernels take them: those of dims 0 and 1 divided by VEC (exact: _alignment)."""
+    return t.stride(0) // vec, t.stride(1) // vec, t.stride(2)
+
+
+def _fwd_config(interpret: bool, dtype: torch.dtype) -> tuple[dict, dict]:
     if interpret:
         # Smallest tl.dot tile: cheap in the interpreter, and N = 17 or 50 still spans several blocks, so the
         # online softmax across key blocks and the partial last block are both exercised.
         return dict(BLOCK_M=16, BLOCK_N=16), {}
-    # Not yet measured on a GPU: the Triton tutorial's tile for head width <= 64; N = 197 gives 4 query blocks
-    # of 64 (last one 5 rows). Compiled for sm_90 (bf16, d = 64): 139 registers, no spills (compile_only).
+    # Not yet measured on a GPU; chosen from the compiled code (benchmarks.kernel_resources, triton 3.8):
+    if dtype == torch.float32:
+        # fp32 tl.dot in "ieee" is FMA code: 64 x 64 tiles with 4 warps spilled 2.7 KB per thread on sm_90 and
+        # 24.8 KB on sm_80; 64 x 32 with 8 warps: 88 / 102 registers, no spills.
+        return dict(BLOCK_M=64, BLOCK_N=32), dict(num_warps=8, num_stages=2)
+    # bf16/fp16: the Triton tutorial's tile for head width <= 64; N = 197 gives 4 query blocks of 64 (last one
+    # 5 rows). sm_90: 137-140 registers, wgmma, cp.async of 16 bytes; sm_80: 168-181, mma.sync; no spills.
     return dict(BLOCK_M=64, BLOCK_N=64), dict(num_warps=4, num_stages=2)
 
 
-def _bwd_config(interpret: bool) -> tuple[dict, dict]:
+def _bwd_config(interpret: bool, dtype: torch.dtype, aligned: bool) -> tuple[dict, dict]:
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=16), {}
-    # Not yet measured on a GPU: 64 keys held (k, v, dk, dv) against 32-row query steps, 4 warps: the five
-    # (64 x 32 x 64) matmuls per step fit without spills in bf16 on sm_90 (compile_only; see the gate).
+    # Not yet measured on a GPU; from the compiled code as above. 64 keys held (k, v, dk, dv) against query
+    # steps of BLOCK_M rows.
+    if dtype == torch.float32:
+        # 32-row steps spilled (sm_80: 1.9 KB per thread); 16-row steps: 148 (sm_90) / 192 (sm_80) registers.
+        return dict(BLOCK_M=16, BLOCK_N=32), dict(num_warps=4, num_stages=2)
+    if not aligned:
+        # Scalar loads need an address register each: 32-row steps spilled 16 B on sm_80; 16-row ones do not.
+        return dict(BLOCK_M=16, BLOCK_N=64), dict(num_warps=4, num_stages=2)
+    # bf16/fp16, aligned: 218-233 registers on sm_90, 255 on sm_80, no spills.
     return dict(BLOCK_M=32, BLOCK_N=64), dict(num_warps=4, num_stages=2)
 
 
@@ -398,17 +419,15 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[
     if B * N * H == 0:
         return o, lse
     _check_device(q)
-    blocks, launch = _fwd_config(_INTERPRETED)
+    blocks, launch = _fwd_config(_INTERPRETED, q.dtype)
     grid = (triton.cdiv(N, blocks["BLOCK_M"]) * B * H,)
+    vec = _alignment(dims, (q, k, v, o))
     wrap_triton(_ragged_attention_fwd_kernel)[grid](
         q, k, v, o, lse, table[0], table[1], table[2],
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
+        *_strides(q, vec), *_strides(k, vec), *_strides(v, vec), *_strides(o, vec),
         lse.stride(0), lse.stride(1),
         N, H, scale,
-        HEAD_D=_uniform_width(dims), VEC=_alignment(dims, (q, k, v, o)), LOG2_DMAX=_log2_dmax(dims),
+        HEAD_D=_uniform_width(dims), VEC=vec, LOG2_DMAX=_log2_dmax(dims),
         DOT_PRECISION=_dot_precision(q), **blocks, **launch)
     return o, lse
 
@@ -429,29 +448,25 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
     lse = lse.contiguous()  # its strides are given for dims 0 and 1 only; delta shares them
     delta = _alloc((B, H, N), q, torch.float32)
     head_d, log2_dmax = _uniform_width(dims), _log2_dmax(dims)
-    fwd_blocks, _ = _fwd_config(_INTERPRETED)
+    fwd_blocks, _ = _fwd_config(_INTERPRETED, q.dtype)
     grid = (triton.cdiv(N, fwd_blocks["BLOCK_M"]) * B * H,)
+    vec = _alignment(dims, (o, do))
     wrap_triton(_ragged_attention_bwd_preprocess_kernel)[grid](
         o, do, delta, table[0], table[1], table[2],
-        o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
+        *_strides(o, vec), *_strides(do, vec),
         delta.stride(0), delta.stride(1),
-        N, H, BLOCK_M=fwd_blocks["BLOCK_M"], BLOCK_D=2 ** log2_dmax, HEAD_D=head_d,
-        VEC=_alignment(dims, (o, do)))
-    blocks, launch = _bwd_config(_INTERPRETED)
+        N, H, BLOCK_M=fwd_blocks["BLOCK_M"], BLOCK_D=2 ** log2_dmax, HEAD_D=head_d, VEC=vec)
+    vec = _alignment(dims, (q, k, v, do, dq))
+    blocks, launch = _bwd_config(_INTERPRETED, q.dtype, aligned=vec * q.element_size() == 16)
     # dq partial sums between key blocks, fp32; one key block needs none (a 1-element stand-in is passed).
     dq_acc = _alloc((B, N, D) if N > blocks["BLOCK_N"] else (1, 1, 1), q, torch.float32)
     wrap_triton(_ragged_attention_bwd_kernel)[(B * H,)](
         q, k, v, do, dq, dk, dv, dq_acc, lse, delta, table[0], table[1], table[2],
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
+        *_strides(q, vec), *_strides(k, vec), *_strides(v, vec), *_strides(do, vec), *_strides(dq, vec),
         dq_acc.stride(0), dq_acc.stride(1),
         lse.stride(0), lse.stride(1),
         N, H, scale,
-        HEAD_D=head_d, VEC=_alignment(dims, (q, k, v, do, dq)), LOG2_DMAX=log2_dmax,
+        HEAD_D=head_d, VEC=vec, LOG2_DMAX=log2_dmax,
         DOT_PRECISION=_dot_precision(q), **blocks, **launch)
     return dq, dk, dv
 

@@ -1,0 +1,290 @@
+"""What every Triton kernel compiles to for sm_90 and sm_80, on the real workloads, without a GPU.
+
+    python -m benchmarks.kernel_resources [--targets sm_90,sm_80] [--workloads ...] [-o DIR] [--readme]
+
+Each workload runs the project's own code paths (searchable and slim models, the public ops) on CPU tensors
+inside vitslim_kernels.compile_only, so every kernel launch is specialised and compiled by Triton exactly as on
+the GPU and then skipped. For each distinct compiled kernel it records registers, spills, shared memory,
+warps, stages, the global load widths, cp.async / TMA copies and tensor-core MMA instructions, and checks the
+rules the compile gate (tests/kernels/test_compile_gate.py) enforces:
+
+- every kernel compiles;
+- no bf16/fp16 kernel spills;
+- the attention kernels on aligned layouts (the search, slim models) load q/k/v/o/dO with 16-byte vectors
+  (no element-by-element loads), pipeline them (cp.async or TMA), and use tensor-core MMA (wgmma on sm_90,
+  mma.sync on sm_80).
+
+Results: DIR/kernel_resources.json (default benchmarks/results) with versions and commit; --readme rewrites
+the README's table between its kernel-resources markers from that file.
+
+Shapes: the model widths, heads and token counts are the real ones; the search runs at batch 16 (B * 197
+divisible by 16, as at batch 256 and 128, so every integer argument specialises as in the real runs), the slim
+and direct workloads at batch 2 (none of their kernels takes B * N); the depth is cut to 2 blocks, since every
+block launches the same kernels on the same shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vitslim_kernels.compile_only import TARGETS, Launch, compile_only, distinct, resources
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DIR = ROOT / "benchmarks" / "results"
+BATCH = 16          # search: B * N divisible by 16 like the benchmark batches (256, 128): same specialisations
+SLIM_BATCH = 2      # slim and direct: no kernel of theirs takes B * N, and 2 keeps the CPU work small
+DEPTH = 2           # every block launches the same kernels; two blocks cover a token-dropped one
+ATTENTION_KERNELS = ("_ragged_attention_fwd_kernel", "_ragged_attention_bwd_kernel")
+SLIM_HEADS = (0, 1, 17, 41, 63, 64)          # block 0 of the slim workloads: DESIGN.md's odd widths
+README_BEGIN, README_END = "<!-- kernel-resources:begin -->", "<!-- kernel-resources:end -->"
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    dtype: str                         # "fp32", "fp16", "bf16"
+    run: Callable[[torch.dtype], None]
+    aligned: bool                      # its attention layout is 16-byte aligned: the vector-load rules apply
+    what: str
+    kernels: frozenset                 # the kernels it must launch (else a fallback skipped the Triton path)
+
+
+def _timm_vit(name: str, img_size: int = 224):
+    import timm
+    return timm.create_model(name, pretrained=False, depth=DEPTH, img_size=img_size, drop_path_rate=0.0)
+
+
+def _searchable(name: str):
+    import vitslim
+    model = vitslim.make_searchable(_timm_vit(name), fused=True)
+    # Block 1 drops 60 of its 196 patches (the search's token dropping): a gathered, shorter block.
+    with torch.no_grad():
+        vitslim.gates(model)[1].tokens[::3] = 0.0
+    vitslim.drop_tokens(model, eps=1e-3)
+    return model.train()
+
+
+def _search_step(name: str) -> Callable[[torch.dtype], None]:
+    def run(dtype: torch.dtype) -> None:
+        model = _searchable(name)
+        x = torch.randn(BATCH, 3, 224, 224)
+        with torch.autocast("cpu", dtype=dtype):
+            loss = model(x).float().sum()
+        loss.backward()
+    return run
+
+
+def _slim_model(img_size: int, dtype: torch.dtype):
+    """A DeiT-S slim model: block 0 with the odd head widths SLIM_HEADS and 1197 MLP units, block 1 with
+    70%-like heads, 1075 units and 137 of 196 patches (a token-dropped block)."""
+    import vitslim
+    from vitslim.plan import BlockPlan, SlimPlan
+
+    base = _timm_vit("deit_small_patch16_224", img_size)
+    P = base.patch_embed.num_patches
+    blocks = (BlockPlan(heads=tuple(tuple(range(w)) for w in SLIM_HEADS), mlp=tuple(range(1197)),
+                        tokens=tuple(range(P))),
+              BlockPlan(heads=tuple(tuple(range(w)) for w in (48, 40, 44, 0, 36, 52)), mlp=tuple(range(1075)),
+                        tokens=tuple(range(0, P, 10)) + tuple(i for i in range(P) if i % 10 and i % 3)))
+    blocks = tuple(BlockPlan(b.heads, b.mlp, tuple(sorted(set(b.tokens)))) for b in blocks)
+    plan = SlimPlan(embed_dim=384, num_heads=6, head_dim=64, mlp_hidden=1536, num_prefix_tokens=1,
+                    num_patches=P, search="dims", budgets={"attn": 0.7, "mlp": 0.7, "tokens": 1.0},
+                    blocks=blocks)
+    model = vitslim.slim(base, plan, fused=True)
+    return model.to(dtype) if dtype == torch.float32 else model
+
+
+def _slim_step(dtype: torch.dtype) -> None:
+    """A retrain step and an inference pass of the slim model at N = 197, and in bf16 also at N = 50 (112 px)
+    and 577 (384 px). (N only specialises on divisibility by 16, which none of the three has; fp16 and fp32
+    stay at 197 because half-precision matmuls are slow on a CPU.)"""
+    for img_size in (224, 112, 384) if dtype == torch.bfloat16 else (224,):
+        model = _slim_model(img_size, torch.float32).train()
+        x = torch.randn(SLIM_BATCH, 3, img_size, img_size)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(x).float().sum()
+        loss.backward()
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            model.eval()(x)
+
+
+def _direct_ragged(dtype: torch.dtype) -> None:
+    """The public op on a packed, unaligned layout (widths SLIM_HEADS, no padding): compiles, no spills."""
+    import vitslim_kernels
+    D = sum(SLIM_HEADS)
+    for N in (197, 50):
+        qkv = torch.randn(SLIM_BATCH, N, 3 * D, dtype=dtype, requires_grad=True)
+        q, k, v = qkv.split(D, -1)
+        out = vitslim_kernels.ragged_attention(q, k, v, SLIM_HEADS, 64 ** -0.5, implementation="triton")
+        out.backward(torch.randn_like(out))  # a dense gradient, as in training (a .sum() gives a 0-stride one)
+
+
+_ATTENTION = frozenset({"_ragged_attention_fwd_kernel", "_ragged_attention_bwd_preprocess_kernel",
+                        "_ragged_attention_bwd_kernel"})
+_SEARCH = _ATTENTION | {f"_{op}_{d}_kernel" for op in ("layernorm_token_scale", "gated_linear", "gated_gelu_linear")
+                        for d in ("fwd", "bwd")}
+
+WORKLOADS: dict[str, Workload] = {w.name: w for w in [
+    Workload("search_deit_s_bf16", "bf16", _search_step("deit_small_patch16_224"), True,
+             "DeiT-S fused search step, bf16 autocast, a token-dropped block", _SEARCH),
+    Workload("search_deit_b_bf16", "bf16", _search_step("deit_base_patch16_224"), True,
+             "DeiT-B fused search step, bf16 autocast, a token-dropped block", _SEARCH),
+    *[Workload(f"slim_ragged_{d}", d, _slim_step, True,
+               f"DeiT-S slim model (heads {SLIM_HEADS}, N = {'197/50/577' if d == 'bf16' else '197'}, a "
+               f"token-dropped block): retrain step + inference, {d}", _ATTENTION) for d in ("bf16", "fp16", "fp32")],
+    *[Workload(f"direct_unaligned_{d}", d, _direct_ragged, False,
+               f"ragged_attention on packed widths {SLIM_HEADS} (unaligned), {d}", _ATTENTION)
+      for d in ("bf16", "fp32")],
+]}
+
+
+def compile_workload(workload: Workload, target: str) -> list[tuple[Launch, dict]]:
+    """The distinct kernels `workload` compiles for `target`, each with its resources as a dict."""
+    torch.manual_seed(0)
+    with compile_only(target) as launches:
+        workload.run(_DTYPES[workload.dtype])
+    return [(launch, resources(launch).to_dict()) for launch in distinct(launches)]
+
+
+def _element_bytes(dtype: str) -> int:
+    return {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
+
+
+def violations(workload: Workload, target: str, kernel: str, constants: dict, res: dict) -> list[str]:
+    """Why this compiled kernel fails the gate (empty: it passes)."""
+    bad = []
+    if workload.dtype in ("bf16", "fp16") and (res["spill_stores"] or res["spill_loads"]):
+        bad.append(f"spills {res['spill_stores']} B stores / {res['spill_loads']} B loads per thread")
+    if not kernel.startswith("_ragged_attention") or not workload.aligned:
+        return bad
+    elem = _element_bytes(workload.dtype)
+    full = 16 // elem
+    if constants.get("VEC") != full:
+        bad.append(f"layout not proven 16-byte aligned (VEC={constants.get('VEC')}, want {full})")
+    if elem == 2 and res["global_loads"].get("2", 0):
+        bad.append(f"{res['global_loads']['2']} element-by-element 2-byte loads")
+    if kernel in ATTENTION_KERNELS:
+        if not res["async_copies"] and not res["tma_copies"]:
+            bad.append("q/k/v loads not pipelined (no cp.async or TMA)")
+        mma = "wgmma" if TARGETS[target].arch >= 90 else "mma.sync"
+        ieee = workload.dtype == "fp32" and constants.get("DOT_PRECISION") == "ieee"  # no tensor core does it
+        if not ieee and not res["mma"].get(mma):
+            bad.append(f"no tensor-core MMA ({mma}) on {target}")
+    return bad
+
+
+def _versions() -> dict:
+    import triton
+    import subprocess
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", False
+    return {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
+            "commit": commit + ("+dirty" if dirty else ""), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def collect(workloads: list[str], targets: list[str], progress: Callable[[str], None] = lambda s: None) -> dict:
+    rows = []
+    for target in targets:
+        for name in workloads:
+            workload = WORKLOADS[name]
+            start = time.perf_counter()
+            compiled = compile_workload(workload, target)
+            for launch, res in compiled:
+                config = {k: v for k, v in launch.constants.items() if k.isupper()}
+                rows.append({"workload": name, "target": target, "dtype": workload.dtype, "kernel": launch.name,
+                             "config": config, "grid": list(launch.grid), **res,
+                             "violations": violations(workload, target, launch.name, config, res)})
+            progress(f"{target} {name}: {len(compiled)} kernels in {time.perf_counter() - start:.1f} s")
+    return {"what": "Triton kernels compiled for real GPU targets without a GPU (vitslim_kernels.compile_only)",
+            "versions": _versions(), "batch": BATCH, "depth": DEPTH,
+            "targets": {t: vars(TARGETS[t]) for t in targets},
+            "workloads": {n: WORKLOADS[n].what for n in workloads}, "kernels": rows}
+
+
+def _loads(row: dict) -> str:
+    loads = ", ".join(f"{n}x{b}B" for b, n in sorted(row["global_loads"].items(), key=lambda kv: -int(kv[0])))
+    copies = sum(row["async_copies"].values())
+    return loads + (f"; cp.async {copies}" if copies else "") + (f"; TMA {row['tma_copies']}" if row["tma_copies"] else "")
+
+
+def table(results: dict) -> str:
+    """The README table: one line per kernel, workload and target."""
+    head = ("| workload | target | kernel | config | regs | spills (B) | smem (KB) | warps/stages | global loads "
+            "(count x width) | MMA | gate |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in results["kernels"]:
+        config = " ".join(f"{k}={v}" for k, v in r["config"].items() if k not in ("DOT_PRECISION",))
+        mma = ", ".join(f"{k} {v}" for k, v in r["mma"].items()) or "-"
+        gate = "ok" if not r["violations"] else "FAIL: " + "; ".join(r["violations"])
+        lines.append(f"| {r['workload']} | {r['target']} | `{r['kernel'].strip('_')}` | {config} | {r['registers']} "
+                     f"| {r['spill_stores']}/{r['spill_loads']} | {r['shared'] / 1024:.0f} | "
+                     f"{r['num_warps']}/{r['num_stages']} | {_loads(r)} | {mma} | {gate} |")
+    v = results["versions"]
+    lines.append(f"\nGenerated by `python -m benchmarks.kernel_resources --readme` (torch {v['torch']}, triton "
+                 f"{v['triton']}, commit {v['commit'][:12]}): compile only, no GPU ran these.")
+    return "\n".join(lines)
+
+
+def write_readme_table(results: dict, readme: Path = ROOT / "README.md") -> None:
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no {README_BEGIN} ... {README_END} section to fill")
+    before, rest = text.split(README_BEGIN, 1)
+    _, after = rest.split(README_END, 1)
+    readme.write_text(f"{before}{README_BEGIN}\n{table(results)}\n{README_END}{after}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_resources", description=__doc__.split("\n")[0])
+    parser.add_argument("--targets", default="sm_90,sm_80", help="comma-separated, of: " + ", ".join(TARGETS))
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help="comma-separated, of: " + ", ".join(WORKLOADS))
+    parser.add_argument("-o", "--results-dir", type=Path, default=DEFAULT_DIR, help="where kernel_resources.json goes")
+    parser.add_argument("--readme", action="store_true", help="regenerate the README's kernel table from the JSON")
+    args = parser.parse_args(argv)
+    targets = [t for t in args.targets.split(",") if t]
+    workloads = [w for w in args.workloads.split(",") if w]
+    for t in targets:
+        if t not in TARGETS:
+            parser.error(f"--targets: unknown target {t!r}; accepted: {', '.join(TARGETS)}")
+    for w in workloads:
+        if w not in WORKLOADS:
+            parser.error(f"--workloads: unknown workload {w!r}; accepted: {', '.join(WORKLOADS)}")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("TRITON_INTERPRET=1 interprets the kernels and compiles nothing; unset it")
+    results = collect(workloads, targets, progress=lambda s: print(s, flush=True))
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    out = args.results_dir / "kernel_resources.json"
+    _write_atomic(out, json.dumps(results, indent=1) + "\n")
+    failing = [r for r in results["kernels"] if r["violations"]]
+    print(f"{len(results['kernels'])} compiled kernels -> {out}; {len(failing)} fail the gate")
+    for r in failing:
+        print(f"  {r['target']} {r['workload']} {r['kernel']}: {'; '.join(r['violations'])}")
+    if args.readme:
+        write_readme_table(results)
+        print("README.md: kernel table regenerated")
+    return 1 if failing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
