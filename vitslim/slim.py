@@ -73,11 +73,26 @@ class _AlignedHeads:
         self._rows = torch.cat([torch.where(self._columns < width, self._columns + s * width,
                                             torch.full_like(self._columns, 3 * width)) for s in range(3)])
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cached: tuple | None = None  # (weights' identity and versions, padded weights) for inference
 
     def _index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._on:
             self._on[device] = (self._rows.to(device), self._columns.to(device))
         return self._on[device]
+
+    def padded(self, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, proj_weight: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The padded qkv weight and bias and proj weight. Without autograd (inference) they are kept until a
+        weight changes (its version counter moves), so an inference step gathers nothing."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return (self.pad_rows(qkv_weight), self.pad_rows(qkv_bias) if qkv_bias is not None else None,
+                    self.pad_columns(proj_weight))
+        tensors = (qkv_weight, qkv_bias, proj_weight)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in tensors)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, (self.pad_rows(qkv_weight), self.pad_rows(qkv_bias) if qkv_bias is not None
+                                  else None, self.pad_columns(proj_weight)))
+        return self._cached[1]
 
     def pad_rows(self, t: torch.Tensor) -> torch.Tensor:
         """(3 * width, ...) qkv weight or bias -> (3 * padded width, ...), zero rows in the gaps."""
@@ -136,10 +151,10 @@ class SlimAttention(nn.Module):
         loads 16 bytes at a time. Exactly the same function: padded q and k columns are 0 and add nothing to
         the scores, padded v columns give output columns that meet zero proj columns."""
         a = self._aligned
-        weight, bias = a.pad_rows(self.qkv.weight), a.pad_rows(self.qkv.bias) if self.qkv.bias is not None else None
-        q, k, v = self._split(F.linear(x, weight, bias), a.width)
+        qkv_weight, qkv_bias, proj_weight = a.padded(self.qkv.weight, self.qkv.bias, self.proj.weight)
+        q, k, v = self._split(F.linear(x, qkv_weight, qkv_bias), a.width)
         o = vitslim_kernels.ragged_attention(q, k, v, a.head_dims, self.scale, implementation="triton")
-        return F.linear(o, a.pad_columns(self.proj.weight), self.proj.bias)
+        return F.linear(o, proj_weight, self.proj.bias)
 
     def extra_repr(self) -> str:
         return f"head_dims={list(self.head_dims)}, scale={self.scale:.4g}"

@@ -57,6 +57,7 @@ class Launch:
     target: Target
     compiled: Any = field(repr=False)   # triton.compiler.CompiledKernel
     constants: dict = field(default_factory=dict)
+    args: dict = field(default_factory=dict, repr=False)  # argument name -> ArgInfo (tensors) or the value
 
     @property
     def key(self) -> tuple:
@@ -92,6 +93,21 @@ class Resources:
                 "async_copies": {str(k): v for k, v in sorted(self.async_copies.items())},
                 "tma_copies": self.tma_copies, "mma": dict(self.mma),
                 "global_stores": {str(k): v for k, v in sorted(self.global_stores.items())}}
+
+
+@dataclass(frozen=True)
+class ArgInfo:
+    """A tensor argument of a launch, as a cost model needs it."""
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int          # bytes of the tensor's elements (its view, not its storage)
+
+
+def _describe(value):
+    if hasattr(value, "data_ptr") and hasattr(value, "shape"):
+        return ArgInfo(tuple(value.shape), str(value.dtype).replace("torch.", ""),
+                       value.numel() * value.element_size())
+    return _plain(value)
 
 
 class _StandInUtils:
@@ -149,7 +165,10 @@ def _recording_launcher(target: Target, launches: list[Launch]):
             self.src, self.metadata = src, metadata
 
         def __call__(self, grid_x, grid_y, grid_z, *args, **kwargs) -> None:
+            # args: stream, function, packed metadata, launch metadata, enter hook, exit hook, then the kernel's
+            # bound arguments in signature order (the same on triton 3.6 and 3.8).
             fn = self.src.fn
+            bound = args[6:]
             compiled = _compiled_kernel(fn, self.metadata)
             constants = {k[0] if isinstance(k, tuple) and len(k) == 1 else k: v
                          for k, v in getattr(self.src, "constants", {}).items()}
@@ -157,8 +176,10 @@ def _recording_launcher(target: Target, launches: list[Launch]):
             if names is not None:  # positions -> parameter names
                 constants = {names[k] if isinstance(k, int) and k < len(names) else k: v
                              for k, v in constants.items()}
+            arg_values = dict(zip(names, bound)) if names is not None else {}
             launches.append(Launch(fn.__name__, (int(grid_x), int(grid_y), int(grid_z)), target, compiled,
-                                   {str(k): _plain(v) for k, v in constants.items()}))
+                                   {str(k): _plain(v) for k, v in constants.items()},
+                                   {k: _describe(v) for k, v in arg_values.items()}))
     return RecordingLauncher
 
 

@@ -232,3 +232,27 @@ def test_slim_attention_pads_heads_to_aligned_widths_exactly(monkeypatch):
     names = ["out", "dx"] + [name for name, _ in fused.named_parameters()]
     for name, g, r, e in zip(names, got, ref32, expected):
         _assert_within_spec(name, g, r, e)
+
+
+def test_slim_attention_keeps_padded_weights_for_inference_until_they_change():
+    from vitslim.slim import SlimAttention
+
+    torch.manual_seed(0)
+    fused = SlimAttention(48, (17, 0, 41, 1, 64), head_dim=64, qkv_bias=True, proj_bias=True).eval()
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.copy_(0.3 * torch.randn(p.shape))
+    reference = SlimAttention(48, (17, 0, 41, 1, 64), head_dim=64, qkv_bias=True, proj_bias=True).eval()
+    reference.implementation = "reference"
+    x = torch.randn(2, 50, 48)
+    with torch.no_grad():
+        for step in range(2):
+            if step == 1:
+                fused.qkv.weight.mul_(-1.5)  # an in-place update: the kept padded copy must not be reused
+            cached = fused._aligned._cached
+            reference.load_state_dict(fused.state_dict())
+            torch.testing.assert_close(fused(x), reference(x), rtol=1e-5, atol=1e-5)
+            assert fused._aligned._cached is not cached  # (re)built for these weights
+        kept = fused._aligned._cached
+        fused(x)
+        assert fused._aligned._cached is kept  # unchanged weights: nothing gathered again

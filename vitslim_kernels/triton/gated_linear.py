@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import compile_only_target
 from ._common import alloc as _alloc
 from ._common import check_device, define_op, sm_count, formula_vjp, interpreter_agrees, kernel_wrapper
 
@@ -422,8 +423,9 @@ def _mm_out(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
         return torch.mm(a, b)
     if dtype != torch.float32 or a.dtype not in (torch.float16, torch.bfloat16):
         return torch.mm(a, b).to(dtype)
-    if a.is_cuda and not torch.is_grad_enabled():  # (grad enabled: a double backward differentiates this)
-        if _HAS_MM_OUT_DTYPE:
+    on_gpu = a.is_cuda or compile_only_target() is not None  # compile_only: record what a GPU would run
+    if on_gpu and not torch.is_grad_enabled():  # (grad enabled: a double backward differentiates this)
+        if _HAS_MM_OUT_DTYPE and a.is_cuda:
             return torch.mm(a, b, out_dtype=dtype)  # cuBLAS: half inputs, fp32 accumulation and output
         return torch.mm(a, b).to(dtype)
     return torch.mm(a.to(dtype), b.to(dtype))  # the same product (half -> fp32 is exact), differentiable
