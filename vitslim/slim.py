@@ -84,6 +84,8 @@ class _AlignedHeads:
                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The padded qkv weight and bias and proj weight. Without autograd (inference) they are kept until a
         weight changes (its version counter moves), so an inference step gathers nothing."""
+        if not self.needed:
+            return qkv_weight, qkv_bias, proj_weight
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return (self.pad_rows(qkv_weight), self.pad_rows(qkv_bias) if qkv_bias is not None else None,
                     self.pad_columns(proj_weight))
@@ -134,7 +136,7 @@ class SlimAttention(nn.Module):
             o, _ = ragged_attention_fwd_op()(q, k, v, list(self.head_dims), self.scale)
             return self.proj_drop(self.proj(o))
         dropout_p = self.attn_drop_p if self.training else 0.0
-        if self.implementation is None and self._aligned.needed and _runs_triton(x, self, dropout_p):
+        if self.implementation is None and _runs_triton(x, self, dropout_p):
             return self.proj_drop(self._forward_aligned(x))
         q, k, v = self._split(self.qkv(x), self.width)
         o = vitslim_kernels.ragged_attention(q, k, v, self.head_dims, self.scale, dropout_p=dropout_p,
@@ -147,13 +149,15 @@ class SlimAttention(nn.Module):
 
     def _forward_aligned(self, x: torch.Tensor) -> torch.Tensor:
         """The Triton kernel on heads "ragged but aligned": each head's q/k/v columns padded to a multiple of 8
-        with zero weights (see _AlignedHeads), so that every head starts on a 16-byte boundary and the kernel
-        loads 16 bytes at a time. Exactly the same function: padded q and k columns are 0 and add nothing to
+        with zero weights (see _AlignedHeads; nothing to pad when the widths already are), so that every head
+        starts on a 16-byte boundary and the kernel loads 16 bytes at a time, through the packed op (its
+        gradient is one dqkv). Exactly the same function: padded q and k columns are 0 and add nothing to
         the scores, padded v columns give output columns that meet zero proj columns."""
         a = self._aligned
         qkv_weight, qkv_bias, proj_weight = a.padded(self.qkv.weight, self.qkv.bias, self.proj.weight)
-        q, k, v = self._split(F.linear(x, qkv_weight, qkv_bias), a.width)
-        o = vitslim_kernels.ragged_attention(q, k, v, a.head_dims, self.scale, implementation="triton")
+        from vitslim_kernels.triton.ragged_attention import ragged_attention_qkv_triton
+
+        o = ragged_attention_qkv_triton(F.linear(x, qkv_weight, qkv_bias), a.head_dims, self.scale)
         return F.linear(o, proj_weight, self.proj.bias)
 
     def extra_repr(self) -> str:

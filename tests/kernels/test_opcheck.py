@@ -97,6 +97,16 @@ def _ragged_bwd_args(ops, dtype, head_dims=HEAD_DIMS, B=2, N=17):
     return (_randn(*q.shape, dtype=dtype, seed=1), q, k, v, o, lse, list(head_dims), SCALE)
 
 
+def _ragged_qkv_fwd_args(dtype, head_dims=HEAD_DIMS, B=2, N=17):
+    return (_randn(B, N, 3 * sum(head_dims), dtype=dtype, scale=1.5), list(head_dims), SCALE)
+
+
+def _ragged_qkv_bwd_args(ops, dtype, head_dims=HEAD_DIMS, B=2, N=17):
+    qkv = _randn(B, N, 3 * sum(head_dims), dtype=dtype, scale=1.5)
+    o, lse = ops.ragged_attention_qkv_fwd(qkv, list(head_dims), SCALE)
+    return (_randn(*o.shape, dtype=dtype, seed=1), qkv, o, lse, list(head_dims), SCALE)
+
+
 def _ln_fwd_args(dtype, out_dtype=None, gather=GATHER, num_prefix=1):
     x = _randn(3, 17, 24, dtype=dtype, scale=2.0) + 0.5
     gather, inverse = gather_tensors(gather, 17, x.device)
@@ -158,6 +168,9 @@ OPCHECK_CASES = {
                                                     _ragged_fwd_args(torch.float32, [0, 0], N=5)),
     "ragged_attention_bwd fp32": lambda ops: (ops.ragged_attention_bwd, _ragged_bwd_args(ops, torch.float32)),
     "ragged_attention_bwd fp16": lambda ops: (ops.ragged_attention_bwd, _ragged_bwd_args(ops, torch.float16)),
+    "ragged_attention_qkv_fwd fp32": lambda ops: (ops.ragged_attention_qkv_fwd, _ragged_qkv_fwd_args(torch.float32)),
+    "ragged_attention_qkv_bwd fp32": lambda ops: (ops.ragged_attention_qkv_bwd,
+                                                  _ragged_qkv_bwd_args(ops, torch.float32)),
     "layernorm_token_scale_fwd fp32 gather": lambda ops: (ops.layernorm_token_scale_fwd,
                                                           _ln_fwd_args(torch.float32)),
     "layernorm_token_scale_fwd fp16 no gather": lambda ops: (ops.layernorm_token_scale_fwd,
@@ -206,6 +219,11 @@ def test_backward_ops_are_their_formulas(ops):
     args[4] = torch.randn(args[4].shape, generator=g)
     args[5] = 2 + torch.rand(args[5].shape, generator=g)
     _assert_outputs_close(ops.ragged_attention_bwd(*args), ragged_attention_bwd_ref(*args), atol=1e-5)
+    from vitslim_kernels.triton.ragged_attention import ragged_attention_qkv_bwd_ref
+    args = list(_ragged_qkv_bwd_args(ops, torch.float32))
+    args[2] = torch.randn(args[2].shape, generator=g)
+    args[3] = 2 + torch.rand(args[3].shape, generator=g)
+    _assert_outputs_close((ops.ragged_attention_qkv_bwd(*args),), (ragged_attention_qkv_bwd_ref(*args),), atol=1e-5)
     # layernorm: mean and rstd independent of x
     for gather in (GATHER, None):
         args = list(_ln_bwd_args(ops, torch.float32, gather=gather))
@@ -259,6 +277,14 @@ def test_ragged_attention_second_derivatives(ops):
                               lambda q, k, v: ragged_attention_ref(q, k, v, HEAD_DIMS, SCALE), inputs)
 
 
+def test_packed_ragged_attention_second_derivatives(ops):
+    from vitslim_kernels.triton.ragged_attention import ragged_attention_qkv_triton
+    D = sum(HEAD_DIMS)
+    inputs = [_randn(2, 17, 3 * D, dtype=torch.float64, scale=1.5)]
+    _check_second_derivatives(lambda qkv: ragged_attention_qkv_triton(qkv, HEAD_DIMS, SCALE),
+                              lambda qkv: ragged_attention_ref(*qkv.split(D, -1), HEAD_DIMS, SCALE), inputs)
+
+
 def test_layernorm_token_scale_second_derivatives(ops):
     from vitslim_kernels.triton.layernorm_token_scale import layernorm_token_scale_triton
     x, w, b, raw, *_ = _ln_fwd_args(torch.float64)
@@ -310,6 +336,8 @@ def test_opaque_custom_ops_under_the_interpreter(ops):
 TRACED_CASES = {  # op name -> the op's arguments (fake CUDA tensors are made from them)
     "ragged_attention_fwd": lambda ops: _ragged_fwd_args(torch.float16),
     "ragged_attention_bwd": lambda ops: _ragged_bwd_args(ops, torch.float16),
+    "ragged_attention_qkv_fwd": lambda ops: _ragged_qkv_fwd_args(torch.float16),
+    "ragged_attention_qkv_bwd": lambda ops: _ragged_qkv_bwd_args(ops, torch.float16),
     "layernorm_token_scale_fwd": lambda ops: _ln_fwd_args(torch.float32, torch.bfloat16),
     "layernorm_token_scale_bwd": lambda ops: _ln_bwd_shapes(torch.float32, torch.bfloat16),
     "gated_linear_fold": lambda ops: _fold_args(torch.float32),

@@ -57,14 +57,13 @@ def gated_attention_branch_ref(u_scaled: torch.Tensor, qkv_weight: torch.Tensor,
 def gated_attention_branch_triton(u_scaled: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None,
                                   attn_gate: torch.Tensor, proj_weight: torch.Tensor,
                                   proj_bias: torch.Tensor | None, num_heads: int, scale: float) -> torch.Tensor:
-    """gated_linear (Triton) -> ragged_attention (Triton) on strided q, k, v views -> proj (cuBLAS)."""
+    """gated_linear (Triton) -> packed ragged attention (Triton) on its qkv -> proj (cuBLAS)."""
     from ..triton.gated_linear import gated_linear_triton
-    from ..triton.ragged_attention import ragged_attention_triton
+    from ..triton.ragged_attention import ragged_attention_qkv_triton
 
     H, d = check_gated_attention_branch_args(u_scaled, qkv_weight, attn_gate, proj_weight, num_heads)
     qkv = gated_linear_triton(u_scaled, qkv_weight, qkv_bias, attn_gate.reshape(-1))  # (B, N, 3, H, d) layout
-    q, k, v = qkv.split(H * d, dim=-1)                                                 # no copy
-    o = ragged_attention_triton(q, k, v, (d,) * H, scale)
+    o = ragged_attention_qkv_triton(qkv, (d,) * H, scale)  # its gradient: one dqkv, no cat
     return F.linear(o, proj_weight, proj_bias)
 
 

@@ -433,16 +433,27 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[
 
 
 def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-         lse: torch.Tensor, head_dims: Sequence[int], scale: float
+         lse: torch.Tensor, head_dims: Sequence[int], scale: float,
+         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), written into `out` when given: three (B, N, D) tensors with one set of strides (the views
+    of one (B, N, 3D) buffer: the packed op's dqkv, which the qkv projection's backward reads without a cat)."""
     if _reference_on(q):
-        return ragged_attention_bwd_ref(do, q, k, v, o, lse, head_dims, scale)
+        grads = ragged_attention_bwd_ref(do, q, k, v, o, lse, head_dims, scale)
+        if out is not None:
+            for buffer, g in zip(out, grads):
+                buffer.copy_(g)
+            return out
+        return grads
     B, N, D = q.shape
     dims = tuple(int(w) for w in head_dims)
     table = _head_table(dims, q.device)
     H = table.shape[1]
-    dq, dk, dv = (_alloc((B, N, D), q) for _ in range(3))
+    dq, dk, dv = out if out is not None else tuple(_alloc((B, N, D), q) for _ in range(3))
     if B * N * H == 0:
+        if out is not None:
+            for buffer in out:
+                buffer.zero_()
         return dq, dk, dv
     _check_device(q)
     lse = lse.contiguous()  # its strides are given for dims 0 and 1 only; delta shares them
@@ -544,6 +555,95 @@ ragged_attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_c
 ragged_attention_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
 
 
+# The packed ops: q, k, v as the three (B, N, D) column blocks of one (B, N, 3D) qkv tensor, as a fused qkv
+# projection gives them. The backward writes dq, dk, dv into one (B, N, 3D) dqkv that the projection's weight
+# gradient reads directly: with separate q, k, v inputs, autograd's backward of qkv.split concatenates three
+# gradients instead (one more write and read of (B, N, 3D): ~232 MB per block at DeiT-S batch 256, bf16).
+
+def _split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    D = qkv.shape[-1] // 3
+    return qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:]
+
+
+def _ragged_attention_qkv_fwd(qkv: torch.Tensor, head_dims: list[int], scale: float
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) of q, k, v = the column thirds of qkv (B, N, 3D): o (B, N, D), lse (B, H_kept, N) float32."""
+    return _fwd(*_split_qkv(qkv), head_dims, scale)
+
+
+def _ragged_attention_qkv_fwd_fake(qkv, head_dims, scale):
+    B, N, D3 = qkv.shape
+    H = sum(1 for w in head_dims if w > 0)
+    return qkv.new_empty((B, N, D3 // 3)), qkv.new_empty((B, H, N), dtype=torch.float32)
+
+
+def _ragged_attention_qkv_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                              head_dims: list[int], scale: float) -> torch.Tensor:
+    """dqkv (B, N, 3D) like qkv."""
+    dqkv = _alloc(qkv.shape, qkv)
+    _bwd(do, *_split_qkv(qkv), o, lse, head_dims, scale, out=_split_qkv(dqkv))
+    return dqkv
+
+
+def _ragged_attention_qkv_bwd_fake(do, qkv, o, lse, head_dims, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def ragged_attention_qkv_bwd_ref(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                                 head_dims: Sequence[int], scale: float) -> torch.Tensor:
+    """The packed backward in plain PyTorch: ragged_attention_bwd_ref on the thirds, concatenated."""
+    return torch.cat(ragged_attention_bwd_ref(do, *_split_qkv(qkv), o, lse, head_dims, scale), dim=-1)
+
+
+def _qkv_fwd_ref(qkv, head_dims, scale):
+    return ragged_attention_fwd_ref(*_split_qkv(qkv), head_dims, scale)
+
+
+ragged_attention_qkv_fwd = define_op("vitslim::ragged_attention_qkv_fwd", _ragged_attention_qkv_fwd,
+                                     _ragged_attention_qkv_fwd_fake, _INTERPRETED)
+ragged_attention_qkv_bwd = define_op("vitslim::ragged_attention_qkv_bwd", _ragged_attention_qkv_bwd,
+                                     _ragged_attention_qkv_bwd_fake, _INTERPRETED)
+
+
+def _qkv_fwd_setup_context(ctx, inputs, output):
+    qkv, head_dims, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(qkv, o, lse)
+    ctx.head_dims, ctx.scale = list(head_dims), scale
+    ctx.set_materialize_grads(False)
+
+
+def _qkv_fwd_backward(ctx, do, dlse):
+    qkv, o, lse = ctx.saved_tensors
+    if do is None and dlse is None:
+        return None, None, None
+    dqkv = torch.ops.vitslim.ragged_attention_qkv_bwd(do if do is not None else torch.zeros_like(o), qkv, o, lse,
+                                                      ctx.head_dims, ctx.scale)
+    if dlse is not None:  # as in _fwd_backward: only a double backward or a direct caller gives lse a gradient
+        dqkv = dqkv + formula_vjp(_qkv_fwd_ref, (qkv, ctx.head_dims, ctx.scale), (None, dlse),
+                                  ctx.needs_input_grad)[0]
+    return dqkv, None, None
+
+
+def _qkv_bwd_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.head_dims, ctx.scale = list(inputs[4]), inputs[5]
+    ctx.set_materialize_grads(False)
+
+
+def _qkv_bwd_backward(ctx, ddqkv):
+    args = (*ctx.saved_tensors, ctx.head_dims, ctx.scale)
+    return formula_vjp(_qkv_bwd_ref_tuple, args, (ddqkv,), ctx.needs_input_grad)
+
+
+def _qkv_bwd_ref_tuple(*args):
+    return (ragged_attention_qkv_bwd_ref(*args),)  # formula_vjp takes a tuple of outputs
+
+
+ragged_attention_qkv_fwd.register_autograd(_qkv_fwd_backward, setup_context=_qkv_fwd_setup_context)
+ragged_attention_qkv_bwd.register_autograd(_qkv_bwd_backward, setup_context=_qkv_bwd_setup_context)
+
+
 def ragged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int],
                             scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """Triton implementation of vitslim_kernels.ragged_attention. q, k, v, output: (B, N, sum(head_dims))."""
@@ -552,4 +652,16 @@ def ragged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h
         raise ValueError(f"ragged_attention: the Triton implementation has no attention dropout, got "
                          f"dropout_p={dropout_p}; use dropout_p=0.0 or implementation='reference'")
     o, _ = torch.ops.vitslim.ragged_attention_fwd(q, k, v, list(dims), float(scale))
+    return o
+
+
+def ragged_attention_qkv_triton(qkv: torch.Tensor, head_dims: Sequence[int], scale: float) -> torch.Tensor:
+    """Triton ragged attention of a packed qkv (B, N, 3 * sum(head_dims)) -> (B, N, sum(head_dims)); its
+    gradient comes back as one (B, N, 3D) tensor (see the packed ops)."""
+    D = sum(int(w) for w in head_dims)
+    if qkv.dim() != 3 or qkv.shape[-1] != 3 * D:
+        raise ValueError(f"ragged_attention_qkv: qkv must be (B, N, 3 * sum(head_dims) = {3 * D}), got shape "
+                         f"{tuple(qkv.shape)}")
+    check_ragged_args(*_split_qkv(qkv), head_dims)
+    o, _ = torch.ops.vitslim.ragged_attention_qkv_fwd(qkv, [int(w) for w in head_dims], float(scale))
     return o
