@@ -1,5 +1,7 @@
 // Instantiations and launch of the ragged-attention forward kernel. No torch header here: nvcc parses only
 // the CUDA headers, which keeps the build short (the host checks are in csrc/ragged_attention.cpp).
+#include <atomic>
+
 #include "ragged_attention_fwd.cuh"
 
 namespace vitslim {
@@ -7,14 +9,30 @@ namespace ragged_attention {
 
 namespace {
 
+constexpr int kMaxDevices = 64;
+
+// Opts `kernel` into `smem` bytes of dynamic shared memory on the current device, once per device: the
+// attribute stays set, and cudaFuncSetAttribute on every launch is a driver call in the hot path (one per
+// block per step at batch 1, where the launches set the latency).
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel kernel, size_t smem, std::atomic<bool> (&done)[kMaxDevices]) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < kMaxDevices && done[device].load(std::memory_order_acquire)) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err == cudaSuccess && device < kMaxDevices) done[device].store(true, std::memory_order_release);
+  return err;
+}
+
 template <typename scalar_t, int WP>
 cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
   const int64_t blocks = p.batch * p.heads * ((p.n + kBlockM - 1) / kBlockM);
   const size_t smem = sizeof(float) * smem_floats(WP);
   auto kernel = _ragged_attention_fwd_kernel<scalar_t, WP>;
   if (smem > 48 * 1024) {  // above the default limit, dynamic shared memory must be opted into
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
+    static std::atomic<bool> done[kMaxDevices] = {};  // one set per instantiation (kernel and smem)
+    const cudaError_t err = allow_dynamic_smem(kernel, smem, done);
     if (err != cudaSuccess) return err;
   }
   kernel<<<static_cast<unsigned int>(blocks), kThreads, smem, stream>>>(
