@@ -9,6 +9,7 @@ from .gates import BlockGates, gates, sparsity_losses
 from .plan import BlockPlan, PlanMismatchError, SlimPlan
 from .searchable import SearchableBlock, make_searchable, set_implementation
 from .slim import SlimAttention, SlimBlock, SlimMlp, slim
+from .cuda_graphs import use_cuda_graphs
 from .threshold import threshold
 from .token_drop import drop_tokens
 
@@ -16,6 +17,6 @@ __all__ = [
     "make_searchable", "gates", "sparsity_losses", "threshold", "slim", "count_params", "count_flops",
     "save_slim", "load_slim", "set_implementation", "SlimPlan", "BlockPlan", "BlockGates", "SearchableBlock",
     "SlimAttention", "SlimBlock", "SlimMlp", "ViTArch", "UnsupportedModelError", "PlanMismatchError",
-    "SlimFileError",
+    "SlimFileError", "use_cuda_graphs",
 ]
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .arch import ViTArch
+from .cuda_graphs import use_cuda_graphs
 from .plan import SlimPlan
 from .slim import build_slim, set_fused, set_pretrained_cfg
 
@@ -85,10 +86,12 @@ def save_slim(model: nn.Module, path: str | os.PathLike) -> Path:
     return folder
 
 
-def load_slim(path: str | os.PathLike, device: str | torch.device = "cpu", fused: bool = False) -> nn.Module:
+def load_slim(path: str | os.PathLike, device: str | torch.device = "cpu", fused: bool = False,
+              cuda_graphs: bool = False) -> nn.Module:
     """Load a slim model saved by save_slim; returns it in eval mode on `device`.
 
     fused: as in vitslim.slim, let dispatch pick the fastest ragged-attention kernel (default: reference).
+    cuda_graphs: as in vitslim.slim, replay inference on CUDA inputs from CUDA graphs.
     """
     from safetensors.torch import load_file
 
@@ -134,4 +137,5 @@ def load_slim(path: str | os.PathLike, device: str | torch.device = "cpu", fused
         if not isinstance(cfg, dict):
             raise SlimFileError(f"{config_file}: pretrained_cfg must be a JSON object, got {type(cfg).__name__}")
         set_pretrained_cfg(model, _cfg_from_json(cfg))
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    return use_cuda_graphs(model) if cuda_graphs else model

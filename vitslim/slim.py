@@ -18,6 +18,7 @@ import vitslim_kernels
 from vitslim_kernels.ops.ragged_attention import ragged_attention_fwd_op
 
 from .arch import ViTArch, build, describe
+from .cuda_graphs import use_cuda_graphs
 from .intermediates import install_checked_forward_intermediates
 from .plan import SlimPlan
 from .searchable import describe_searchable, is_searchable, searchable_blocks
@@ -303,7 +304,8 @@ def _slim_state_dict(model: nn.Module, plan: SlimPlan, fold_gates: bool) -> dict
     return state
 
 
-def slim(model: nn.Module, plan: SlimPlan, fold_gates: bool = False, fused: bool = False) -> nn.Module:
+def slim(model: nn.Module, plan: SlimPlan, fold_gates: bool = False, fused: bool = False,
+         cuda_graphs: bool = False) -> nn.Module:
     """Build the physically smaller model that `plan` describes, from a searchable (or plain) timm ViT.
 
     fold_gates=False: kept gates become 1 (the paper). fold_gates=True: kept attention and MLP gate values
@@ -312,6 +314,8 @@ def slim(model: nn.Module, plan: SlimPlan, fold_gates: bool = False, fused: bool
     fused: let dispatch pick the fastest ragged-attention implementation for the device (kernels where
     available); under torch.export the graph then holds vitslim::ragged_attention_fwd itself (see
     vitslim.export). False keeps the plain PyTorch reference, in exported graphs too.
+    cuda_graphs: replay inference on CUDA inputs (eval, autograd off) from CUDA graphs, one per input shape,
+    for small-batch latency (see vitslim.cuda_graphs; call model.forward.reset() after changing weights).
     The search model is left unchanged; the slim model is on its device and dtype, in its train/eval mode,
     and carries its timm pretrained_cfg (so timm.data.resolve_data_config gives the same preprocessing).
     """
@@ -328,7 +332,8 @@ def slim(model: nn.Module, plan: SlimPlan, fold_gates: bool = False, fused: bool
     slim_model.load_state_dict(_slim_state_dict(model, plan, fold_gates), strict=True)
     set_pretrained_cfg(slim_model, getattr(model, "pretrained_cfg", None))
     slim_model.train(model.training)
-    return set_fused(slim_model, fused)
+    set_fused(slim_model, fused)
+    return use_cuda_graphs(slim_model) if cuda_graphs else slim_model
 
 
 def set_fused(model: nn.Module, fused: bool) -> nn.Module:
