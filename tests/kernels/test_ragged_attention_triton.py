@@ -97,6 +97,8 @@ def _check_against_reference(head_dims, N, B, dtype, layout, expanded_grad=False
     ((3, 1), 50, "separate", True),          # sum(head_dims) = 4; contiguous inputs; zero-stride dO
     ((16, 0, 16, 16), 50, "split", False),   # uniform kept width (the search's compile-time width path)
     ((8, 24, 0, 16), 50, "split", False),    # ragged, every offset and width a multiple of 8: aligned loads
+    ((48, 0, 48), 17, "split", False),       # uniform width tiled as 32 + 16 columns (split-D)
+    ((40, 80, 9), 17, "split", False),       # ragged split tiles 32 + 16 and 64 + 16 next to a single 16
 ])
 def test_matches_reference_fp32(head_dims, N, layout, expanded_grad, poisoned):
     _check_against_reference(head_dims, N, B=3, dtype=torch.float32, layout=layout, expanded_grad=expanded_grad)
@@ -123,6 +125,8 @@ def test_alignment_is_proven_from_offsets_widths_and_strides(kernels):
     assert vec((24, 24), layout="separate") == 8     # row stride 48
     assert kernels._uniform_width((64, 0, 64)) == 64 and kernels._uniform_width((64, 32)) == 0
     assert kernels._uniform_width((0, 0)) == 0
+    assert [kernels._tile_slices(w) for w in (1, 17, 41, 48, 63, 64, 80, 96, 112)] == [
+        (16, 0), (32, 0), (32, 16), (32, 16), (64, 0), (64, 0), (64, 16), (64, 32), (128, 0)]
 
 
 def test_all_heads_zero_width():

@@ -54,33 +54,54 @@ def _head_columns(HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD, h, HEAD_D: tl.constexpr, VE
 @triton.jit
 def _attn_fwd_head(q_base, k_base, v_base, o_base, lse_ptrs, offs_m, mask_m, width, N, qk_scale,
                    stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on, stride_od,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax attention of BLOCK_M query rows of one head over all N keys, at tile width BLOCK_D."""
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < width
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+                   BLOCK_N: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax attention of BLOCK_M query rows of one head over all N keys.
+
+    The head's columns are tiled as two power-of-two slices, [0, D_A) and [D_A, D_A + D_B) (D_B = 0: one),
+    so a head 41 wide (48 in 16-wide slices) contracts over 32 + 16 columns, not 64: the split-D of ROCm
+    aiter's and vLLM's encoder attention. Columns past `width` are masked, never read."""
+    offs_a = tl.arange(0, D_A)
+    mask_a = offs_a < width
+    q_a = tl.load(q_base + offs_m[:, None] * stride_qn + offs_a[None, :] * stride_qd,
+                  mask=mask_m[:, None] & mask_a[None, :], other=0.0)
+    acc_a = tl.zeros([offs_m.shape[0], D_A], tl.float32)
+    if D_B > 0:
+        offs_b = D_A + tl.arange(0, D_B)
+        mask_b = offs_b < width
+        q_b = tl.load(q_base + offs_m[:, None] * stride_qn + offs_b[None, :] * stride_qd,
+                      mask=mask_m[:, None] & mask_b[None, :], other=0.0)
+        acc_b = tl.zeros([offs_m.shape[0], D_B], tl.float32)
     m_i = tl.full([offs_m.shape[0]], float("-inf"), tl.float32)
     l_i = tl.zeros([offs_m.shape[0]], tl.float32)
-    acc = tl.zeros([offs_m.shape[0], BLOCK_D], tl.float32)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=mask_d[:, None] & mask_n[None, :], other=0.0)                    # (BLOCK_D, BLOCK_N)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
+        kt_a = tl.load(k_base + offs_n[None, :] * stride_kn + offs_a[:, None] * stride_kd,
+                       mask=mask_a[:, None] & mask_n[None, :], other=0.0)                  # (D_A, BLOCK_N)
+        s = tl.dot(q_a, kt_a, input_precision=DOT_PRECISION)
+        if D_B > 0:
+            kt_b = tl.load(k_base + offs_n[None, :] * stride_kn + offs_b[:, None] * stride_kd,
+                           mask=mask_b[:, None] & mask_n[None, :], other=0.0)
+            s += tl.dot(q_b, kt_b, input_precision=DOT_PRECISION)
+        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every key block holds a valid key
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        v_a = tl.load(v_base + offs_n[:, None] * stride_vn + offs_a[None, :] * stride_vd,
+                      mask=mask_n[:, None] & mask_a[None, :], other=0.0)
+        p = p.to(v_a.dtype)
+        acc_a = acc_a * alpha[:, None] + tl.dot(p, v_a, input_precision=DOT_PRECISION)
+        if D_B > 0:
+            v_b = tl.load(v_base + offs_n[:, None] * stride_vn + offs_b[None, :] * stride_vd,
+                          mask=mask_n[:, None] & mask_b[None, :], other=0.0)
+            acc_b = acc_b * alpha[:, None] + tl.dot(p, v_b, input_precision=DOT_PRECISION)
         m_i = m_new
-    acc = acc / l_i[:, None]
-    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-             acc.to(o_base.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(o_base + offs_m[:, None] * stride_on + offs_a[None, :] * stride_od,
+             (acc_a / l_i[:, None]).to(o_base.dtype.element_ty), mask=mask_m[:, None] & mask_a[None, :])
+    if D_B > 0:
+        tl.store(o_base + offs_m[:, None] * stride_on + offs_b[None, :] * stride_od,
+                 (acc_b / l_i[:, None]).to(o_base.dtype.element_ty), mask=mask_m[:, None] & mask_b[None, :])
     tl.store(lse_ptrs, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_m)  # natural log
 
 
@@ -89,7 +110,7 @@ def _ragged_attention_fwd_kernel(
     Q, K, V,                                # (B, N, D) inputs, any strides
     O,                                      # (B, N, D) output
     LSE,                                    # (B, H, N) fp32 out: logsumexp of the scaled scores of each row
-    HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD,      # (H,) int32: first column, width, padded width of each kept head
+    HEAD_OFFSET, HEAD_WIDTH, HEAD_SPLIT,    # (H,) int32: first column, width, split tile width of each head
     stride_qb, stride_qn, stride_qd,        # strides of q (b and n ones divided by VEC)
     stride_kb, stride_kn, stride_kd,        # strides of k (b and n ones divided by VEC)
     stride_vb, stride_vn, stride_vd,        # strides of v (b and n ones divided by VEC)
@@ -101,8 +122,10 @@ def _ragged_attention_fwd_kernel(
     BLOCK_M: tl.constexpr,                  # query rows per program
     BLOCK_N: tl.constexpr,                  # keys per inner-loop step
     HEAD_D: tl.constexpr,                   # width of every kept head when all are equal (the search), else 0
+    UNIFORM_A: tl.constexpr,                # with HEAD_D: its tile slices (see _attn_fwd_head; B may be 0)
+    UNIFORM_B: tl.constexpr,
     VEC: tl.constexpr,                      # the host proved offsets, widths and row strides multiples of this
-    LOG2_DMAX: tl.constexpr,                # log2 of the largest padded head width (>= 4)
+    LOG2_DMAX: tl.constexpr,                # log2 of the largest power-of-two tile (>= 4)
     DOT_PRECISION: tl.constexpr,            # tl.dot input_precision for fp32 inputs ("ieee" or "tf32")
 ):
     # Flattened 1-D grid: query blocks of one (batch, head) are neighbours (they share k and v in L2), and
@@ -113,7 +136,7 @@ def _ragged_attention_fwd_kernel(
     pid_bh = pid // num_m_blocks
     b = (pid_bh // H).to(tl.int64)  # int64: b * stride_b can pass 2**31 for large batches
     h = pid_bh % H
-    col0, width, pad = _head_columns(HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD, h, HEAD_D, VEC)
+    col0, width, pad = _head_columns(HEAD_OFFSET, HEAD_WIDTH, HEAD_SPLIT, h, HEAD_D, VEC)
     qk_scale = scale * 1.4426950408889634  # softmax in base 2: exp(x * scale) = exp2(x * scale * log2(e))
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -132,15 +155,22 @@ def _ragged_attention_fwd_kernel(
     if HEAD_D > 0:
         _attn_fwd_head(q_base, k_base, v_base, o_base, lse_ptrs, offs_m, mask_m, width, N, qk_scale,
                        stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on, stride_od,
-                       BLOCK_N, 2 ** LOG2_DMAX, DOT_PRECISION)
+                       BLOCK_N, UNIFORM_A, UNIFORM_B, DOT_PRECISION)
     else:
-        # One branch per padded width; a program takes exactly one (pad is uniform over the program).
-        # (2 ** LOG2_D is written out, not assigned: the interpreter turns assigned ints into tensors.)
-        for LOG2_D in tl.static_range(4, LOG2_DMAX + 1):
-            if pad == 2 ** LOG2_D:
+        # One branch per tile class 2^A or 2^A + 2^B (B < A); a program takes exactly one (its head's).
+        # (2 ** LOG2_A is written out, not assigned: the interpreter turns assigned ints into tensors.)
+        for LOG2_A in tl.static_range(4, LOG2_DMAX + 1):
+            if pad == 2 ** LOG2_A:
                 _attn_fwd_head(q_base, k_base, v_base, o_base, lse_ptrs, offs_m, mask_m, width, N, qk_scale,
                                stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on,
-                               stride_od, BLOCK_N, 2 ** LOG2_D, DOT_PRECISION)
+                               stride_od, BLOCK_N, 2 ** LOG2_A, 0, DOT_PRECISION)
+            for LOG2_B in tl.static_range(4, LOG2_A):
+                if 2 ** LOG2_A + 2 ** LOG2_B <= 2 ** LOG2_DMAX:
+                    if pad == 2 ** LOG2_A + 2 ** LOG2_B:
+                        _attn_fwd_head(q_base, k_base, v_base, o_base, lse_ptrs, offs_m, mask_m, width, N,
+                                       qk_scale, stride_qn, stride_qd, stride_kn, stride_kd, stride_vn,
+                                       stride_vd, stride_on, stride_od, BLOCK_N, 2 ** LOG2_A, 2 ** LOG2_B,
+                                       DOT_PRECISION)
 
 
 @triton.jit
@@ -299,7 +329,8 @@ def _ragged_attention_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------
 
 def _head_table(head_dims: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """(3, H) int32 on `device`: column offset, width and padded width of every head with width > 0."""
+    """(4, H) int32 on `device`: column offset, width, power-of-two tile and split tile (the forward's) of every
+    head with width > 0."""
     if tracing():  # a tensor made under torch.compile's tracing must not enter the eager cache
         return _build_head_table(head_dims, device)
     return _cached_head_table(head_dims, device)
@@ -311,15 +342,28 @@ def _cached_head_table(head_dims: tuple[int, ...], device: torch.device) -> torc
 
 
 def _build_head_table(head_dims: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    rows: list[list[int]] = [[], [], []]
+    rows: list[list[int]] = [[], [], [], []]
     offset = 0
     for w in head_dims:
         if w > 0:
             rows[0].append(offset)
             rows[1].append(w)
-            rows[2].append(max(_MIN_BLOCK_D, triton.next_power_of_2(w)))
+            rows[2].append(max(_MIN_BLOCK_D, triton.next_power_of_2(w)))  # the backward's tile
+            rows[3].append(sum(_tile_slices(w)))                           # the forward's split tile
         offset += w
     return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+def _tile_slices(width: int) -> tuple[int, int]:
+    """(A, B): the forward's tile of a head `width` wide as power-of-two slices A + B (B = 0 or B < A), at
+    least round_up(width, 16): 41 -> (32, 16), 64 -> (64, 0), 80 -> (64, 16), 112 -> (128, 0)."""
+    w16 = max(_MIN_BLOCK_D, -(-width // 16) * 16)
+    a = 1 << (w16.bit_length() - 1)
+    rest = w16 - a
+    if rest == 0:
+        return a, 0
+    b = max(_MIN_BLOCK_D, triton.next_power_of_2(rest))
+    return (2 * a, 0) if b == a else (a, b)
 
 
 def _log2_dmax(head_dims: Sequence[int]) -> int:
@@ -422,12 +466,14 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[
     blocks, launch = _fwd_config(_INTERPRETED, q.dtype)
     grid = (triton.cdiv(N, blocks["BLOCK_M"]) * B * H,)
     vec = _alignment(dims, (q, k, v, o))
+    head_d = _uniform_width(dims)
+    uniform_a, uniform_b = _tile_slices(head_d) if head_d else (0, 0)
     wrap_triton(_ragged_attention_fwd_kernel)[grid](
-        q, k, v, o, lse, table[0], table[1], table[2],
+        q, k, v, o, lse, table[0], table[1], table[3],
         *_strides(q, vec), *_strides(k, vec), *_strides(v, vec), *_strides(o, vec),
         lse.stride(0), lse.stride(1),
         N, H, scale,
-        HEAD_D=_uniform_width(dims), VEC=vec, LOG2_DMAX=_log2_dmax(dims),
+        HEAD_D=head_d, UNIFORM_A=uniform_a, UNIFORM_B=uniform_b, VEC=vec, LOG2_DMAX=_log2_dmax(dims),
         DOT_PRECISION=_dot_precision(q), **blocks, **launch)
     return o, lse
 
