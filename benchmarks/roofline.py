@@ -128,13 +128,15 @@ def _tile_flops(launch) -> float:
         return 0.0
     a, c = launch.args, launch.constants
     B, N, _ = a["Q"].shape
-    width = a["HEAD_PAD"].shape[0]  # kept heads
-    head_d = c.get("HEAD_D", 0)
-    tile = 2 ** c["LOG2_DMAX"] if head_d else 2 ** c["LOG2_DMAX"]  # the widest branch: an upper bound if ragged
+    heads = a["HEAD_OFFSET"].shape[0]  # kept heads
+    # Uniform heads: the forward's split tile (UNIFORM_A + UNIFORM_B) or the backward's power of two; ragged
+    # heads: the widest tile, an upper bound (the per-head widths live in a device table).
+    uniform = c.get("UNIFORM_A", 0) + c.get("UNIFORM_B", 0)
+    tile = uniform if uniform else 2 ** c["LOG2_DMAX"]
     bm, bn = c["BLOCK_M"], c["BLOCK_N"]
     rows, keys = math.ceil(N / bm) * bm, math.ceil(N / bn) * bn
     matmuls = 2 if "fwd" in launch.name else 5
-    return 2.0 * matmuls * B * width * rows * keys * tile
+    return 2.0 * matmuls * B * heads * rows * keys * tile
 
 
 def _triton_ops(launches) -> list[Op]:
