@@ -18,20 +18,33 @@ RESULTS = Path(__file__).parent / "results"
 H100_LIMITS = {"bf16_dense_tflops": 800.0, "hbm_tb_per_s": 3.0}
 
 
-def environment() -> dict:
+def provenance() -> dict:
+    """Where a result comes from: device, python, torch, triton and CUDA versions, git commit ("+dirty" when
+    tracked files differ from it) and date."""
+    import sys
+    import time
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    root = Path(__file__).parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+                                cwd=root).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=root).stdout.strip()
+        commit += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = None
     return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda, "commit": commit,
-            "limits": H100_LIMITS}
+            "python": sys.version.split()[0], "torch": torch.__version__, "triton": triton_version,
+            "cuda": torch.version.cuda, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def environment() -> dict:
+    """provenance() and the measured device limits the percentages of timed results refer to."""
+    return {**provenance(), "limits": H100_LIMITS}
 
 
 def device_time_ms(fn: Callable[[], object], warmup: int = 10, iters: int = 50) -> float:

@@ -24,7 +24,6 @@ An estimate, not a measurement: the GPU benchmarks print measured / predicted be
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -38,6 +37,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from benchmarks.common import provenance
+from vitslim.saving import atomic_write
 from vitslim_kernels.compile_only import ArgInfo, compile_only
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,15 +298,12 @@ def main(argv: list[str] | None = None) -> int:
                                    ("dense", inference_step(args.model, slim=False)), batch, limits, args.launch_us))
     for r in results:
         _print(r, args.top)
-    from benchmarks.kernel_resources import _versions
     out = {"what": "roofline model: predicted time at the device limits (an estimate, not a measurement)",
-           "limits": limits, "launch_us": args.launch_us, "model": args.model, "versions": _versions(),
+           "limits": limits, "launch_us": args.launch_us, "model": args.model, "versions": provenance(),
            "seconds_to_compute": round(time.perf_counter() - start, 1), "comparisons": results}
     args.results_dir.mkdir(parents=True, exist_ok=True)
     path = args.results_dir / "roofline.json"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1) + "\n"))
     print(f"\n-> {path}")
     return 0
 

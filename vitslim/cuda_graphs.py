@@ -80,12 +80,9 @@ class GraphedForward:
 def use_cuda_graphs(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Replay model's inference forward from CUDA graphs (see the module docstring); enabled=False undoes it.
     Returns the model (the same object: its attributes, state dict and saving are unchanged)."""
-    current = model.__dict__.get("forward")
-    if isinstance(current, GraphedForward):
-        if enabled:
-            return model
-        del model.__dict__["forward"]
-        return model
-    if enabled:
+    graphed = isinstance(model.__dict__.get("forward"), GraphedForward)
+    if graphed and not enabled:
+        del model.__dict__["forward"]  # the class's forward again
+    elif enabled and not graphed:
         model.forward = GraphedForward(model, model.forward)
     return model

@@ -56,7 +56,7 @@ class Launch:
     grid: tuple[int, int, int]
     target: Target
     compiled: Any = field(repr=False)   # triton.compiler.CompiledKernel
-    constants: dict = field(default_factory=dict)
+    constants: dict = field(default_factory=dict)         # constexpr parameter name -> value
     args: dict = field(default_factory=dict, repr=False)  # argument name -> ArgInfo (tensors) or the value
 
     @property
@@ -168,18 +168,11 @@ def _recording_launcher(target: Target, launches: list[Launch]):
             # args: stream, function, packed metadata, launch metadata, enter hook, exit hook, then the kernel's
             # bound arguments in signature order (the same on triton 3.6 and 3.8).
             fn = self.src.fn
-            bound = args[6:]
-            compiled = _compiled_kernel(fn, self.metadata)
-            constants = {k[0] if isinstance(k, tuple) and len(k) == 1 else k: v
-                         for k, v in getattr(self.src, "constants", {}).items()}
-            names = getattr(fn, "arg_names", None)
-            if names is not None:  # positions -> parameter names
-                constants = {names[k] if isinstance(k, int) and k < len(names) else k: v
-                             for k, v in constants.items()}
-            arg_values = dict(zip(names, bound)) if names is not None else {}
-            launches.append(Launch(fn.__name__, (int(grid_x), int(grid_y), int(grid_z)), target, compiled,
-                                   {str(k): _plain(v) for k, v in constants.items()},
-                                   {k: _describe(v) for k, v in arg_values.items()}))
+            values = dict(zip((p.name for p in fn.params), args[6:]))
+            launches.append(Launch(fn.__name__, (int(grid_x), int(grid_y), int(grid_z)), target,
+                                   _compiled_kernel(fn, self.metadata),
+                                   {p.name: _plain(values[p.name]) for p in fn.params if p.is_constexpr},
+                                   {name: _describe(v) for name, v in values.items()}))
     return RecordingLauncher
 
 
@@ -302,9 +295,8 @@ _PTXAS_CACHE: dict[str, tuple[int, int, int, int]] = {}
 
 
 def _ptxas_path(arch: int) -> str:
-    from triton.backends.nvidia.compiler import get_ptxas
-    tool = get_ptxas(arch) if "arch" in get_ptxas.__code__.co_varnames else get_ptxas()
-    return tool.path
+    from triton.backends.nvidia.compiler import get_ptxas  # get_ptxas(arch) on triton 3.6 and 3.8
+    return get_ptxas(arch).path
 
 
 def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int, int]:

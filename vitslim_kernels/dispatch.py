@@ -93,15 +93,13 @@ _INTERPRETER_BROKEN: str | None = interpreter_broken()  # package metadata only:
 
 def triton_unavailable(example: torch.Tensor) -> str | None:
     """None if the Triton kernels can run on tensors like `example`, else why not (read at call time)."""
-    if example.device.type == "cpu" and compile_only_target() is not None:
-        pass  # vitslim_kernels.compile_only: launches compile for its stand-in GPU and run nothing
-    elif example.device.type == "cpu":
+    device = example.device.type
+    if device == "cpu" and compile_only_target() is None:  # (compile_only: CPU compiles for its stand-in GPU)
         if not interpreter_enabled():
             return "CPU tensor and TRITON_INTERPRET is not 1"
-        broken = _INTERPRETER_BROKEN
-        if broken:
-            return broken
-    elif example.device.type != "cuda":
+        if _INTERPRETER_BROKEN:
+            return _INTERPRETER_BROKEN
+    elif device not in ("cpu", "cuda"):
         return f"{example.device.type} tensor: Triton runs on CUDA, or on CPU with TRITON_INTERPRET=1"
     if example.dtype not in _TRITON_DTYPES:
         return f"dtype {example.dtype} is not supported by the Triton kernels (float32, float16, bfloat16 are)"

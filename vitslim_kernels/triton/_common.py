@@ -94,8 +94,8 @@ def tracing() -> bool:
 
 
 def formula_vjp(formula, args: tuple, cotangents: tuple, needs_input_grad: tuple) -> tuple:
-    """The vector-Jacobian product of `formula(*args)` (plain differentiable PyTorch) with `cotangents`: one
-    gradient per argument, None for arguments that are not floating tensors or need no gradient.
+    """The vector-Jacobian product of `formula(*args)` (plain differentiable PyTorch; a tuple of outputs, or one
+    tensor) with `cotangents` (a tuple, one per output): one gradient per argument, None for arguments that are not floating tensors or need no gradient.
 
     The backward of each backward op: its formula written out in PyTorch is a function of all its inputs, and
     torch.func.vjp of it is differentiable again (a third derivative is right, too). A None cotangent (an
@@ -113,8 +113,10 @@ def formula_vjp(formula, args: tuple, cotangents: tuple, needs_input_grad: tuple
         return formula(*full)
 
     outputs, pullback = torch.func.vjp(of_differentiable, *(args[i] for i in wrt))
-    cotangents = tuple(torch.zeros_like(o) if c is None else c for c, o in zip(cotangents, outputs))
+    single = isinstance(outputs, torch.Tensor)  # a formula with one output returns it bare
+    cotangents = tuple(torch.zeros_like(o) if c is None else c
+                       for c, o in zip(cotangents, (outputs,) if single else outputs))
     grads = [None] * len(args)
-    for i, g in zip(wrt, pullback(cotangents)):
+    for i, g in zip(wrt, pullback(cotangents[0] if single else cotangents)):
         grads[i] = g
     return tuple(grads)

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ..dispatch import compile_only_target
 from ._common import alloc as _alloc
-from ._common import check_device, define_op, sm_count, formula_vjp, interpreter_agrees, kernel_wrapper
+from ._common import check_device, define_op, formula_vjp, interpreter_agrees, kernel_wrapper, sm_count
 
 from ..ops.gated_linear import (check_gated_gelu_linear_args, check_gated_linear_args, compute_dtype,
                                 gated_gelu_bwd_ref, gated_linear_fold_bwd_ref)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import alloc as _alloc
-from ._common import check_device, define_op, sm_count, formula_vjp, interpreter_agrees, kernel_wrapper
+from ._common import check_device, define_op, formula_vjp, interpreter_agrees, kernel_wrapper, sm_count
 
 from ..ops.layernorm_token_scale import (check_layernorm_token_scale_args, gather_tensors, inverse_index,
                                          layernorm_token_scale_bwd_ref, layernorm_token_scale_fwd_ref)

@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc as _alloc
 from ..dispatch import compile_only_target
+from ._common import alloc as _alloc
 from ._common import check_device, define_op, formula_vjp, interpreter_agrees, kernel_wrapper, tracing
 
 from ..ops.ragged_attention import check_ragged_args, ragged_attention_bwd_ref, ragged_attention_fwd_ref
@@ -680,11 +680,7 @@ def _qkv_bwd_setup_context(ctx, inputs, output):
 
 def _qkv_bwd_backward(ctx, ddqkv):
     args = (*ctx.saved_tensors, ctx.head_dims, ctx.scale)
-    return formula_vjp(_qkv_bwd_ref_tuple, args, (ddqkv,), ctx.needs_input_grad)
-
-
-def _qkv_bwd_ref_tuple(*args):
-    return (ragged_attention_qkv_bwd_ref(*args),)  # formula_vjp takes a tuple of outputs
+    return formula_vjp(ragged_attention_qkv_bwd_ref, args, (ddqkv,), ctx.needs_input_grad)
 
 
 ragged_attention_qkv_fwd.register_autograd(_qkv_fwd_backward, setup_context=_qkv_fwd_setup_context)
