@@ -1,3 +1,8 @@
+import os
+
+# A kernel that fails must fail its test, not fall back to the reference and pass (dispatch.fail_safe).
+os.environ.setdefault("VITSLIM_STRICT_KERNELS", "1")
+
 import pytest
 
 from .tiny_models import VARIANTS

@@ -6,9 +6,11 @@ returns the first that can, in order of preference, and `explain` lists every de
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,6 +64,92 @@ def interpreter_broken() -> str | None:
         return (f"triton {triton_version}'s interpreter (TRITON_INTERPRET=1) fails with numpy {numpy_version}; "
                 f"it needs numpy < 2.4 (or triton >= 3.7)")
     return None
+
+
+# -- kernels that fail on a user's GPU ---------------------------------------------------------------------
+class KernelFallbackWarning(RuntimeWarning):
+    """A kernel failed to compile or launch on a device; its op computes in PyTorch there from now on."""
+
+
+_KERNEL_FAILURES: dict[tuple[str, str], str] = {}  # (kernel, device) -> "ErrorType: first line"
+
+# CUDA errors after which the context is unusable: nothing can fall back on that device, so they propagate.
+_FATAL_DEVICE_ERRORS = ("illegal memory access", "device-side assert", "unspecified launch failure",
+                        "misaligned address", "illegal instruction", "hardware stack error")
+
+
+def strict_kernels() -> bool:
+    """Whether a kernel failure raises instead of falling back: VITSLIM_STRICT_KERNELS=1 (the test suite sets it,
+    so a broken kernel fails its test instead of passing on the reference), or inside compile_only."""
+    return os.environ.get("VITSLIM_STRICT_KERNELS", "0") == "1" or compile_only_target() is not None
+
+
+def kernel_failures() -> dict[tuple[str, str], str]:
+    """{(kernel, device): error} of every kernel that failed in this process and now runs in PyTorch."""
+    return dict(_KERNEL_FAILURES)
+
+
+def clear_kernel_failures() -> None:
+    """Forget the failures: the next call tries each kernel again."""
+    _KERNEL_FAILURES.clear()
+
+
+def _device_label(device: torch.device) -> str:
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)}, sm_{major}{minor})"
+    return f"{device} (Triton interpreter)" if device.type == "cpu" and interpreter_enabled() else str(device)
+
+
+def _error_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def fail_safe(kernel: str, reference: Callable) -> Callable[[Callable], Callable]:
+    """Decorate a launcher so that a kernel that fails to compile or launch on a device (an architecture,
+    shared-memory size or Triton version we did not test) does not end the run: the first failure warns once,
+    naming the kernel, the device and the error (KernelFallbackWarning), and from then on `reference`, a plain
+    PyTorch function with the launcher's signature and results, computes the same values on that device.
+
+    Not caught: out-of-memory, errors that leave the CUDA context unusable (illegal address, device assert),
+    and anything while strict_kernels() holds. While torch.compile or a dispatch mode traces, a kernel that
+    already failed is traced as its reference; one that has not is traced as usual (no try: a trace is no run).
+    """
+    def decorate(launcher: Callable) -> Callable:
+        @functools.wraps(launcher)
+        def guarded(*args, **kwargs):
+            device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+            key = (kernel, str(device))
+            if key in _KERNEL_FAILURES:
+                return reference(*args, **kwargs)
+            if strict_kernels() or tracing():
+                return launcher(*args, **kwargs)
+            try:
+                return launcher(*args, **kwargs)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as error:  # noqa: BLE001 (any compile or launch failure of this kernel)
+                if any(text in str(error) for text in _FATAL_DEVICE_ERRORS):
+                    raise
+                _KERNEL_FAILURES[key] = _error_line(error)
+                warnings.warn(f"vitslim_kernels: kernel {kernel} failed on {_device_label(device)}: "
+                              f"{_KERNEL_FAILURES[key]}; its op computes in PyTorch on that device from now on "
+                              f"(slower, same results). Set VITSLIM_STRICT_KERNELS=1 to raise instead; "
+                              f"`python -m vitslim_kernels.info --selftest` checks every kernel",
+                              KernelFallbackWarning, stacklevel=2)
+                return reference(*args, **kwargs)
+        guarded.kernel = kernel
+        return guarded
+    return decorate
+
+
+def tracing() -> bool:
+    """True while torch.compile / torch.export / a dispatch mode (fake, functional, ...) runs the code: no
+    tensor made then may enter a cache that eager calls read, and no kernel failure is caught."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -4,6 +4,9 @@ Prints the versions (torch, triton, CUDA), the visible GPUs, the compiled extens
 architectures it has code for, how it was built), and for every op the implementation dispatch picks on a
 CUDA tensor (inference and training) and on a CPU tensor, with the reason each other one is skipped.
 Without a GPU, the CUDA rows are computed for a stand-in that has only a device, a dtype and requires_grad.
+Kernels that failed in this process and fell back to PyTorch (dispatch.fail_safe) are listed too.
+
+    python -m vitslim_kernels.info [--selftest]
 """
 from __future__ import annotations
 
@@ -115,11 +118,43 @@ def report() -> str:
             used, details = _decisions(op, example, grad)
             lines.append(f"  {label}: {used or 'none'}")
             lines.extend(f"      {d}" for d in details)
+    failures = dispatch.kernel_failures()
+    if failures:
+        lines.append("")
+        lines.append("Kernels that failed here and now compute in PyTorch:")
+        lines.extend(f"  {kernel} on {device}: {error}" for (kernel, device), error in sorted(failures.items()))
     return "\n".join(lines)
 
 
-def main() -> int:
+def selftest() -> int:
+    """Launch every kernel once here against the reference (vitslim_kernels.selftest); 0 when all pass."""
+    from . import selftest as st
+
+    device, where = st.selftest_device()
+    if device is None:
+        print(f"selftest: nothing to run: {where}")
+        return 2
+    print(f"selftest on {where}: every kernel, forward and backward, against the float64 reference")
+    checks = st.run(device, log=lambda line: print(line, flush=True))
+    failed = [c for c in checks if not c.passed]
+    checked = [c for c in checks if not c.skipped]
+    print(f"selftest: {len(checked) - len(failed)} of {len(checked)} passed"
+          + (f"; FAILED: {', '.join(f'{c.name} {c.dtype}' for c in failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m vitslim_kernels.info", description=__doc__.splitlines()[0])
+    parser.add_argument("--selftest", action="store_true",
+                        help="also launch every kernel once on the visible GPU (on CPU: under TRITON_INTERPRET=1) "
+                             "and compare it with the reference; exit 1 if one fails")
+    args = parser.parse_args(argv)
     print(report())
+    if args.selftest:
+        print()
+        return selftest()
     return 0
 
 

@@ -12,7 +12,8 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _ext
-from ..ops.ragged_attention import check_ragged_args
+from ..dispatch import fail_safe
+from ..ops.ragged_attention import check_ragged_args, ragged_attention_ref
 
 FORWARD_ONLY = "the CUDA kernel is forward-only; training uses triton"
 
@@ -22,6 +23,7 @@ def _alloc(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
 
 
+@fail_safe("ragged_attention_fwd_cuda", ragged_attention_ref)
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int], scale: float
          ) -> torch.Tensor:
     out = _alloc(q.shape, q)

@@ -6,7 +6,7 @@ import functools
 import torch
 import triton.language as tl
 
-from ..dispatch import compile_only_target
+from ..dispatch import compile_only_target, tracing  # noqa: F401 (tracing: used by the ops)
 
 
 def alloc(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -84,13 +84,6 @@ def define_op(name: str, fn, fake, is_interpreted: bool):
         op = torch.library.custom_op(name, fn, mutates_args=())
     op.register_fake(fake)
     return op
-
-
-def tracing() -> bool:
-    """True while torch.compile / torch.export / a dispatch mode (fake, functional, ...) runs the code: no
-    tensor made then may enter a cache that eager calls read."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
 def formula_vjp(formula, args: tuple, cotangents: tuple, needs_input_grad: tuple) -> tuple:

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import compile_only_target
+from ..dispatch import compile_only_target, fail_safe
 from ._common import alloc as _alloc
 from ._common import check_device, define_op, formula_vjp, interpreter_agrees, kernel_wrapper, sm_count
 
@@ -238,6 +238,26 @@ def _row_programs(num_tiles: int, col_blocks: int, device: torch.device) -> int:
     return max(1, min(num_tiles, triton.cdiv(4 * sm_count(device), col_blocks)))
 
 
+def _fold_reference(weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What _fold computes, in plain PyTorch: (g*W, g*b or (0,)) in `dtype`, row r scaled by gate[r % R]."""
+    O = weight.shape[0]
+    math_dtype = torch.promote_types(weight.dtype, torch.float32)
+    g = gate.reshape(-1).to(math_dtype).repeat(O // gate.numel())
+    wf = (weight.to(math_dtype) * g[:, None]).to(dtype).contiguous()
+    bf = (bias.to(math_dtype) * g).to(dtype) if bias is not None else weight.new_empty((0,), dtype=dtype)
+    return wf, bf
+
+
+def _gelu_fwd_reference(pre: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, approximate: str
+                        ) -> torch.Tensor:
+    """What _gelu_fwd computes, in plain PyTorch: GELU(pre + bias) * gate in fp32, rounded to pre's dtype."""
+    math_dtype = torch.promote_types(pre.dtype, torch.float32)
+    a = pre.to(math_dtype) + bias.to(math_dtype) if bias is not None else pre.to(math_dtype)
+    return (torch.nn.functional.gelu(a, approximate=approximate) * gate.to(math_dtype)).to(pre.dtype)
+
+
+@fail_safe("gated_linear_fold", _fold_reference)
 def _fold(weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, dtype: torch.dtype
           ) -> tuple[torch.Tensor, torch.Tensor]:
     O, K = weight.shape
@@ -257,6 +277,7 @@ def _fold(weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, d
     return wf, bf
 
 
+@fail_safe("gated_linear_fold_bwd", gated_linear_fold_bwd_ref)
 def _fold_bwd(dwf: torch.Tensor, dbf: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
               gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     O, K = weight.shape
@@ -280,6 +301,7 @@ def _fold_bwd(dwf: torch.Tensor, dbf: torch.Tensor | None, weight: torch.Tensor,
     return dw, db, dg.view(gate.shape)
 
 
+@fail_safe("gated_gelu_fwd", _gelu_fwd_reference)
 def _gelu_fwd(pre: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, approximate: str) -> torch.Tensor:
     T, M = pre.shape
     h = _alloc((T, M), pre)
@@ -298,6 +320,7 @@ def _gelu_fwd(pre: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, 
     return h
 
 
+@fail_safe("gated_gelu_bwd", gated_gelu_bwd_ref)
 def _gelu_bwd(dh: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, approximate: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T, M = pre.shape

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import fail_safe
 from ._common import alloc as _alloc
 from ._common import check_device, define_op, formula_vjp, interpreter_agrees, kernel_wrapper, sm_count
 
@@ -188,6 +189,7 @@ def _bwd_programs(num_tiles: int, device: torch.device) -> int:
     return min(num_tiles, 4 * sm_count(device))
 
 
+@fail_safe("layernorm_token_scale_fwd", layernorm_token_scale_fwd_ref)
 def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_raw: torch.Tensor,
          gather: torch.Tensor | None, num_prefix: int, eps: float, out_dtype: torch.dtype
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -215,6 +217,7 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_raw: t
     return y, mean, rstd
 
 
+@fail_safe("layernorm_token_scale_bwd", layernorm_token_scale_bwd_ref)
 def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_raw: torch.Tensor,
          inverse: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, num_prefix: int
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

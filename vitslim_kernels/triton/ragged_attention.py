@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import compile_only_target
+from ..dispatch import compile_only_target, fail_safe
 from ._common import alloc as _alloc
 from ._common import check_device, define_op, formula_vjp, interpreter_agrees, kernel_wrapper, tracing
 
@@ -451,6 +451,7 @@ def _bwd_config(interpret: bool, dtype: torch.dtype, aligned: bool) -> tuple[dic
     return dict(BLOCK_M=32, BLOCK_N=64), dict(num_warps=4, num_stages=2)
 
 
+@fail_safe("ragged_attention_fwd", ragged_attention_fwd_ref)
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int], scale: float
          ) -> tuple[torch.Tensor, torch.Tensor]:
     if _reference_on(q):
@@ -479,6 +480,20 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[
     return o, lse
 
 
+def _bwd_reference(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, head_dims: Sequence[int], scale: float,
+                   out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What _bwd computes, in plain PyTorch (ragged_attention_bwd_ref), written into `out` when given."""
+    grads = ragged_attention_bwd_ref(do, q, k, v, o, lse, head_dims, scale)
+    if out is None:
+        return grads
+    for buffer, g in zip(out, grads):
+        buffer.copy_(g)
+    return out
+
+
+@fail_safe("ragged_attention_bwd", _bwd_reference)
 def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
          lse: torch.Tensor, head_dims: Sequence[int], scale: float,
          out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -486,12 +501,7 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
     """(dq, dk, dv), written into `out` when given: three (B, N, D) tensors with one set of strides (the views
     of one (B, N, 3D) buffer: the packed op's dqkv, which the qkv projection's backward reads without a cat)."""
     if _reference_on(q):
-        grads = ragged_attention_bwd_ref(do, q, k, v, o, lse, head_dims, scale)
-        if out is not None:
-            for buffer, g in zip(out, grads):
-                buffer.copy_(g)
-            return out
-        return grads
+        return _bwd_reference(do, q, k, v, o, lse, head_dims, scale, out)
     B, N, D = q.shape
     dims = tuple(int(w) for w in head_dims)
     table = _head_table(dims, q.device)
