@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vitslim-installed
 
-.PHONY: setup demo test test-compat clean
+.PHONY: setup demo test test-compat gpu-check clean
 
 # vitslim itself installs without build isolation, so that setup.py sees torch and builds the CUDA extension
 # (vitslim_kernels._C) when nvcc is there; it skips it, and says why, when not (VITSLIM_SKIP_CUDA_BUILD=1 too).
@@ -48,6 +48,14 @@ test-compat: $(COMPAT_STAMP)
 	cd $(COMPAT)/src && ../venv/bin/pip install --quiet -c ../../../requirements/oldest-supported.txt \
 		--no-build-isolation -e ".[test]"
 	cd $(COMPAT)/src && ../venv/bin/python -m pytest -q -p no:cacheprovider
+
+# Everything the project must show on a GPU in one call that fits a lent machine's time (benchmarks/gpu_check.py):
+# build, GPU tests, selftest, compute-sanitizer, benchmarks P1-P4, SUMMARY.md and the README's GPU table.
+# On the GPU machine (its python3 has torch, triton, timm): `make gpu-check`. Anywhere else, the same
+# orchestration on the CPU: `make gpu-check GPU_CHECK_ARGS="--dry-run --results-dir /tmp/gpu-check"`.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache vitslim_kernels/_C*.so vitslim_kernels/_build_info.json

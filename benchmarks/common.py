@@ -1,7 +1,8 @@
 """What every benchmark shares: device-timed medians, peak memory, and results files with their provenance.
 
-Results are written only by scripts, as {"device", "torch", "triton", "cuda", "commit", "rows": [...]}
-(plus "limits": the measured device limits the percentages refer to).
+Results are written only by scripts, as {"device", "driver", "torch", "triton", "cuda", "commit", "rows": [...]}
+(plus "limits": the measured device limits the percentages refer to), atomically, so a run killed at its time
+limit leaves the last complete file.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-# Measured limits of the H100 SXM machines we use (DESIGN.md section 6); percentages in results refer to them.
-H100_LIMITS = {"bf16_dense_tflops": 800.0, "hbm_tb_per_s": 3.0}
+# Measured limits of the H200 lent here (DESIGN.md section 6: 8192^3 bf16 matmul, device-to-device copy);
+# percentages in results refer to them.
+DEVICE_LIMITS = {"bf16_dense_tflops": 790.0, "hbm_tb_per_s": 4.3}
 
 
 def provenance() -> dict:
@@ -37,14 +39,29 @@ def provenance() -> dict:
         commit += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = None
-    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "driver": driver(),
             "python": sys.version.split()[0], "torch": torch.__version__, "triton": triton_version,
             "cuda": torch.version.cuda, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
+def driver() -> str | None:
+    """The NVIDIA driver version (nvidia-smi), else the CUDA driver API version torch sees, else None."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    version = torch._C._cuda_getDriverVersion()
+    return f"CUDA driver API {version // 1000}.{version % 1000 // 10}"
+
+
 def environment() -> dict:
     """provenance() and the measured device limits the percentages of timed results refer to."""
-    return {**provenance(), "limits": H100_LIMITS}
+    return {**provenance(), "limits": DEVICE_LIMITS}
 
 
 def device_time_ms(fn: Callable[[], object], warmup: int = 10, iters: int = 50) -> float:
@@ -98,18 +115,23 @@ def achieved(flops: float | None, bytes_moved: float | None, ms: float) -> dict:
     out = {}
     if flops is not None:
         tflops = flops / (ms * 1e-3) / 1e12
-        out.update(tflops=tflops, pct_of_bf16_peak=100.0 * tflops / H100_LIMITS["bf16_dense_tflops"])
+        out.update(tflops=tflops, pct_of_bf16_peak=100.0 * tflops / DEVICE_LIMITS["bf16_dense_tflops"])
     if bytes_moved is not None:
         gbps = bytes_moved / (ms * 1e-3) / 1e9
-        out.update(gb_per_s=gbps, pct_of_hbm=100.0 * gbps / (H100_LIMITS["hbm_tb_per_s"] * 1e3))
+        out.update(gb_per_s=gbps, pct_of_hbm=100.0 * gbps / (DEVICE_LIMITS["hbm_tb_per_s"] * 1e3))
     return out
 
 
-def write_results(name: str, rows: list[dict]) -> Path:
-    """benchmarks/results/<name>.json with the environment and the rows."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({**environment(), "rows": rows}, indent=1) + "\n")
+def write_results(name: str, rows: list[dict], results_dir: Path | None = None, **extra) -> Path:
+    """<results_dir>/<name>.json (default benchmarks/results) with the environment, `extra` fields and the rows,
+    written atomically."""
+    from vitslim.saving import atomic_write
+
+    results_dir = Path(results_dir) if results_dir is not None else RESULTS
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
+    text = json.dumps({**environment(), **extra, "rows": rows}, indent=1, default=str) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 
@@ -123,3 +145,61 @@ def benchmark_pedantic(benchmark, fn: Callable[[], object], rounds: int = 20, wa
     ms = device_time_ms(fn, warmup=3, iters=rounds)
     benchmark.extra_info["device_median_ms"] = ms
     return ms
+
+
+class Progress:
+    """Rows as they are measured, and when to stop starting new ones (benchmarks.gpu_check's time slices).
+
+    `deadline` (time.time()) is when no new measurement may start; what is skipped then is listed in not_run as
+    "<what>: not run: budget". `on_update(rows, not_run)` is called after every row, so a run killed at its hard
+    limit has written everything it measured.
+    """
+
+    def __init__(self, deadline: float | None = None,
+                 on_update: Callable[[list[dict], list[str]], None] | None = None) -> None:
+        self.deadline, self.on_update = deadline, on_update
+        self.rows: list[dict] = []
+        self.not_run: list[str] = []
+
+    def expired(self) -> bool:
+        import time
+        return self.deadline is not None and time.time() >= self.deadline
+
+    def starts(self, what: str) -> bool:
+        """True if `what` may start now; else it is recorded as not run."""
+        if not self.expired():
+            return True
+        self.not_run.append(f"{what}: not run: budget")
+        self.update()
+        return False
+
+    def add(self, row: dict) -> dict:
+        self.rows.append(row)
+        self.update()
+        return row
+
+    def update(self) -> None:
+        if self.on_update is not None:
+            self.on_update(self.rows, self.not_run)
+
+
+def kernel_times_ms(fn: Callable[[], object], calls: int = 3) -> dict[str, dict]:
+    """Device time of each CUDA kernel fn() launches, per call, from torch.profiler: {kernel name: {"ms",
+    "launches"}}, largest first. The kernels of our Triton ops carry their @triton.jit names."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            entry = totals.setdefault(event.name, [0.0, 0])
+            entry[0] += event.time_range.elapsed_us() / 1e3
+            entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    return {name: {"ms": ms / calls, "launches": n / calls} for name, (ms, n) in ranked}

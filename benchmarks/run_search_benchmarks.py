@@ -41,7 +41,8 @@ import torch.nn.functional as F  # noqa: E402
 import vitslim  # noqa: E402
 from vitslim.gates import SparsityWeights  # noqa: E402
 
-from benchmarks.common import achieved, autocast_dtype, peak_memory_bytes, time_ms, write_results
+from benchmarks.common import (Progress, achieved, autocast_dtype, kernel_times_ms, peak_memory_bytes,  # noqa: E402
+                               time_ms, write_results)
 
 VARIANTS = ("paper_eager", "folded_sdpa", "folded_sdpa_compile", "fused")
 IMPLEMENTATION = {"paper_eager": "eager", "folded_sdpa": "folded", "folded_sdpa_compile": "folded",
@@ -275,6 +276,8 @@ def bench_variant(config: ModelConfig, variant: str, device: torch.device, it: I
                  "first_calls_s": warmup_s, "fused_kernels": fused_kernels,
                  "fused_impl": selected_implementation("gated_attention_branch", device) if fused_kernels else None,
                  "flops": step_flops, **achieved(step_flops, None, ms)})
+    if variant == "fused" and device.type == "cuda":
+        rows[-1]["kernel_ms"] = kernel_times_ms(step)  # per kernel, for the roofline's measured / predicted
     del step
     release_memory(device)
 
@@ -325,16 +328,23 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def run(models: tuple[ModelConfig, ...], variants: tuple[str, ...], device: torch.device, it: Iterations,
-        log: Callable[[str], None] = print) -> list[dict]:
-    rows = []
+        log: Callable[[str], None] = print, progress: Progress | None = None) -> list[dict]:
+    """Every variant of every model (in the order given), then the summary rows. With a `progress`, a variant
+    starts only before its deadline and each finished one is reported (rows so far + their summary)."""
+    progress = progress or Progress()
+    measured: list[dict] = []
     for config in models:
         for variant in variants:
+            if not progress.starts(f"P1 {config.label} bs{config.batch} {variant}"):
+                continue
             start = time.perf_counter()
             new = bench_variant(config, variant, device, it)
-            rows.extend(new)
+            measured.extend(new)
+            progress.rows = measured + summarise(measured)
+            progress.update()
             times = ", ".join(f"{r['bench']} {r['median_ms']:.2f} ms" for r in new)
             log(f"{config.label} bs{config.batch} {variant}: {times} ({time.perf_counter() - start:.0f} s)")
-    return rows + summarise(rows)
+    return measured + summarise(measured)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,10 +3,13 @@
     python benchmarks/run_slim_benchmarks.py            # GPU (H100): writes three files to benchmarks/results/
     python benchmarks/run_slim_benchmarks.py --dry-run  # CPU, tiny shapes: checks the plumbing, writes nothing
 
-Plans: a random-init timm model is made searchable, its gates get random magnitudes from a fixed seed
-(uniform in [0, 1) for attention dims and MLP units, [0, 3) for tokens) and vitslim.threshold keeps 70% of
-each (0.7 / 0.7 / 0.7). Real searched widths may differ (a trained search concentrates pruning in some heads
-and blocks); these give the ragged, unequal head widths of such a plan (per head around 0.7 * 64 = 45).
+Plans: a random-init timm model is made searchable and its gates get magnitudes from a fixed seed shaped like a
+trained search's (wide early blocks, narrow late ones): block l of L (depth t = l / (L - 1)) gives head h a
+scale (2 - 1.4 t) * U(0.25, 1.75), a head of a late block is nearly switched off (x 0.01) with probability 0.3 t,
+and each dim of a head is uniform in [0, its head's scale); MLP units are uniform in [0, 1.5 - t), tokens in
+[0, 3 (1.2 - 0.6 t)). vitslim.threshold then keeps 70% of each (0.7 / 0.7 / 0.7), ranked globally: DeiT-S keeps
+about 320 of 384 attention dims in its first blocks and 131 in its last, with heads from 0 (pruned) to 61 wide,
+not the even 40-46 spread that uniform random gates give.
 
 ragged_attention.json (P2): the attention of every block of the plan's model, heads at the plan's widths,
 B = 256 (P2) and 1 (latency), N = 197, bf16; mode "fwd" (no grad) and "fwd_bwd" (gradients of q, k, v).
@@ -46,7 +49,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import vitslim  # noqa: E402
 import vitslim_kernels  # noqa: E402
-from benchmarks.common import achieved, write_results  # noqa: E402
+from vitslim.cuda_graphs import use_cuda_graphs  # noqa: E402
+from benchmarks.common import Progress, achieved, kernel_times_ms, write_results  # noqa: E402
 from benchmarks.common import time_ms as common_time_ms  # noqa: E402
 
 BUDGET = 0.7
@@ -93,22 +97,28 @@ def release_memory() -> None:
 
 
 # -- plans ---------------------------------------------------------------------------------------------
-def searchable_with_random_gates(config: ModelConfig, seed: int = PLAN_SEED) -> torch.nn.Module:
-    """Random-init timm model made searchable, gates at random magnitudes from a fixed seed (CPU, fp32)."""
+def searchable_with_plan_like_gates(config: ModelConfig, seed: int = PLAN_SEED) -> torch.nn.Module:
+    """Random-init timm model made searchable, gates shaped like a trained search's (module docstring), CPU."""
     torch.manual_seed(seed)
     model = timm.create_model(config.name, pretrained=False, **config.overrides)
     vitslim.make_searchable(model)
     g = torch.Generator().manual_seed(seed)
+    gates = list(vitslim.gates(model))
     with torch.no_grad():
-        for gate in vitslim.gates(model):
-            gate.attn.copy_(torch.rand(gate.attn.shape, generator=g))
-            gate.mlp.copy_(torch.rand(gate.mlp.shape, generator=g))
-            gate.tokens.copy_(3.0 * torch.rand(gate.tokens.shape, generator=g))
+        for l, gate in enumerate(gates):
+            depth = l / max(1, len(gates) - 1)
+            H = gate.attn.shape[0]
+            per_head = (2.0 - 1.4 * depth) * (0.25 + 1.5 * torch.rand(H, generator=g))
+            off = torch.rand(H, generator=g) < 0.3 * depth
+            per_head = torch.where(off, 0.01 * per_head, per_head)
+            gate.attn.copy_(per_head[:, None] * torch.rand(gate.attn.shape, generator=g))
+            gate.mlp.copy_((1.5 - 1.0 * depth) * torch.rand(gate.mlp.shape, generator=g))
+            gate.tokens.copy_(3.0 * (1.2 - 0.6 * depth) * torch.rand(gate.tokens.shape, generator=g))
     return model
 
 
 def plan_for(config: ModelConfig) -> tuple[torch.nn.Module, vitslim.SlimPlan]:
-    model = searchable_with_random_gates(config)
+    model = searchable_with_plan_like_gates(config)
     return model, vitslim.threshold(model, BUDGET, BUDGET, BUDGET)
 
 
@@ -204,9 +214,9 @@ def ragged_implementations(device: torch.device, dtype: torch.dtype, grad: bool,
     return found
 
 
-def bench_ragged_attention(setup: Setup) -> list[dict]:
+def bench_ragged_attention(setup: Setup, progress: Progress | None = None) -> list[dict]:
     dtype = torch.bfloat16
-    rows = []
+    progress = progress or Progress()
     for config in setup.attention_models:
         _, plan = plan_for(config)
         dims = head_widths(plan)
@@ -224,6 +234,8 @@ def bench_ragged_attention(setup: Setup) -> list[dict]:
                          for name, fn, default in ragged_implementations(setup.device, dtype, grad, widest_block)]
                 cases += [("padded_sdpa", None, None, None), ("grouped_sdpa", None, None, None)]
                 for variant, name, fn, default in cases:
+                    if not progress.starts(f"P2 {config.label} B={B} {mode} {variant} {name or ''}".rstrip()):
+                        continue
                     work = attention_workload(variant, dims, B, N, scale, setup.device, dtype, grad, fn)
                     ms = time_ms(work.run(grad), setup)
                     row = {"mode": mode, "variant": variant, "model": config.label, "median_ms": ms, "batch": B,
@@ -231,12 +243,12 @@ def bench_ragged_attention(setup: Setup) -> list[dict]:
                     if variant == "ragged":
                         row.update(implementation=name, dispatch_default=default)
                     row.update(achieved(flops, bytes_moved, ms))
-                    rows.append(row)
+                    progress.add(row)
                     print(f"ragged_attention {config.label:16s} B={B:<4d} {mode:8s} {variant:13s} {name or '':9s} "
                           f"{ms:9.3f} ms", flush=True)
                     del work
                     release_memory()
-    return rows
+    return progress.rows
 
 
 # -- P3: slim inference --------------------------------------------------------------------------------
@@ -244,18 +256,33 @@ def slim_from_plan(searchable: torch.nn.Module, plan: vitslim.SlimPlan, device: 
     return vitslim.slim(searchable, plan, fused=True).to(device)
 
 
-def bench_slim_inference(setup: Setup) -> list[dict]:
+def bench_slim_inference(setup: Setup, progress: Progress | None = None) -> list[dict]:
+    """Dense (timm, SDPA) and slim, each also replayed from CUDA graphs where there is a GPU (vitslim.cuda_graphs:
+    at batch 1 the launches set the latency). speedup_vs_dense compares each slim row with the dense row of the
+    same mode (graphs or not), and best_speedup_vs_dense the best slim with the best dense."""
+    progress = progress or Progress()
     config = setup.slim_model
     searchable, plan = plan_for(config)
     torch.manual_seed(PLAN_SEED)
     dense = timm.create_model(config.name, pretrained=False, **config.overrides).to(setup.device).eval()
     slim = slim_from_plan(searchable.eval(), plan, setup.device).eval()
+    models = [("dense", dense), ("slim", slim)]
+    if setup.device.type == "cuda":
+        graphed_dense = timm.create_model(config.name, pretrained=False, **config.overrides)
+        graphed_dense.load_state_dict(dense.state_dict())
+        models += [("dense_cuda_graphs", use_cuda_graphs(graphed_dense.to(setup.device).eval())),
+                   ("slim_cuda_graphs", vitslim.slim(searchable, plan, fused=True, cuda_graphs=True)
+                    .to(setup.device).eval())]
+    else:
+        progress.not_run.append("P3 dense_cuda_graphs, slim_cuda_graphs: not run: CUDA graphs need a GPU")
     h, w = dense.patch_embed.img_size
-    rows = []
     for batch in setup.inference_batches:
         images = torch.randn(batch, 3, h, w, device=setup.device)
         timings = {}
-        for variant, model in (("dense", dense), ("slim", slim)):
+        for variant, model in models:
+            if not progress.starts(f"P3 batch {batch} {variant}"):
+                continue
+
             def forward(model=model) -> None:
                 with torch.no_grad(), torch.autocast(setup.device.type, dtype=torch.bfloat16):
                     model(images)
@@ -264,16 +291,25 @@ def bench_slim_inference(setup: Setup) -> list[dict]:
             timings[variant] = (ms, macs)
             row = {"batch": batch, "variant": variant, "median_ms": ms, "flops": macs, "flop_unit": "MAC",
                    **achieved(2 * macs, None, ms)}
-            if variant == "slim":
+            if variant.startswith("slim"):
+                base = timings.get(variant.replace("slim", "dense"))
                 tokens = dense.patch_embed.num_patches + dense.num_prefix_tokens
-                row.update(speedup_vs_dense=timings["dense"][0] / ms, flops_ratio_vs_dense=timings["dense"][1] / macs,
-                           ragged_attention_implementation=_dispatched(  # (its first block's attention)
-                               setup.device, False, (batch, tokens, slim.blocks[0].attn.width)))
-            rows.append(row)
-            print(f"slim_inference   batch {batch:4d} {variant:6s} {ms:9.3f} ms", flush=True)
+                row.update(ragged_attention_implementation=_dispatched(  # (its first block's attention)
+                    setup.device, False, (batch, tokens, slim.blocks[0].attn.width)))
+                if base is not None:
+                    row.update(speedup_vs_dense=base[0] / ms, flops_ratio_vs_dense=base[1] / macs)
+                if variant == "slim" and setup.device.type == "cuda" and batch == max(setup.inference_batches):
+                    row["kernel_ms"] = kernel_times_ms(forward)
+            progress.add(row)
+            print(f"slim_inference   batch {batch:4d} {variant:17s} {ms:9.3f} ms", flush=True)
+        dense_best = min((t for v, t in timings.items() if v.startswith("dense")), default=None)
+        slim_best = min((t for v, t in timings.items() if v.startswith("slim")), default=None)
+        if dense_best and slim_best:
+            progress.add({"batch": batch, "variant": "summary", "best_speedup_vs_dense": dense_best[0] / slim_best[0],
+                          "flops_ratio_vs_dense": dense_best[1] / slim_best[1]})
         del images
         release_memory()
-    return rows
+    return progress.rows
 
 
 def _dispatched(device: torch.device, grad: bool, shape: tuple[int, int, int] = (1, 1, 1)) -> str:
@@ -319,10 +355,13 @@ def training_step(model: torch.nn.Module, batch: int, device: torch.device) -> C
     return step
 
 
-def bench_retrain_step(setup: Setup) -> list[dict]:
+def bench_retrain_step(setup: Setup, progress: Progress | None = None) -> list[dict]:
+    progress = progress or Progress()
     config = setup.slim_model
-    rows = []
+    timed = {}
     for variant in ("dense", "slim", "paper_masked"):
+        if not progress.starts(f"P4 {variant}"):
+            continue
         searchable, plan = plan_for(config)
         if variant == "dense":
             torch.manual_seed(PLAN_SEED)
@@ -338,17 +377,20 @@ def bench_retrain_step(setup: Setup) -> list[dict]:
                **achieved(2 * 3 * macs, None, ms)}
         if variant == "slim":
             row["ragged_attention_implementation"] = _dispatched(setup.device, True)
-        rows.append(row)
+        timed[variant] = progress.add(row)
         print(f"retrain_step     {variant:12s} {ms:9.3f} ms", flush=True)
         del model, searchable
         release_memory()
-    dense_ms = rows[0]["median_ms"]
-    for row in rows[1:]:
-        row["speedup_vs_dense"] = dense_ms / row["median_ms"]
-    slim_row = rows[1]
-    slim_row["speedup_vs_paper_masked"] = rows[2]["median_ms"] / slim_row["median_ms"]
-    slim_row["flops_ratio_vs_dense"] = rows[0]["flops"] / slim_row["flops"]
-    return rows
+    dense, slim_row, masked = (timed.get(v) for v in ("dense", "slim", "paper_masked"))
+    for row in (slim_row, masked):
+        if row is not None and dense is not None:
+            row["speedup_vs_dense"] = dense["median_ms"] / row["median_ms"]
+    if slim_row is not None and dense is not None:
+        slim_row["flops_ratio_vs_dense"] = dense["flops"] / slim_row["flops"]
+    if slim_row is not None and masked is not None:
+        slim_row["speedup_vs_paper_masked"] = masked["median_ms"] / slim_row["median_ms"]
+    progress.update()
+    return progress.rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -129,18 +129,7 @@ def report() -> str:
 def selftest() -> int:
     """Launch every kernel once here against the reference (vitslim_kernels.selftest); 0 when all pass."""
     from . import selftest as st
-
-    device, where = st.selftest_device()
-    if device is None:
-        print(f"selftest: nothing to run: {where}")
-        return 2
-    print(f"selftest on {where}: every kernel, forward and backward, against the float64 reference")
-    checks = st.run(device, log=lambda line: print(line, flush=True))
-    failed = [c for c in checks if not c.passed]
-    checked = [c for c in checks if not c.skipped]
-    print(f"selftest: {len(checked) - len(failed)} of {len(checked)} passed"
-          + (f"; FAILED: {', '.join(f'{c.name} {c.dtype}' for c in failed)}" if failed else ""))
-    return 1 if failed else 0
+    return st.main([])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -185,10 +185,11 @@ def selftest_device() -> tuple[torch.device | None, str]:
 
 
 def run(device: torch.device, dtypes: list[torch.dtype] | None = None,
-        log: Callable[[str], None] | None = None) -> list[Check]:
-    """Every case in every dtype on `device`; a case whose implementation cannot run there is left out."""
+        log: Callable[[str], None] | None = None, cases=CASES) -> list[Check]:
+    """Every case (default: all of CASES) in every dtype on `device`; a case whose implementation cannot run there
+    is left out."""
     checks = []
-    for name, kernels, implementation, fn in CASES:
+    for name, kernels, implementation, fn in cases:
         for dtype in dtypes or _dtypes(device):
             if implementation == "cuda" and _unavailable("cuda", device, dtype) is not None:
                 continue
@@ -209,3 +210,35 @@ def format_check(c: Check) -> str:
     detail = (f"error {c.error:.3g} <= bound {c.bound:.3g}" if c.passed else
               c.failure or f"error {c.error:.3g} > bound {c.bound:.3g}")
     return f"  {status} {c.name:38s} {c.dtype:9s} {detail}  ({c.seconds:.1f} s)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vitslim_kernels.selftest [--dtypes float32 ...] [--json PATH]`: the selftest alone (what
+    `python -m vitslim_kernels.info --selftest` runs after its report), e.g. under compute-sanitizer."""
+    import argparse
+    import json
+    from dataclasses import asdict
+
+    parser = argparse.ArgumentParser(prog="python -m vitslim_kernels.selftest", description=main.__doc__.split(":")[0])
+    parser.add_argument("--dtypes", nargs="+", choices=("float32", "float16", "bfloat16"),
+                        help="the dtypes to check (default: every one the device has)")
+    parser.add_argument("--json", type=str, help="also write the checks to this file")
+    args = parser.parse_args(argv)
+    device, where = selftest_device()
+    if device is None:
+        print(f"selftest: nothing to run: {where}")
+        return 2
+    dtypes = [getattr(torch, d) for d in args.dtypes] if args.dtypes else None
+    print(f"selftest on {where}")
+    checks = run(device, dtypes, log=lambda line: print(line, flush=True))
+    failed = [c for c in checks if not c.passed]
+    print(f"selftest: {sum(1 for c in checks if not c.skipped) - len(failed)} of "
+          f"{sum(1 for c in checks if not c.skipped)} passed")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": where, "checks": [asdict(c) for c in checks]}, f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
