@@ -64,14 +64,14 @@ class Part:
 
 
 PARTS = (
-    Part("build", "build the CUDA extension, vitslim_kernels.info", 150, 30, "build.json", True),
-    Part("tests", "pytest -m gpu", 100, 45, "gpu_tests.json", True),
+    Part("build", "build the CUDA extension, vitslim_kernels.info", 120, 30, "build.json", True),
+    Part("tests", "pytest -m gpu", 90, 45, "gpu_tests.json", True),
     Part("selftest", "each kernel once against the reference", 30, 40, "selftest.json", True),
-    Part("sanitizer", "compute-sanitizer memcheck on the selftest", 60, 10, "sanitizer.json", True),
-    Part("P1", "search step", 130, 75, "search_step.json", False),
-    Part("P2", "ragged attention", 40, 40, "ragged_attention.json", False),
-    Part("P3", "slim inference", 30, 40, "slim_inference.json", False),
-    Part("P4", "retrain step", 30, 40, "retrain_step.json", False),
+    Part("sanitizer", "compute-sanitizer memcheck on the selftest", 45, 10, "sanitizer.json", True),
+    Part("P1", "search step", 100, 75, "search_step.json", False),
+    Part("P2", "ragged attention", 35, 40, "ragged_attention.json", False),
+    Part("P3", "slim inference", 25, 40, "slim_inference.json", False),
+    Part("P4", "retrain step", 25, 40, "retrain_step.json", False),
 )
 PART_NAMES = tuple(p.name for p in PARTS)
 SUMMARY_RESERVE_S = {False: 10.0, True: 2.0}  # kept for the summary, README and copy (GPU, dry run)
@@ -118,28 +118,60 @@ def part_build(ctx: PartContext) -> str:
     return "ok" if info.returncode == 0 else f"failed: vitslim_kernels.info exited {info.returncode}"
 
 
+def _test_buckets(files: dict[str, int], k: int) -> list[list[str]]:
+    """The test files in at most k groups of about equal test counts (largest first into the smallest group)."""
+    buckets: list[tuple[int, list[str]]] = [(0, []) for _ in range(max(1, min(k, len(files))))]
+    for name, count in sorted(files.items(), key=lambda kv: (-kv[1], kv[0])):
+        total, names = min(buckets, key=lambda b: b[0])
+        buckets.remove((total, names))
+        buckets.append((total + count, names + [name]))
+    return [names for _, names in buckets if names]
+
+
 def part_tests(ctx: PartContext) -> str:
+    """pytest -m gpu, the test files split over up to 4 concurrent processes: the GPU tests spend most of their
+    time compiling Triton kernels and starting compute-sanitizer, which run on the CPU cores, not the GPU."""
     import xml.etree.ElementTree as ET
 
-    junit = ctx.results_dir / "gpu_tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-           "tests"]
+    env = dict(os.environ, VITSLIM_STRICT_KERNELS="1")
+    base = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, VITSLIM_STRICT_KERNELS="1"))
+    collected = subprocess.run(base + ["--collect-only", "tests"], cwd=ROOT, env=env, capture_output=True, text=True)
+    files: dict[str, int] = {}
+    for line in collected.stdout.splitlines():
+        if "::" in line:
+            files[line.split("::")[0]] = files.get(line.split("::")[0], 0) + 1
+    if collected.returncode not in (0, 5):
+        print(collected.stdout[-3000:], collected.stderr[-3000:])
+        ctx.write("gpu_tests", [{"rc": collected.returncode, "collected": 0}], complete=True)
+        return f"failed: pytest could not collect the GPU tests (exit {collected.returncode})"
+    buckets = _test_buckets(files, min(4, max(1, (os.cpu_count() or 1) // 2)))
+    procs = []
+    for i, bucket in enumerate(buckets):
+        log = open(ctx.results_dir / "logs" / f"tests_{i}.log", "w")
+        cmd = base + [f"--junitxml={ctx.results_dir / f'gpu_tests_{i}.xml'}"] + bucket
+        print(f"tests: {' '.join(cmd[1:])}", flush=True)
+        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log, i))
     counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
-    failures = []
-    if junit.exists():
+    failures, rcs = [], []
+    for proc, log, i in procs:
+        rcs.append(proc.wait())
+        log.close()
+        tail = (ctx.results_dir / "logs" / f"tests_{i}.log").read_text().strip().splitlines()[-1:]
+        print(f"tests [{i}]: {tail[0] if tail else ''}", flush=True)
+        junit = ctx.results_dir / f"gpu_tests_{i}.xml"
+        if not junit.exists():
+            continue
         for case in ET.parse(junit).getroot().iter("testcase"):
             outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), None)
-            key = {"failure": "failed", "error": "errors", "skipped": "skipped", None: "passed"}[outcome]
-            counts[key] += 1
+            counts[{"failure": "failed", "error": "errors", "skipped": "skipped", None: "passed"}[outcome]] += 1
             if outcome in ("failure", "error"):
                 failures.append(f"{case.get('classname')}::{case.get('name')}")
-    row = {"command": " ".join(cmd[1:]), "rc": proc.returncode, "seconds": time.perf_counter() - start, **counts,
-           "failures": failures}
+    row = {"command": " ".join(base[1:] + ["tests"]), "collected": sum(files.values()), "processes": len(buckets),
+           "rc": max(rcs, default=0), "seconds": time.perf_counter() - start, **counts, "failures": failures}
     ctx.write("gpu_tests", [row], complete=True)
-    if proc.returncode not in (0, 5):  # 5: nothing collected
-        return f"failed: {counts['failed']} failed, {counts['errors']} errors (pytest exited {proc.returncode})"
+    if any(rc not in (0, 5) for rc in rcs):  # 5: nothing collected
+        return f"failed: {counts['failed']} failed, {counts['errors']} errors (logs/tests_*.log)"
     return "ok"
 
 

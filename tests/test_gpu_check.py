@@ -194,3 +194,10 @@ def test_the_benchmark_plan_is_shaped_like_a_trained_search():
     assert kept[0] > 300 and kept[-1] < 160 and kept[0] > 2 * kept[-1], kept
     heads = [w for block in widths for w in block]
     assert heads.count(0) >= 4 and max(heads) >= 60 and min(w for w in heads if w) <= 25, widths
+
+
+def test_gpu_test_files_are_split_evenly():
+    buckets = gpu_check._test_buckets({"a": 39, "b": 20, "c": 6, "d": 2}, 3)
+    assert sorted(map(sorted, buckets)) == [["a"], ["b"], ["c", "d"]]
+    assert gpu_check._test_buckets({"a": 1}, 4) == [["a"]]
+    assert gpu_check._test_buckets({}, 4) == []
