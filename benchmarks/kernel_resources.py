@@ -9,7 +9,7 @@ warps, stages, the global load widths, cp.async / TMA copies and tensor-core MMA
 rules the compile gate (tests/kernels/test_compile_gate.py) enforces:
 
 - every kernel compiles;
-- no bf16/fp16 kernel spills;
+- no kernel spills, in any dtype (fp32 included);
 - the attention kernels on aligned layouts (the search, slim models) load q/k/v/o/dO with 16-byte vectors
   (no element-by-element loads), pipeline them (cp.async or TMA), and use tensor-core MMA (wgmma on sm_90,
   mma.sync on sm_80).
@@ -160,7 +160,7 @@ def compile_workload(workload: Workload, target: str) -> list[tuple[Launch, dict
 def violations(workload: Workload, target: str, kernel: str, constants: dict, res: dict) -> list[str]:
     """Why this compiled kernel fails the gate (empty: it passes)."""
     bad = []
-    if workload.dtype in ("bf16", "fp16") and (res["spill_stores"] or res["spill_loads"]):
+    if res["spill_stores"] or res["spill_loads"]:  # in every dtype: fp32 too compiles without spills
         bad.append(f"spills {res['spill_stores']} B stores / {res['spill_loads']} B loads per thread")
     if not kernel.startswith("_ragged_attention") or not workload.aligned:
         return bad

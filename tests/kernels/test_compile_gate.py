@@ -1,5 +1,5 @@
 """The compile gate: every Triton kernel, compiled without a GPU for sm_90 and sm_80 through the project's own
-launchers on the real workloads (benchmarks.kernel_resources), must compile, must not spill in bf16/fp16, and
+launchers on the real workloads (benchmarks.kernel_resources), must compile, must not spill (any dtype), and
 the attention kernels on aligned layouts must load with 16-byte vectors, pipeline (cp.async / TMA) and use
 tensor-core MMA. python -m benchmarks.kernel_resources writes the same table to benchmarks/results/."""
 import os

@@ -47,6 +47,20 @@ def sm_count(device: torch.device) -> int:
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def arch(device: torch.device) -> int:
+    """Compute capability of `device` as major * 10 + minor (of the stand-in target under compile_only)."""
+    target = compile_only_target()
+    if target is not None:
+        return target.arch
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_arch(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
 @functools.lru_cache(maxsize=16)
 def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

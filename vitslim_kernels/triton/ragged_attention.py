@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..dispatch import compile_only_target, fail_safe
 from ._common import alloc as _alloc
-from ._common import check_device, define_op, formula_vjp, interpreter_agrees, kernel_wrapper, tracing
+from ._common import arch, check_device, define_op, formula_vjp, interpreter_agrees, kernel_wrapper, tracing
 
 from ..ops.ragged_attention import check_ragged_args, ragged_attention_bwd_ref, ragged_attention_fwd_ref
 
@@ -428,22 +428,26 @@ def _fwd_config(interpret: bool, dtype: torch.dtype) -> tuple[dict, dict]:
     # Not yet measured on a GPU; chosen from the compiled code (benchmarks.kernel_resources, triton 3.8):
     if dtype == torch.float32:
         # fp32 tl.dot in "ieee" is FMA code: 64 x 64 tiles with 4 warps spilled 2.7 KB per thread on sm_90 and
-        # 24.8 KB on sm_80; 64 x 32 with 8 warps: 88 / 102 registers, no spills.
-        return dict(BLOCK_M=64, BLOCK_N=32), dict(num_warps=8, num_stages=2)
+        # 24.8 KB on sm_80; 64 x 32 with 8 warps spilled 72 B on sm_90 for unaligned heads (VEC = 1, an
+        # address register per scalar load); 64 x 16 with 8 warps: 102-176 registers, no spills on either.
+        return dict(BLOCK_M=64, BLOCK_N=16), dict(num_warps=8, num_stages=2)
     # bf16/fp16: the Triton tutorial's tile for head width <= 64; N = 197 gives 4 query blocks of 64 (last one
     # 5 rows): 256 rows and keys computed for 197 (77%); N = 50: 64 (78%); N = 577: 640 (90%). sm_90: 137-142
     # registers, wgmma, cp.async of 16 bytes; sm_80: 168-181, mma.sync; no spills.
     return dict(BLOCK_M=64, BLOCK_N=64), dict(num_warps=4, num_stages=2)
 
 
-def _bwd_config(interpret: bool, dtype: torch.dtype, aligned: bool) -> tuple[dict, dict]:
+def _bwd_config(interpret: bool, dtype: torch.dtype, aligned: bool, arch: int = 90) -> tuple[dict, dict]:
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=16), {}
     # Not yet measured on a GPU; from the compiled code as above. 64 keys held (k, v, dk, dv) against query
     # steps of BLOCK_M rows.
     if dtype == torch.float32:
-        # 32-row steps spilled (sm_80: 1.9 KB per thread); 16-row steps: 148 (sm_90) / 192 (sm_80) registers.
-        return dict(BLOCK_M=16, BLOCK_N=32), dict(num_warps=4, num_stages=2)
+        # 32-row steps spilled (sm_80: 1.9 KB per thread); 16-row steps: 148-198 registers on sm_90. On sm_80
+        # ptxas stopped at 168 registers and spilled 8 B for a 41/63/64-wide slim plan; allowed 255 (maxnreg)
+        # it spills nothing there (and on sm_90 the cap made unaligned heads spill, so it is sm_80 only).
+        launch = dict(num_warps=4, num_stages=2, **(dict(maxnreg=255) if arch < 90 else {}))
+        return dict(BLOCK_M=16, BLOCK_N=32), launch
     if not aligned:
         # Scalar loads need an address register each: 32-row steps spilled 16 B on sm_80; 16-row ones do not.
         return dict(BLOCK_M=16, BLOCK_N=64), dict(num_warps=4, num_stages=2)
@@ -525,7 +529,8 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
         delta.stride(0), delta.stride(1),
         N, H, BLOCK_M=fwd_blocks["BLOCK_M"], BLOCK_D=2 ** log2_dmax, HEAD_D=head_d, VEC=vec)
     vec = _alignment(dims, (q, k, v, do, dq))
-    blocks, launch = _bwd_config(_INTERPRETED, q.dtype, aligned=vec * q.element_size() == 16)
+    blocks, launch = _bwd_config(_INTERPRETED, q.dtype, aligned=vec * q.element_size() == 16,
+                                 arch=90 if _INTERPRETED else arch(q.device))
     # dq partial sums between key blocks, fp32; one key block needs none (a 1-element stand-in is passed).
     dq_acc = _alloc((B, N, D) if N > blocks["BLOCK_N"] else (1, 1, 1), q, torch.float32)
     wrap_triton(_ragged_attention_bwd_kernel)[(B * H,)](
