@@ -1,5 +1,7 @@
 """The two commands: outputs, exact resume, Ctrl-C, NaN stop, one-line errors with exit status 2."""
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -105,16 +107,16 @@ def test_ctrl_c_saves_and_resume_finishes_the_same_run(tmp_path, capsys, monkeyp
     calls = {"n": 0}
     original = SparsityWeights.penalty
 
-    def interrupting(self, model):
+    def interrupting(self, model):  # Ctrl-C arrives in the middle of the 7th step's forward
         calls["n"] += 1
         if calls["n"] == 7:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
         return original(self, model)
 
     monkeypatch.setattr(SparsityWeights, "penalty", interrupting)
     code, _, err = run_cli(search.main, ["--output-dir", str(stopped), *common], capsys)
-    assert code == 130 and "resume with --resume" in err
-    assert read_checkpoint(stopped / "checkpoint.pt")["start_batch"] == 6
+    assert code == 130 and "interrupted (Ctrl-C)" in err and "after step 7 of" in err, err
+    assert read_checkpoint(stopped / "checkpoint.pt")["start_batch"] == 7  # the step in flight was finished
     monkeypatch.setattr(SparsityWeights, "penalty", original)
     assert run_cli(search.main, ["--output-dir", str(stopped), "--resume", *common], capsys)[0] == 0
     a, b = _state(straight / "checkpoint.pt"), _state(stopped / "checkpoint.pt")

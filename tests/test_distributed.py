@@ -62,3 +62,21 @@ def test_two_processes_reach_the_plan_of_one(tmp_path):
     log_one = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     log_two = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert log_two[-1]["penalty"] == pytest.approx(log_one[-1]["penalty"], rel=1e-4)  # not divided by 2
+
+
+@pytest.mark.slow
+def test_the_stored_dense_baseline_is_that_of_one_process(tmp_path):
+    """Without a dense phase the search starts from a random init, which differs per rank (seeds do): every
+    rank must evaluate rank 0's model, and the stored baseline equal one process's."""
+    args = ["--epochs", "1", "--dense-epochs", "0", "--workers", "0", "--no-progress"]
+    results = {}
+    for nproc, batch in ((1, 64), (2, 32)):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+            if nproc > 1 else [sys.executable]
+        out = tmp_path / str(nproc)
+        cmd = [*launcher, "-m", "vitslim.search", "--output-dir", str(out), "--batch-size", str(batch), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[nproc] = read_checkpoint(out / "checkpoint.pt")["dense_eval"]
+    assert results[2] == results[1]

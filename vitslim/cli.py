@@ -45,6 +45,7 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         if debug:
             traceback.print_exc()
         prefix, code = next((p, c) for types, p, c in outcomes if isinstance(e, types))
+        code = getattr(e, "exit_code", code)  # Interrupted: 130 (SIGINT) or 143 (SIGTERM)
         print(f"{prefix}: {e}", file=sys.stderr)
     finally:
         if dist.is_available() and dist.is_initialized():
@@ -167,6 +168,13 @@ class Distributed:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def broadcast_module(self, module: torch.nn.Module) -> None:
+        """Give every rank rank 0's parameters and buffers (a random init differs per rank: seeds are)."""
+        if self.enabled:
+            with torch.no_grad():
+                for t in module.state_dict().values():
+                    dist.broadcast(t, src=0)
+
 
 def setup_distributed(device: str | None = None) -> Distributed:
     """One process, or one per rank under torchrun (nccl on GPU, gloo on CPU)."""
@@ -255,6 +263,12 @@ def create_model(name: str, pretrained: bool, checkpoint: str | None, **kwargs) 
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return model
+
+
+def fingerprint(args, data_description: str, *names: str) -> dict:
+    """What a resumed run must share with the run it continues beyond its recipe: the data and the named flags
+    (vitslim.training.Trainer refuses a checkpoint whose fingerprint differs, naming what differs)."""
+    return {"data": data_description, **{f"--{n.replace('_', '-')}": getattr(args, n) for n in names}}
 
 
 def start_run(args, started: list[str], kind: str) -> tuple[Distributed, Callable[..., None], Path]:

@@ -33,6 +33,7 @@ class Data:
     img_size: int
     embedded: bool
     description: str
+    classes: tuple[str, ...] = ()  # the class names, in label order (ImageFolder: the sorted folder names)
 
 
 def posterize_any_pillow(img, bits_to_keep: int, **_):
@@ -103,7 +104,8 @@ def image_folders(data_path: str, img_size: int, mean, std, augment: Augment, no
     if train.classes != val.classes:
         raise UserError(f"{root}/train and {root}/val have different class folders")
     return Data(train, val, len(train.classes), img_size, embedded=False,
-                description=f"{root}: {len(train)} train / {len(val)} val images, {len(train.classes)} classes")
+                description=f"{root}: {len(train)} train / {len(val)} val images, {len(train.classes)} classes",
+                classes=tuple(train.classes))
 
 
 def embedded_digits() -> Data:
@@ -111,7 +113,8 @@ def embedded_digits() -> Data:
 
     tx, ty, vx, vy = digits_split()
     return Data(TensorDataset(tx, ty), TensorDataset(vx, vy), DIGITS_CLASSES, DIGITS_IMG_SIZE, embedded=True,
-                description=f"embedded digits (scikit-learn): {len(ty)} train / {len(vy)} val images, 16x16")
+                description=f"embedded digits (scikit-learn): {len(ty)} train / {len(vy)} val images, 16x16",
+                classes=tuple(str(d) for d in range(DIGITS_CLASSES)))
 
 
 class EpochSampler(Sampler[int]):
@@ -132,24 +135,75 @@ class EpochSampler(Sampler[int]):
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """(epoch, index) pairs: SeededSamples draws each sample's augmentation from them."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=g)[: self.batches * self.batch_size * self.dist.world_size]
         mine = order[self.dist.rank::self.dist.world_size]
-        return iter(mine[self.start_batch * self.batch_size:].tolist())
+        return iter((self.epoch, i) for i in mine[self.start_batch * self.batch_size:].tolist())
 
     def __len__(self) -> int:
         return (self.batches - self.start_batch) * self.batch_size
 
 
+class SeededSamples(Dataset):
+    """A training set whose every sample draws its random augmentation from (seed, epoch, index) alone.
+
+    Whichever worker loads a sample, and whenever (a run resumed in mid-epoch starts new workers at another
+    batch), it gets the same crop, RandAugment ops and erasing: the Python, NumPy and torch CPU generators are
+    seeded for the sample. In the main process (workers=0) their states are put back afterwards, so the
+    trainer's own draws (mixup, drop path) do not depend on the data. Keys are EpochSampler's (epoch, index).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        import random
+
+        import numpy as np
+
+        epoch, index = key
+        state = np.random.SeedSequence([self.seed, epoch, index]).generate_state(2)
+        sample_seed = int(state[0]) << 32 | int(state[1])
+        in_main = torch.utils.data.get_worker_info() is None
+        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if in_main else None
+        random.seed(sample_seed)
+        np.random.seed(sample_seed % 2 ** 32)
+        torch.default_generator.manual_seed(sample_seed)  # the CPU generator only: CUDA's stays the trainer's
+        try:
+            return self.dataset[index]
+        finally:
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT and SIGTERM to the main process, which stops at a step boundary and shuts
+    them down itself (a worker dying of Ctrl-C under a batch in flight would crash the loader instead)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def loaders(data: Data, batch_size: int, dist: Distributed, seed: int, workers: int
             ) -> tuple[DataLoader, DataLoader, EpochSampler]:
-    """Training loader (this rank's batches of `batch_size`) and validation loader (this rank's shard)."""
+    """Training loader (this rank's batches of `batch_size`) and validation loader (this rank's shard).
+
+    Each loader has its own generator, so starting one (a new epoch, a resumed run) draws nothing from the
+    global generators the training step uses: with SeededSamples, a run resumed anywhere is exact."""
     sampler = EpochSampler(len(data.train), batch_size, dist, seed)
     pin = dist.device.type == "cuda"
-    train = DataLoader(data.train, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
-                       drop_last=True, persistent_workers=False)
+    train = DataLoader(SeededSamples(data.train, seed), batch_size=batch_size, sampler=sampler, num_workers=workers,
+                       pin_memory=pin, drop_last=True, persistent_workers=False,
+                       generator=torch.Generator().manual_seed(seed), worker_init_fn=_ignore_stop_signals)
     shard = list(range(dist.rank, len(data.val), dist.world_size))
     val = DataLoader(torch.utils.data.Subset(data.val, shard), batch_size=batch_size, shuffle=False,
-                     num_workers=workers, pin_memory=pin)
+                     num_workers=workers, pin_memory=pin, generator=torch.Generator().manual_seed(seed),
+                     worker_init_fn=_ignore_stop_signals)
     return train, val, sampler

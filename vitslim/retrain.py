@@ -28,6 +28,10 @@ DEFAULTS = {
     "model_ema_decay": (None, None), "lr": (None, 1e-3),  # None: 5e-4 x global batch / 512
 }
 
+# Flags a resumed retrain must share with the run it continues (beyond the recipe): they change its result.
+RUN_FLAGS = ("fold_gates", "fused", "batch_size", "seed", "aa", "reprob", "drop_path", "teacher",
+             "teacher_checkpoint", "distillation_type", "distillation_alpha", "distillation_tau")
+
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m vitslim.retrain", description=__doc__.splitlines()[0])
@@ -111,7 +115,8 @@ def load_search(path: Path):
 def main(argv: list[str] | None = None) -> int:
     from .data import Augment, embedded_digits, image_folders, loaders
     from .report import format_report, model_row, write_report
-    from .training import CHECKPOINT, Recipe, Trainer, check_recipe, cross_entropy_loss, read_checkpoint
+    from .training import (CHECKPOINT, Recipe, Trainer, check_recipe, check_resume_flags, cross_entropy_loss,
+                           read_checkpoint)
 
     args = build_parser().parse_args(argv)
     search_model, arch, ckpt = load_search(Path(args.searched))
@@ -150,9 +155,18 @@ def main(argv: list[str] | None = None) -> int:
                              Augment(rand_augment=args.aa, reprob=args.reprob))
     if data.num_classes != arch.num_classes:
         raise UserError(f"the data has {data.num_classes} classes, the searched model {arch.num_classes}")
+    searched_classes = tuple(ckpt.get("classes") or ())  # (recorded since search checkpoints have them)
+    if searched_classes and searched_classes != data.classes:
+        differ = next(i for i, (a, b) in enumerate(zip(searched_classes, data.classes)) if a != b)
+        raise UserError(f"the class folders differ from the search's: label {differ} is "
+                        f"{data.classes[differ]!r} here, {searched_classes[differ]!r} in the search "
+                        f"({args.searched}); retrain on the data the search used")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise UserError(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
     train_loader, val_loader, sampler = loaders(data, args.batch_size, dist, args.seed, args.workers)
+    flags = cli.fingerprint(args, data.description, *RUN_FLAGS)
+    if args.resume:  # a different recipe is refused now, before the teacher or any training
+        check_resume_flags(out / CHECKPOINT, flags)
     lr = args.lr if args.lr is not None else 5e-4 * args.batch_size * dist.world_size / 512  # DeiT's scaling
     recipe = Recipe(epochs=args.epochs, lr=lr, weight_decay=args.weight_decay, sched="cosine",
                     warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, clip_grad=args.clip_grad,
@@ -173,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
     extra = {"plan": plan.to_dict(), "fold_gates": args.fold_gates, "searched": str(Path(args.searched).resolve())}
     trainer = Trainer(student, recipe, train_loader, val_loader, sampler, dist, out, data.num_classes, loss_fn,
-                      checkpoint_extra=extra, progress=args.progress, name="retrain")
+                      checkpoint_extra=extra, progress=args.progress, name="retrain",
+                      fingerprint=flags)
     if args.resume and trainer.checkpoint_path.exists():
         saved = read_checkpoint(trainer.checkpoint_path)
         if SlimPlan.from_dict(saved["plan"]) != plan:

@@ -35,7 +35,8 @@ def _umask() -> int:
 
 def atomic_write(path: Path, write) -> None:
     """write(tmp) to a temporary file beside `path` (same suffix, as torch.export.save wants), then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp", suffix=path.suffix)  # (see
+    # vitslim.training.remove_stale_temporaries: a kill midway leaves .<name>.tmp*, removed at the next start)
     os.close(fd)
     try:
         write(tmp)

@@ -26,6 +26,10 @@ DEFAULTS = {
     "w1": (2e-4, 2e-3), "w2": (5e-5, 5e-4), "w3": (1e-4, 1e-3),
 }
 EMBEDDED_MODEL = "vitslim_digits_vit"
+# Flags a resumed run must share with the run it continues (beyond the recipe): they change its result. The
+# last six are the search's own (the dense phase has the others).
+RUN_FLAGS = ("model", "checkpoint", "pretrained", "batch_size", "seed", "aa", "reprob", "drop_path",
+             "fused", "search", "w1", "w2", "w3", "drop_tokens_below")
 
 
 def build_parser() -> ArgumentParser:
@@ -95,7 +99,8 @@ def resolve_defaults(args, embedded: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     from .data import Augment, embedded_digits, image_folders, loaders
     from .figures import plot_gate_histograms, plot_structure
-    from .training import CHECKPOINT, Recipe, Trainer, check_recipe, cross_entropy_loss, evaluate, read_checkpoint
+    from .training import (CHECKPOINT, Recipe, Trainer, check_recipe, check_resume_flags, cross_entropy_loss,
+                           evaluate, read_checkpoint)
 
     args = build_parser().parse_args(argv)
     embedded = args.data_path is None
@@ -116,10 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     if data.num_classes != arch.num_classes:
         model.reset_classifier(data.num_classes)
         arch = describe(model)
+    if not (embedded or args.pretrained or args.checkpoint or args.dense_epochs):
+        say("warning: searching from random weights (neither --pretrained nor --checkpoint nor --dense-epochs): "
+            "the paper searches a trained model; the gates of an untrained one rank noise")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise UserError(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
     model.to(dist.device)
+    dist.broadcast_module(model)  # one model for every rank: the dense baseline is measured on it, once
     train_loader, val_loader, sampler = loaders(data, args.batch_size, dist, args.seed, args.workers)
+    if args.resume:  # a different recipe is refused now, before the dense weights or any training
+        check_resume_flags(out / "dense" / CHECKPOINT, cli.fingerprint(args, data.description, *RUN_FLAGS[:-6]))
+        check_resume_flags(out / CHECKPOINT, cli.fingerprint(args, data.description, *RUN_FLAGS))
     say(f"data: {data.description}")
     say(f"model: {args.model}, {count_params(model) / 1e6:.2f}M params, {count_flops(model) / 1e9:.3f} GMACs; "
         f"{dist.world_size} process(es) x batch {args.batch_size} on {dist.device}")
@@ -136,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                               warmup_epochs=0.1 * args.dense_epochs, **common)
         check_recipe(dense_recipe)
         trainer = Trainer(model, dense_recipe, train_loader, val_loader, sampler, dist, out / "dense",
-                          data.num_classes, loss_fn, progress=args.progress, name="dense")
+                          data.num_classes, loss_fn, progress=args.progress, name="dense",
+                          fingerprint=cli.fingerprint(args, data.description, *RUN_FLAGS[:-6]))
         if args.resume and trainer.checkpoint_path.exists():
             trainer.resume(read_checkpoint(trainer.checkpoint_path))
         say(f"training the dense model for {args.dense_epochs} epochs first")
@@ -144,14 +157,21 @@ def main(argv: list[str] | None = None) -> int:
         del trainer  # releases its DDP wrapper before the search wraps the model again
     elif dense_file.exists():
         from safetensors.torch import load_file
-        model.load_state_dict(load_file(str(dense_file)))
+        try:
+            model.load_state_dict(load_file(str(dense_file)))
+        except RuntimeError as e:
+            raise UserError(f"{dense_file} does not fit --model {args.model}: {str(e).splitlines()[1].strip()}"
+                            ) from None
 
     recipe = Recipe(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, sched="constant", **common)
     check_recipe(recipe)
     dense_eval = evaluate(model, val_loader, dist)
     if dist.is_main and not dense_file.exists():
         from safetensors.torch import save_file
-        save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(dense_file))
+
+        from .saving import atomic_write
+        dense_state = {k: v.contiguous().cpu() for k, v in model.state_dict().items()}
+        atomic_write(dense_file, lambda tmp: save_file(dense_state, str(tmp)))  # a kill midway: no half file
     say(f"dense model: top-1 {dense_eval['top1']:.2f}%, top-5 {dense_eval['top5']:.2f}%")
 
     # Phase 2: the search.
@@ -173,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
                            f"epoch {epoch}: structure at budgets {budgets}")
 
     extra = {"arch": arch.to_dict(), "search": args.search, "model_name": args.model, "dense_eval": dense_eval,
-             "dense_weights": str(dense_file.resolve()), "data": data.description, "embedded": embedded,
+             "dense_weights": str(dense_file.resolve()), "data": data.description, "classes": list(data.classes), "embedded": embedded,
              "mean_std": [list(mean), list(std)]}
     trainer = Trainer(model, recipe, train_loader, val_loader, sampler, dist, out, data.num_classes, loss_fn,
                       penalty=weights.penalty, epoch_end=epoch_end, checkpoint_extra=extra,
-                      progress=args.progress, name="search")
+                      progress=args.progress, name="search",
+                      fingerprint=cli.fingerprint(args, data.description, *RUN_FLAGS))
     if args.resume and trainer.checkpoint_path.exists():
         trainer.resume(read_checkpoint(trainer.checkpoint_path))
     say(f"searching ({args.search}) for {args.epochs} epochs, w1={args.w1:g} w2={args.w2:g} w3={args.w3:g}")

@@ -2,17 +2,22 @@
 
 One loop: bf16 autocast on CUDA (fp32 on CPU), timm's Mixup, gradient clipping, timm's model EMA, a
 per-step LR schedule (timm's CosineLRScheduler or constant, with warmup), DDP. Each epoch writes an atomic
-checkpoint (model, optimizer, scheduler, EMA, scaler, RNG states, epoch) and one JSON line; a run resumes
-exactly where it stopped; Ctrl-C saves and exits cleanly; a non-finite loss stops the run and leaves the
-last good checkpoint in place.
+checkpoint (model, optimizer, scheduler, EMA, scaler, RNG states, epoch, the log so far) and one JSON line; a
+run resumes exactly where it stopped. SIGINT (Ctrl-C) and SIGTERM (what SLURM and Kubernetes send before a
+kill) are deferred to the end of the step in flight, or stop an evaluation between batches: the state saved is
+always that of a finished step, so --resume continues bit for bit (a second Ctrl-C stops at once and says that
+the last checkpoint stands). A non-finite loss stops the run and leaves the last good checkpoint in place.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,7 +41,19 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training; the state was saved."""
+    """SIGINT or SIGTERM during training; the message says what was saved. exit_code: 130 or 143."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# The signals that stop a run cleanly: what they are called, and the exit status of a process they ended.
+STOP_SIGNALS = {signal.SIGINT: ("interrupted (Ctrl-C)", 130), signal.SIGTERM: ("terminated (SIGTERM)", 143)}
+
+
+class _StopRequested(Exception):
+    """Raised at a step boundary or between evaluation batches once a stop signal has arrived."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,37 @@ class Recipe:
     cutmix: float = 0.0
     smoothing: float = 0.0
     log_interval: int = 10
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete what an atomic write killed midway left in `folder` (.<name>.tmp*); returns what was removed."""
+    removed = []
+    for tmp in folder.glob(".*.tmp*"):
+        if tmp.is_file():
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+@contextlib.contextmanager
+def deferred_stop_signals(trainer: "Trainer"):
+    """While training: SIGINT and SIGTERM only set trainer.stop_signal; the loop acts on it at the next step
+    boundary. A second SIGINT raises KeyboardInterrupt at once. Outside the main thread: nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if trainer.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.stop_signal = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -151,7 +199,9 @@ class Trainer:
                  dist: Distributed, output_dir: Path, num_classes: int, loss_fn: LossFn,
                  penalty: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
                  epoch_end: Callable[[int, dict], None] | None = None, checkpoint_extra: dict | None = None,
-                 progress: bool | None = None, name: str = "train") -> None:
+                 progress: bool | None = None, name: str = "train", fingerprint: dict | None = None) -> None:
+        """fingerprint: what the result depends on beyond the recipe (model, batch size, world size, data,
+        search mode, sparsity weights, ...); --resume refuses a checkpoint whose fingerprint differs."""
         from timm.data import Mixup
         from timm.scheduler import CosineLRScheduler
         from timm.utils import ModelEmaV3
@@ -189,6 +239,15 @@ class Trainer:
             self.mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix,
                                label_smoothing=recipe.smoothing, num_classes=num_classes)
         self.epoch, self.start_batch, self.global_step = 0, 0, 0
+        self.history: list[dict] = []       # every epoch's record: log.jsonl is rewritten from it on resume
+        self.pending: dict | None = None    # an epoch trained but not yet evaluated (stopped in its evaluation)
+        self.stop_signal: int | None = None
+        self.epoch_parts: LossParts | None = None  # the epoch in flight's running loss sums (saved mid-epoch)
+        self.fingerprint = {"recipe": _recipe_fingerprint(recipe), "world_size": dist.world_size,
+                            "steps_per_epoch": self.steps_per_epoch, "flags": fingerprint or {}}
+        if dist.is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(output_dir)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     @property
@@ -200,7 +259,14 @@ class Trainer:
                 "global_step": self.global_step, "model": self.module.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.module.state_dict() if self.ema else None, "scaler": self.scaler.state_dict(),
-                "rng": rng_state(), "recipe": asdict(self.recipe), **self.checkpoint_extra}
+                "rng": rng_state(), "recipe": asdict(self.recipe), "history": self.history, "pending": self.pending,
+                "fingerprint": self.fingerprint, "epoch_parts": self._parts_state(start_batch), **self.checkpoint_extra}
+
+    def _parts_state(self, start_batch: int) -> dict | None:
+        """Mid-epoch: the loss sums so far, so the resumed epoch's mean loss is the uninterrupted one's."""
+        if start_batch == 0 or self.epoch_parts is None:
+            return None
+        return {"sums": {k: v.cpu() for k, v in self.epoch_parts.sums.items()}, "count": self.epoch_parts.count}
 
     def save(self, epoch: int, start_batch: int = 0) -> None:
         if self.dist.is_main:
@@ -210,6 +276,7 @@ class Trainer:
     def resume(self, ckpt: dict) -> None:
         if ckpt.get("name") != self.name:
             raise UserError(f"checkpoint is from a {ckpt.get('name')!r} run, not {self.name!r}")
+        _refuse_differences(self.checkpoint_path, ckpt.get("fingerprint"), self.fingerprint)
         try:
             self.module.load_state_dict(ckpt["model"])
         except RuntimeError as e:
@@ -220,7 +287,20 @@ class Trainer:
             self.ema.module.load_state_dict(ckpt["ema"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.start_batch, self.global_step = ckpt["epoch"], ckpt["start_batch"], ckpt["global_step"]
+        self.history, self.pending = list(ckpt.get("history") or []), ckpt.get("pending")
+        self.epoch_parts = None
+        if ckpt.get("epoch_parts"):
+            self.epoch_parts = LossParts()
+            self.epoch_parts.sums = {k: v.to(self.device) for k, v in ckpt["epoch_parts"]["sums"].items()}
+            self.epoch_parts.count = ckpt["epoch_parts"]["count"]
         set_rng_state(ckpt["rng"])
+        self.rewrite_log()  # the log says what the checkpoint holds: no epoch repeated or lost by a kill
+
+    def rewrite_log(self) -> None:
+        if self.dist.is_main:
+            from .saving import atomic_write
+            text = "".join(json.dumps(r) + "\n" for r in self.history)
+            atomic_write(self.output_dir / LOG, lambda tmp: Path(tmp).write_text(text))
 
     # -- the loop --------------------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
@@ -229,22 +309,56 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def fit(self) -> dict | None:
-        """Train from self.epoch to recipe.epochs; returns the last epoch's record."""
+        """Train from self.epoch to recipe.epochs; returns the last epoch's record. Raises Interrupted after a
+        stop signal, once the state is saved."""
         record = None
-        try:
-            while self.epoch < self.recipe.epochs:
-                record = self.train_epoch(self.epoch, self.start_batch)
-                self.epoch, self.start_batch = self.epoch + 1, 0
-                record.update(self.evaluate_all())
-                if self.epoch_end is not None:
-                    self.epoch_end(self.epoch, record)
-                self.log(record)
-                self.save(self.epoch)
-                if self.dist.is_main:
-                    print(self.summary_line(record), file=sys.stderr)
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted; state saved to {self.checkpoint_path}: resume with --resume") from None
+        self.stop_signal = None
+        with deferred_stop_signals(self):
+            try:
+                if self.pending is not None:  # resumed in an evaluation: that epoch's training is done
+                    record = self.finish_epoch(self.pending)
+                while self.epoch < self.recipe.epochs:
+                    record = self.train_epoch(self.epoch, self.start_batch)
+                    self.epoch, self.start_batch = self.epoch + 1, 0
+                    record = self.finish_epoch(record)
+            except _StopRequested:
+                what, code = STOP_SIGNALS.get(self.stop_signal, ("stopped", 130))
+                where = (f"epoch {self.epoch} trained, its evaluation runs first on --resume" if self.pending
+                         else f"epoch {self.epoch + 1}, after step {self.start_batch} of {self.steps_per_epoch}")
+                raise Interrupted(f"{what}; state saved to {self.checkpoint_path} ({where}): resume with --resume",
+                                  exit_code=code) from None
+            except KeyboardInterrupt:  # a second Ctrl-C, mid-step: there is no consistent state to save now
+                stands = (f"the last checkpoint {self.checkpoint_path} stands" if self.checkpoint_path.exists()
+                          else "no checkpoint was written yet")
+                raise Interrupted(f"interrupted twice; nothing saved now, {stands}: resume with --resume") from None
         return record
+
+    def finish_epoch(self, record: dict) -> dict:
+        """Evaluate the epoch just trained (self.epoch), then log and checkpoint it."""
+        self.pending = record
+        try:
+            record.update(self.evaluate_all())
+        except _StopRequested:
+            self.save(self.epoch)  # the trained state, with the epoch's record pending
+            raise
+        if self.epoch_end is not None:
+            self.epoch_end(self.epoch, record)
+        self.pending = None
+        self.history.append(record)
+        self.save(self.epoch)
+        self.log(record)  # after the checkpoint: a kill in between leaves a line that resume writes back
+        if self.dist.is_main:
+            print(self.summary_line(record), file=sys.stderr)
+        return record
+
+    def stop_requested(self) -> bool:
+        """Whether a stop signal arrived (on any rank: every process must stop at the same step)."""
+        flag = self.stop_signal is not None
+        if self.dist.enabled:
+            flag = self.dist.all_reduce_sum(torch.tensor([float(flag)], device=self.device)).item() > 0
+            if flag and self.stop_signal is None:
+                self.stop_signal = signal.SIGTERM  # another rank was signalled (a scheduler signals them all)
+        return flag
 
     def summary_line(self, r: dict) -> str:
         parts = [f"{self.name} epoch {r['epoch']}/{self.recipe.epochs}", f"loss {r['loss']:.4f}",
@@ -262,7 +376,8 @@ class Trainer:
         model = self.ddp or self.module
         model.train()
         self.sampler.set_epoch(epoch, start_batch)
-        parts = LossParts()
+        parts = self.epoch_parts if start_batch > 0 and self.epoch_parts is not None else LossParts()
+        self.epoch_parts = parts
         step_in_epoch = start_batch
         seen, start = 0, time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"{self.name} {epoch + 1}/{self.recipe.epochs}", leave=False,
@@ -297,11 +412,12 @@ class Trainer:
                     self.check_finite(loss, epoch, step_in_epoch)
                     bar.set_postfix(loss=f"{loss.item():.4f}",
                                     img_s=f"{seen * self.dist.world_size / (time.perf_counter() - start):.0f}")
-        except KeyboardInterrupt:
+                if self.stop_requested() and step_in_epoch < self.steps_per_epoch:
+                    self.start_batch = step_in_epoch
+                    self.save(epoch, step_in_epoch)  # a finished step: what --resume continues from
+                    raise _StopRequested
+        finally:
             bar.close()
-            self.save(epoch, step_in_epoch)
-            raise
-        bar.close()
         elapsed = time.perf_counter() - start
         record = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], **parts.means(self.dist),
                   "img_per_s": seen * self.dist.world_size / max(elapsed, 1e-9), "epoch_seconds": elapsed}
@@ -316,20 +432,28 @@ class Trainer:
                                      f"stopping, {kept}. Lower --lr or check the data.")
 
     def evaluate_all(self) -> dict[str, float]:
-        result = evaluate(self.module, self.val_loader, self.dist)
+        result = evaluate(self.module, self.val_loader, self.dist, self.stop_requested, self.progress)
         if self.ema is not None:
-            ema = evaluate(self.ema.module, self.val_loader, self.dist)
+            ema = evaluate(self.ema.module, self.val_loader, self.dist, self.stop_requested, self.progress)
             result.update({"ema_top1": ema["top1"], "ema_top5": ema["top5"]})
         return result
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, dist: Distributed) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (%) over the validation set (each rank its shard, summed)."""
+def evaluate(model: nn.Module, loader, dist: Distributed, stop_requested: Callable[[], bool] | None = None,
+             progress: bool = False) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (%) over the validation set (each rank its shard, summed). stop_requested is
+    asked between batches (a stop signal during evaluation: _StopRequested)."""
+    from tqdm import tqdm
+
     model.eval()
     device = dist.device
     totals = torch.zeros(3, device=device)  # correct@1, correct@5, count
-    for images, targets in loader:
+    bar = tqdm(loader, desc="evaluating", leave=False, disable=not (progress and dist.is_main), dynamic_ncols=True)
+    for images, targets in bar:
+        if stop_requested is not None and stop_requested():
+            bar.close()
+            raise _StopRequested
         images, targets = images.to(device), targets.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(images)
@@ -338,6 +462,45 @@ def evaluate(model: nn.Module, loader, dist: Distributed) -> dict[str, float]:
         totals += torch.stack([hit[:, 0].sum(), hit.any(-1).sum(), torch.tensor(len(targets), device=device)])
     correct1, correct5, count = dist.all_reduce_sum(totals).tolist()
     return {"top1": 100.0 * correct1 / max(count, 1), "top5": 100.0 * correct5 / max(count, 1)}
+
+
+def _recipe_fingerprint(recipe: Recipe) -> dict:
+    """The recipe fields a resumed run must share: all but the log interval, and the epochs where the schedule
+    is constant (a search may be extended with a larger --epochs; a cosine schedule depends on them)."""
+    fields = asdict(recipe)
+    fields.pop("log_interval")
+    if recipe.sched == "constant":
+        fields.pop("epochs")
+    return fields
+
+
+def check_resume_flags(path: Path, flags: dict) -> None:
+    """Before any long work: UserError in one line if the run checkpointed at `path` (if any) was started with
+    other flags (cli.fingerprint) than `flags`."""
+    if path.exists():
+        saved = read_checkpoint(path).get("fingerprint") or {}
+        _refuse_differences(path, saved.get("flags"), flags)
+
+
+def _refuse_differences(path: Path, saved: dict | None, current: dict) -> None:
+    differences = _differences(saved, current)
+    if differences:
+        raise UserError(f"--resume: this run differs from the one in {path} in {'; '.join(differences)}; resume "
+                        f"with the flags it was started with, or use another --output-dir")
+
+
+def _differences(saved: dict | None, current: dict, prefix: str = "") -> list[str]:
+    """'key (saved X, now Y)' for every entry of two fingerprints that differs (None: an older checkpoint)."""
+    if saved is None:
+        return []
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, "" if key == "flags" else f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} (saved {a!r}, now {b!r})")
+    return out
 
 
 def cross_entropy_loss(smoothing: float) -> LossFn:

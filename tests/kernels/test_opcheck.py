@@ -351,9 +351,11 @@ TRACED_CASES = {  # op name -> the op's arguments (fake CUDA tensors are made fr
 
 @pytest.fixture
 def no_sm_query(monkeypatch):
-    """The launchers size some grids by the GPU's SM count, which this machine may not have: an H100's."""
+    """The launchers size some grids by the GPU's SM count and pick some configs by its architecture, which
+    this machine may not have: an H100's."""
     common = importlib.import_module("vitslim_kernels.triton._common")
     monkeypatch.setattr(common, "_cuda_sm_count", lambda device_index: 132)
+    monkeypatch.setattr(common, "_cuda_arch", lambda device_index: 90)
 
 
 @pytest.mark.parametrize("name", list(TRACED_CASES))
