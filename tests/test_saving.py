@@ -1,5 +1,6 @@
 """save_slim / load_slim: safetensors + JSON, same outputs, clear errors on bad files."""
 import json
+import re
 
 import pytest
 import torch
@@ -89,3 +90,32 @@ def test_saved_files_get_the_usual_mode(tmp_path):
     finally:
         os.umask(old)
     assert {oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {oct(0o644)}  # not mkstemp's 0600
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("act", "relu", "act must be one of ['gelu', 'gelu_tanh'], got 'relu'"),
+    ("qkv_bias", "yes", "qkv_bias must be true or false, got 'yes'"),
+    ("depth", -1, "depth must be a non-negative integer, got -1"),
+    ("global_pool", "map", "global_pool must be one of"),
+    ("norm_eps", 0.0, "norm_eps must be > 0"),
+])
+def test_a_config_is_validated_field_by_field(tmp_path, field, value, message):
+    folder = vitslim.save_slim(_slim(True), tmp_path / "slim")
+    config = folder / "config.json"
+    cfg = json.loads(config.read_text())
+    cfg["arch"][field] = value
+    config.write_text(json.dumps(cfg))
+    with pytest.raises(vitslim.SlimFileError, match=re.escape(message)):
+        vitslim.load_slim(folder)
+
+
+def test_set_input_size_is_refused_unless_it_can_be_honoured():
+    slim = _slim(False)
+    size = slim.slim_arch.img_size
+    slim.set_input_size(size)  # the plan's own size: nothing to change
+    flops = vitslim.count_flops(slim)
+    with pytest.raises(ValueError, match=r"plan is for 32x32 images in 8x8 patches .* accepted: that size only"):
+        slim.set_input_size(48)
+    assert vitslim.count_flops(slim) == flops
+    x = images_for(slim)
+    assert slim(x).shape[0] == x.shape[0]  # still works at its size

@@ -69,6 +69,34 @@ class ViTArch:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
 
+    def __post_init__(self) -> None:
+        """Every field checked, so a hand-edited or foreign config fails loudly instead of building another
+        model (an unknown activation must not load as GELU)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("bool", bool) and not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be true or false, got {value!r}")
+            if f.type in ("int", int) and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{f.name} must be a non-negative integer, got {value!r}")
+            if f.type in ("float", float) and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                               or not 0.0 <= value < 1.0):
+                raise ValueError(f"{f.name} must be a number in [0, 1), got {value!r}")
+        for name in ("img_size", "patch_size"):
+            size = getattr(self, name)
+            if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+                raise ValueError(f"{name} must be two positive integers, got {list(size)}")
+        for name in ("in_chans", "embed_dim", "depth", "num_heads", "mlp_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}")
+        if self.act not in _ACTIVATIONS:
+            raise ValueError(f"act must be one of {list(_ACTIVATIONS)}, got {self.act!r}")
+        if self.global_pool not in SUPPORTED_POOLS:
+            raise ValueError(f"global_pool must be one of {list(SUPPORTED_POOLS)}, got {self.global_pool!r}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads

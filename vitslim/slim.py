@@ -7,6 +7,7 @@ remains: every removed weight is gone.
 from __future__ import annotations
 
 import copy
+import functools
 from types import SimpleNamespace
 import warnings
 
@@ -244,7 +245,25 @@ def build_slim(arch: ViTArch, plan: SlimPlan, token_scale: bool) -> nn.Module:
     model.slim_plan = plan
     model.slim_arch = arch
     install_checked_forward_intermediates(model)
+    model.set_input_size = functools.partial(_set_input_size, model, model.set_input_size)
     return model
+
+
+def _set_input_size(model: nn.Module, timm_set_input_size, img_size=None, patch_size=None, **kwargs) -> None:
+    """timm's set_input_size where it can be honoured: the size the plan was made for (nothing changes).
+    Another size or patch size is refused: the plan's kept tokens are positions of the patch grid it was
+    searched on, so a new grid has no plan."""
+    from timm.layers import to_2tuple
+
+    arch = model.slim_arch
+    size = to_2tuple(img_size) if img_size is not None else arch.img_size
+    patch = to_2tuple(patch_size) if patch_size is not None else arch.patch_size
+    if (tuple(size), tuple(patch)) == (tuple(arch.img_size), tuple(arch.patch_size)):
+        return
+    raise ValueError(f"set_input_size(img_size={img_size}, patch_size={patch_size}): this slim model's plan is for "
+                     f"{arch.img_size[0]}x{arch.img_size[1]} images in {arch.patch_size[0]}x{arch.patch_size[1]} "
+                     f"patches (its kept tokens are positions of that grid); accepted: that size only. To run at "
+                     f"another size, set it on the model before the search and slim the model searched there")
 
 
 def set_pretrained_cfg(model: nn.Module, cfg: dict | None) -> None:
