@@ -71,7 +71,18 @@ def test_retrain_writes_slim_model_and_report(searched, tmp_path, capsys):
                                               *FAST], capsys)
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report["dense"]) == set(report["slim"]) == {"params", "flops", "top1", "top5", "img_per_s"}
+    timing = {"img_per_s", "img_per_s_min", "img_per_s_max", "repeats"}
+    assert set(report["dense"]) == {"params", "flops", "top1", "top5"} | timing
+    assert set(report["slim"]) == set(report["dense"]) | {"speedup_vs_dense", "speedup_vs_dense_range"}
+    for row in (report["dense"], report["slim"]):
+        assert row["img_per_s_min"] <= row["img_per_s"] <= row["img_per_s_max"] and row["repeats"] == 7
+    lo, hi = report["ratios"]["speedup_range"]
+    assert lo <= report["ratios"]["speedup"] <= hi
+    plan = vitslim.SlimPlan.from_json((out / "plan.json").read_text())
+    tokens = report["kept_tokens"]
+    assert tokens["per_block"] == [len(b.tokens) / plan.num_patches for b in plan.blocks]
+    assert tokens["overall"] == pytest.approx(sum(tokens["per_block"]) / plan.depth)
+    assert "kept tokens per block: " in stdout and "(range " in stdout
     assert report["budgets"] == {"attn": 0.7, "mlp": 0.7, "tokens": 0.7}
     assert report["slim"]["flops"] < 0.7 * report["dense"]["flops"]
     assert "dense" in stdout and "slim" in stdout  # the printed table

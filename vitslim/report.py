@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -12,41 +13,68 @@ from .counting import count_flops, count_params
 
 
 @torch.no_grad()
-def measure_throughput(model: nn.Module, img_size: tuple[int, int], batch_size: int, device: torch.device,
-                       min_seconds: float = 1.0, in_chans: int = 3) -> float:
-    """Images per second of eval-mode forward passes (bf16 autocast on CUDA), after warm-up."""
-    model.eval()
+def compare_throughput(models: dict[str, nn.Module], img_size: tuple[int, int], batch_size: int,
+                       device: torch.device, repeats: int = 7, window_s: float = 0.3, in_chans: int = 3
+                       ) -> dict[str, dict]:
+    """Images per second of eval-mode forward passes (bf16 autocast on CUDA), each model timed in `repeats`
+    windows of at least window_s, the models taking turns (A B A B ...), so a machine that gets busier or
+    idler during the measurement moves all of them alike. Per model: the median, min and max over the windows.
+    Per model but the first: "speedup_vs_<first>", the median (and range) of the ratio within each turn."""
     x = torch.randn(batch_size, in_chans, *img_size, device=device)
     cuda = device.type == "cuda"
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            model(x)
+    def window(model: nn.Module) -> float:
+        iters, start = 0, time.perf_counter()
+        while True:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                model(x)
+            iters += 1
+            if cuda:
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - start
+            if elapsed >= window_s and iters >= 3:
+                return iters * batch_size / elapsed
 
-    for _ in range(3):
-        step()
+    for model in models.values():  # warm-up
+        model.eval()
+        for _ in range(3):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                model(x)
     if cuda:
         torch.cuda.synchronize(device)
-    iters, start = 0, time.perf_counter()
-    while True:
-        step()
-        iters += 1
-        if cuda:
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds and iters >= 5:
-            return iters * batch_size / elapsed
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            rates[name].append(window(model))
+    first = next(iter(models))
+    out = {}
+    for name, values in rates.items():
+        out[name] = {"img_per_s": statistics.median(values), "img_per_s_min": min(values),
+                     "img_per_s_max": max(values), "repeats": repeats}
+        if name != first:
+            ratios = [v / f for v, f in zip(values, rates[first])]
+            out[name].update({f"speedup_vs_{first}": statistics.median(ratios),
+                              f"speedup_vs_{first}_range": [min(ratios), max(ratios)]})
+    return out
 
 
-def model_row(model: nn.Module, accuracy: dict, img_size, batch_size: int, device: torch.device) -> dict:
+def model_row(model: nn.Module, accuracy: dict, throughput: dict) -> dict:
     return {"params": count_params(model), "flops": count_flops(model), "top1": accuracy["top1"],
-            "top5": accuracy["top5"], "img_per_s": measure_throughput(model, img_size, batch_size, device)}
+            "top5": accuracy["top5"], **throughput}
+
+
+def kept_tokens(plan) -> dict:
+    """The plan's kept patch tokens: per block (a fraction of the patches) and overall (of all block x patch
+    slots, the fraction budget_tokens asks for; the plan's monotone rule keeps more in early blocks)."""
+    P = plan.num_patches
+    per_block = [len(b.tokens) / P for b in plan.blocks]
+    return {"per_block": per_block, "overall": sum(per_block) / len(per_block)}
 
 
 def write_report(path: Path, dense: dict, slim: dict, budgets: dict, extra: dict) -> dict:
     report = {"dense": dense, "slim": slim, "budgets": budgets,
               "ratios": {"params": slim["params"] / dense["params"], "flops": slim["flops"] / dense["flops"],
-                         "speedup": slim["img_per_s"] / dense["img_per_s"],
+                         "speedup": slim["speedup_vs_dense"], "speedup_range": slim["speedup_vs_dense_range"],
                          "top1_change": slim["top1"] - dense["top1"]},
               **extra}
     path.write_text(json.dumps(report, indent=1) + "\n")
@@ -59,9 +87,15 @@ def format_report(report: dict) -> str:
     for name, row in (("dense", d), ("slim", s)):
         lines.append(f"{name:>7} {row['params'] / 1e6:>9.3f}M {row['flops'] / 1e9:>9.4f} {row['top1']:>7.2f}% "
                      f"{row['top5']:>7.2f}% {row['img_per_s']:>10.0f}")
+    lo, hi = r["speedup_range"]
     lines.append(f"{'slim':>7} {r['params']:>9.1%}  {r['flops']:>8.1%} {r['top1_change']:>+7.2f}pt "
-                 f"{'':>8} {r['speedup']:>9.2f}x")
+                 f"{'':>8} {r['speedup']:>9.2f}x (range {lo:.2f}-{hi:.2f}x)")
     b = report["budgets"]
-    lines.append(f"budgets: attn {b['attn']}, mlp {b['mlp']}, tokens {b['tokens']}; throughput measured on "
-                 f"{report.get('device', '?')} at batch {report.get('throughput_batch', '?')}")
+    lines.append(f"budgets: attn {b['attn']}, mlp {b['mlp']}, tokens {b['tokens']}; throughput: median of "
+                 f"{s.get('repeats', '?')} alternating windows on {report.get('device', '?')} at batch "
+                 f"{report.get('throughput_batch', '?')}")
+    tokens = report.get("kept_tokens")
+    if tokens:
+        lines.append(f"kept tokens per block: {' '.join(f'{t:.0%}' for t in tokens['per_block'])} "
+                     f"(overall {tokens['overall']:.1%} of the block x patch slots; budget {b['tokens']})")
     return "\n".join(lines)

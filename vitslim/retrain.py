@@ -15,6 +15,7 @@ from . import cli
 from .arch import ViTArch, build
 from .cli import ArgumentParser, UserError
 from .counting import count_flops
+from .data import BAD_IMAGES
 from .saving import save_slim
 from .plan import SlimPlan
 from .searchable import make_searchable
@@ -48,6 +49,10 @@ def build_parser() -> ArgumentParser:
                    "search used, if it was the embedded digits)")
     g.add_argument("--workers", type=cli.non_negative_int("--workers"), default=4)
     g = p.add_argument_group("recipe (defaults: DeiT's; lighter ones on the embedded data)")
+    g.add_argument("--bad-images", choices=BAD_IMAGES, default="skip",
+                   help="an image that cannot be decoded: skip (default; a warning naming it, a training image "
+                        "replaced by the next readable one, a validation image left out of the accuracy) or "
+                        "stop (the run stops naming it)")
     g.add_argument("--epochs", type=cli.positive_int("--epochs"), default=None)
     g.add_argument("--batch-size", type=cli.positive_int("--batch-size"), default=None, help="per process")
     g.add_argument("--lr", type=cli.positive("--lr"), default=None, help="default: 5e-4 x global batch / 512")
@@ -114,7 +119,7 @@ def load_search(path: Path):
 
 def main(argv: list[str] | None = None) -> int:
     from .data import Augment, embedded_digits, image_folders, loaders
-    from .report import format_report, model_row, write_report
+    from .report import compare_throughput, format_report, kept_tokens, model_row, write_report
     from .training import (CHECKPOINT, Recipe, Trainer, check_recipe, check_resume_flags, cross_entropy_loss,
                            read_checkpoint)
 
@@ -163,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"({args.searched}); retrain on the data the search used")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise UserError(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
-    train_loader, val_loader, sampler = loaders(data, args.batch_size, dist, args.seed, args.workers)
+    train_loader, val_loader, sampler = loaders(data, args.batch_size, dist, args.seed, args.workers,
+                                                  args.bad_images)
     flags = cli.fingerprint(args, data.description, *RUN_FLAGS)
     if args.resume:  # a different recipe is refused now, before the teacher or any training
         check_resume_flags(out / CHECKPOINT, flags)
@@ -208,13 +214,15 @@ def main(argv: list[str] | None = None) -> int:
             {"top1": record["top1"], "top5": record["top5"]}
         batch = args.throughput_batch or args.batch_size
         dense_model = _dense(arch, ckpt).to(dist.device)
+        rates = compare_throughput({"dense": dense_model, "slim": student}, arch.img_size, batch, dist.device)
         report = write_report(
             out / "report.json",
-            dense=model_row(dense_model, ckpt["dense_eval"], arch.img_size, batch, dist.device),
-            slim=model_row(student, slim_eval, arch.img_size, batch, dist.device),
+            dense=model_row(dense_model, ckpt["dense_eval"], rates["dense"]),
+            slim=model_row(student, slim_eval, rates["slim"]),
             budgets=dict(plan.budgets),
             extra={"device": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu",
-                   "throughput_batch": batch, "fold_gates": args.fold_gates, "epochs": args.epochs})
+                   "throughput_batch": batch, "fold_gates": args.fold_gates, "epochs": args.epochs,
+                   "kept_tokens": kept_tokens(plan)})
         print(format_report(report))
         say(f"wrote {out / 'slim'} and {out / 'report.json'}")
     return 0
