@@ -2,7 +2,7 @@
 or the embedded digits; a resumable, distributed, deterministic sampler."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from .cli import Distributed, UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+BAD_IMAGES = ("skip", "stop")  # --bad-images: what a file that cannot be decoded does to the run
 
 
 @dataclass(frozen=True)
@@ -78,15 +79,61 @@ def train_transform(img_size: int, mean, std, augment: Augment, no_aug: bool = F
     return transform
 
 
-def _image_folder(root: Path, transform) -> Dataset:
-    from torchvision.datasets import ImageFolder
+def _image_errors() -> tuple[type[BaseException], ...]:
+    """What Pillow raises for a file it cannot decode: OSError (truncated, UnidentifiedImageError), SyntaxError
+    and ValueError (malformed headers), DecompressionBombError (a pixel count beyond its limit)."""
+    from PIL import Image
+    return OSError, SyntaxError, ValueError, Image.DecompressionBombError
 
+
+class ImageFiles:
+    """An ImageFolder whose samples are (image, label, bad): bad is "" or "PATH (the decoder's error)".
+
+    A training image that cannot be decoded is replaced by the next readable one (index + 1, ...): the same
+    replacement every epoch and on every resume, so batches keep their size and runs stay exact. A validation
+    image that cannot be decoded comes back blank with label -1, which evaluate() leaves out of the accuracy.
+    The loader (BadImageReporter) reports each bad file once, or stops the run.
+    """
+
+    def __init__(self, root: Path, transform, replace: bool) -> None:
+        from torchvision.datasets import ImageFolder
+
+        self.folder = ImageFolder(str(root))  # decodes only; the transform runs after the error handling
+        self.classes, self.samples, self.replace = self.folder.classes, self.folder.samples, replace
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _decode(self, index: int):
+        path, label = self.samples[index]
+        try:
+            return self.folder.loader(path), label, ""
+        except _image_errors() as e:
+            from PIL import UnidentifiedImageError
+            reason = "not an image Pillow can identify" if isinstance(e, UnidentifiedImageError) else str(e)
+            return None, label, f"{path} ({reason})"
+
+    def __getitem__(self, index: int):
+        image, label, bad = self._decode(index)
+        if image is None and self.replace:
+            for step in range(1, len(self.samples)):
+                image, label, _ = self._decode((index + step) % len(self.samples))
+                if image is not None:
+                    break
+        if image is None:  # validation, or not one readable image in the folder
+            from PIL import Image
+            image, label = Image.new("RGB", (32, 32)), -1
+        return self.transform(image), label, bad
+
+
+def _image_folder(root: Path, transform, replace: bool) -> ImageFiles:
     if not root.is_dir():
         raise UserError(f"{root} does not exist; --data-path needs train/ and val/ folders of class folders")
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.rglob("*") if p.is_file()):
         raise UserError(f"{root} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
     try:
-        return ImageFolder(str(root), transform=transform)
+        return ImageFiles(root, transform, replace)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"{root}: {e}") from None
 
@@ -100,7 +147,7 @@ def image_folders(data_path: str, img_size: int, mean, std, augment: Augment, no
     train_tf = train_transform(img_size, mean, std, augment, no_aug)
     val_tf = create_transform(img_size, is_training=False, interpolation=augment.interpolation,
                               crop_pct=augment.crop_pct, mean=mean, std=std)
-    train, val = _image_folder(root / "train", train_tf), _image_folder(root / "val", val_tf)
+    train, val = _image_folder(root / "train", train_tf, replace=True), _image_folder(root / "val", val_tf, replace=False)
     if train.classes != val.classes:
         raise UserError(f"{root}/train and {root}/val have different class folders")
     return Data(train, val, len(train.classes), img_size, embedded=False,
@@ -191,19 +238,67 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def loaders(data: Data, batch_size: int, dist: Distributed, seed: int, workers: int
-            ) -> tuple[DataLoader, DataLoader, EpochSampler]:
-    """Training loader (this rank's batches of `batch_size`) and validation loader (this rank's shard).
+def _collate(samples: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(images, labels, the bad files among them): ImageFiles' samples carry a third element, others do not."""
+    from torch.utils.data import default_collate
+
+    images, labels = default_collate([sample[:2] for sample in samples])
+    return images, labels, [sample[2] for sample in samples if len(sample) > 2 and sample[2]]
+
+
+class BadImageReporter:
+    """Iterates a loader of _collate batches as (images, labels); says once per file which images could not be
+    decoded (bad_images "skip") or stops the run with one line naming the first (bad_images "stop")."""
+
+    def __init__(self, loader: DataLoader, split: str, bad_images: str, say: Callable[[str], None]) -> None:
+        if bad_images not in BAD_IMAGES:
+            raise UserError(f"--bad-images must be one of {', '.join(BAD_IMAGES)}, got {bad_images!r}")
+        self.loader, self.split, self.bad_images, self.say = loader, split, bad_images, say
+        self.bad: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, bad in self.loader:
+            for entry in bad:
+                self._report(entry)
+            if bad and self.split == "train" and bool((labels < 0).any()):
+                raise UserError(f"no train image can be read (the first: {bad[0]})")
+            yield images, labels
+
+    def _report(self, entry: str) -> None:
+        if self.bad_images == "stop":
+            raise UserError(f"{self.split} image {entry} cannot be read; remove or replace it, or pass "
+                            f"--bad-images skip")
+        if entry not in self.bad:
+            self.bad.add(entry)
+            what = ("replaced by the next readable image" if self.split == "train"
+                    else "left out of the accuracy")
+            self.say(f"warning: skipped {self.split} image {entry}, {what} ({len(self.bad)} skipped so far "
+                     f"in {self.split}; --bad-images stop to stop instead)")
+
+
+def loaders(data: Data, batch_size: int, dist: Distributed, seed: int, workers: int, bad_images: str = "skip",
+            say: Callable[[str], None] | None = None) -> tuple[BadImageReporter, BadImageReporter, EpochSampler]:
+    """Training loader (this rank's batches of `batch_size`) and validation loader (this rank's shard), each
+    yielding (images, labels) and reporting images that cannot be decoded (BadImageReporter).
 
     Each loader has its own generator, so starting one (a new epoch, a resumed run) draws nothing from the
-    global generators the training step uses: with SeededSamples, a run resumed anywhere is exact."""
+    global generators the training step uses: with SeededSamples, a run resumed anywhere is exact. say: where
+    the warnings go (default: stderr, every rank its own, "[rank R]" first under torchrun)."""
+    if say is None:
+        import sys
+        prefix = f"[rank {dist.rank}] " if dist.world_size > 1 else ""
+        say = lambda message: print(prefix + message, file=sys.stderr)  # noqa: E731
     sampler = EpochSampler(len(data.train), batch_size, dist, seed)
     pin = dist.device.type == "cuda"
     train = DataLoader(SeededSamples(data.train, seed), batch_size=batch_size, sampler=sampler, num_workers=workers,
-                       pin_memory=pin, drop_last=True, persistent_workers=False,
+                       pin_memory=pin, drop_last=True, persistent_workers=False, collate_fn=_collate,
                        generator=torch.Generator().manual_seed(seed), worker_init_fn=_ignore_stop_signals)
     shard = list(range(dist.rank, len(data.val), dist.world_size))
     val = DataLoader(torch.utils.data.Subset(data.val, shard), batch_size=batch_size, shuffle=False,
-                     num_workers=workers, pin_memory=pin, generator=torch.Generator().manual_seed(seed),
-                     worker_init_fn=_ignore_stop_signals)
-    return train, val, sampler
+                     num_workers=workers, pin_memory=pin, collate_fn=_collate,
+                     generator=torch.Generator().manual_seed(seed), worker_init_fn=_ignore_stop_signals)
+    return (BadImageReporter(train, "train", bad_images, say), BadImageReporter(val, "validation", bad_images, say),
+            sampler)

@@ -12,6 +12,7 @@ from . import cli
 from .arch import describe
 from .cli import ArgumentParser, UserError
 from .counting import count_flops, count_params
+from .data import BAD_IMAGES
 from .gates import SEARCH_MODES, SparsityWeights
 from .searchable import make_searchable
 from .threshold import threshold
@@ -50,6 +51,10 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--workers", type=cli.non_negative_int("--workers"), default=4,
                    help="data loading processes per rank (default: 4)")
     g = p.add_argument_group("recipe (defaults: the paper's; lighter ones on the embedded data)")
+    g.add_argument("--bad-images", choices=BAD_IMAGES, default="skip",
+                   help="an image that cannot be decoded: skip (default; a warning naming it, a training image "
+                        "replaced by the next readable one, a validation image left out of the accuracy) or "
+                        "stop (the run stops naming it)")
     g.add_argument("--epochs", type=cli.positive_int("--epochs"), default=None)
     g.add_argument("--dense-epochs", type=cli.non_negative_int("--dense-epochs"), default=None,
                    help="train the dense model first for this many epochs (default: 30 on the embedded data, "
@@ -128,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
     model.to(dist.device)
     dist.broadcast_module(model)  # one model for every rank: the dense baseline is measured on it, once
-    train_loader, val_loader, sampler = loaders(data, args.batch_size, dist, args.seed, args.workers)
+    train_loader, val_loader, sampler = loaders(data, args.batch_size, dist, args.seed, args.workers,
+                                                  args.bad_images)
     if args.resume:  # a different recipe is refused now, before the dense weights or any training
         check_resume_flags(out / "dense" / CHECKPOINT, cli.fingerprint(args, data.description, *RUN_FLAGS[:-6]))
         check_resume_flags(out / CHECKPOINT, cli.fingerprint(args, data.description, *RUN_FLAGS))

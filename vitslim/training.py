@@ -458,8 +458,8 @@ def evaluate(model: nn.Module, loader, dist: Distributed, stop_requested: Callab
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(images)
         top = logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices
-        hit = top == targets.unsqueeze(-1)
-        totals += torch.stack([hit[:, 0].sum(), hit.any(-1).sum(), torch.tensor(len(targets), device=device)])
+        hit = top == targets.unsqueeze(-1)  # label -1 (an image that could not be read) hits nothing
+        totals += torch.stack([hit[:, 0].sum(), hit.any(-1).sum(), (targets >= 0).sum()])
     correct1, correct5, count = dist.all_reduce_sum(totals).tolist()
     return {"top1": 100.0 * correct1 / max(count, 1), "top5": 100.0 * correct5 / max(count, 1)}
 
