@@ -1,6 +1,7 @@
 """vitslim: Vision Transformer Slimming (ViT-Slim, CVPR 2022) that really removes what it prunes.
 
-search -> threshold -> slim on timm Vision Transformers. See DESIGN.md for the semantics.
+search -> threshold (budgets, or plan_for: a FLOPs or parameter target, aligned widths) -> slim on timm
+Vision Transformers. The README documents the semantics.
 """
 from .arch import UnsupportedModelError, ViTArch
 from .counting import count_flops, count_params
@@ -11,12 +12,13 @@ from .searchable import SearchableBlock, make_searchable, set_implementation
 from .slim import SlimAttention, SlimBlock, SlimMlp, slim
 from .cuda_graphs import use_cuda_graphs
 from .threshold import threshold
+from .targets import Alignment, TargetError, align_plan, plan_for
 from .token_drop import drop_tokens
 
 __all__ = [
     "make_searchable", "gates", "sparsity_losses", "threshold", "slim", "count_params", "count_flops",
     "save_slim", "load_slim", "set_implementation", "SlimPlan", "BlockPlan", "BlockGates", "SearchableBlock",
     "SlimAttention", "SlimBlock", "SlimMlp", "ViTArch", "UnsupportedModelError", "PlanMismatchError",
-    "SlimFileError", "use_cuda_graphs",
+    "SlimFileError", "use_cuda_graphs", "plan_for", "align_plan", "Alignment", "TargetError",
 ]
 __version__ = "0.1.0"

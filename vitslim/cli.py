@@ -16,6 +16,7 @@ from torch import nn
 from .arch import UnsupportedModelError
 from .saving import SlimFileError
 from .plan import PlanMismatchError
+from .targets import TargetError
 from .threshold import check_budget
 
 EXIT_USAGE = 2
@@ -28,7 +29,7 @@ class UserError(Exception):
 
 
 # Errors that come from the user's input, wherever they are raised.
-USER_ERRORS = (UserError, UnsupportedModelError, PlanMismatchError, SlimFileError, FileNotFoundError)
+USER_ERRORS = (UserError, UnsupportedModelError, PlanMismatchError, SlimFileError, TargetError, FileNotFoundError)
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

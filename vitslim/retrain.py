@@ -18,9 +18,9 @@ from .counting import count_flops
 from .data import BAD_IMAGES
 from .saving import save_slim
 from .plan import SlimPlan
+from .plan.command import add_target_args, alignment_of, chosen_target, make_plan
 from .searchable import make_searchable
 from .slim import slim
-from .threshold import threshold
 
 # Recipe flags: (DeiT's default for real data, the default for the embedded digits data).
 DEFAULTS = {
@@ -38,10 +38,11 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m vitslim.retrain", description=__doc__.splitlines()[0])
     g = p.add_argument_group("what to slim")
     g.add_argument("--searched", required=True, help="checkpoint.pt of a vitslim.search run")
-    g.add_argument("--budget-attn", type=cli.budget_type("--budget-attn"), default=0.7)
-    g.add_argument("--budget-mlp", type=cli.budget_type("--budget-mlp"), default=0.7)
-    g.add_argument("--budget-tokens", type=cli.budget_type("--budget-tokens"), default=0.7)
+    g.add_argument("--budget-attn", type=cli.budget_type("--budget-attn"), default=None, help="default 0.7")
+    g.add_argument("--budget-mlp", type=cli.budget_type("--budget-mlp"), default=None, help="default 0.7")
+    g.add_argument("--budget-tokens", type=cli.budget_type("--budget-tokens"), default=None, help="default 0.7")
     g.add_argument("--plan", default=None, help="a plan JSON instead of the budgets")
+    add_target_args(g, sweep=False)  # --target-flops/params, --mix, --align-heads/mlp: as python -m vitslim.plan
     g.add_argument("--fold-gates", action="store_true", help="multiply kept gate values into the weights")
     g.add_argument("--fused", action="store_true", help="ragged-attention kernels (CUDA); else the reference")
     g = p.add_argument_group("data")
@@ -131,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, (paper, light) in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, light if embedded else paper)
+    target = chosen_target(args)
+    budget_given = any(b is not None for b in (args.budget_attn, args.budget_mlp, args.budget_tokens))
+    if sum((args.plan is not None, target is not None, budget_given)) > 1:
+        raise UserError("give one of --plan, a --target-*, or --budget-* flags")
     dist, say, out = cli.start_run(args, [CHECKPOINT], "retrain")
 
     if args.plan is not None:
@@ -143,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--plan {plan_path}: {e}") from None
         plan.check_fits(arch)
     else:
-        plan = threshold(search_model, args.budget_attn, args.budget_mlp, args.budget_tokens)
+        budgets = tuple(0.7 if b is None else b for b in (args.budget_attn, args.budget_mlp, args.budget_tokens))
+        plan = make_plan(search_model, target, budgets, args.mix, alignment_of(args))
     if dist.is_main:
         (out / "plan.json").write_text(plan.to_json(indent=1))
     say(plan.summary())

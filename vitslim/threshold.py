@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from numbers import Real
 
 import torch
@@ -36,6 +37,68 @@ def global_keep(importances: list[torch.Tensor], budget: float,
     return keep if eligible is None else [k & ok for k, ok in zip(keep, eligible)]
 
 
+@dataclass
+class GateRanking:
+    """What thresholding ranks, read once from a searchable model: float64 magnitudes on the CPU."""
+
+    attn: list[torch.Tensor]     # per block |attn|, like the gate: (H, d) dims, (H, 1) heads, (1, d) uniform
+    mlp: list[torch.Tensor]      # per block |mlp|, (M,)
+    tokens: list[torch.Tensor]   # per block |tanh(tokens)|, (P,)
+    alive: list[torch.Tensor]    # per block, bool (P,): not dropped during the search
+    arch: object                 # the model's ViTArch
+    search: str
+
+    def counts(self) -> dict[str, int]:
+        """Number of entries of each kind over all blocks (what a budget is a fraction of)."""
+        return {"attn": sum(t.numel() for t in self.attn), "mlp": sum(t.numel() for t in self.mlp),
+                "tokens": sum(t.numel() for t in self.tokens)}
+
+
+@torch.no_grad()
+def gate_ranking(model: nn.Module) -> GateRanking:
+    blocks = searchable_blocks(model)
+    search = search_mode(model)
+    gates = [b.gates for b in blocks]
+    cpu = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731 - ranking is done once, exactly
+    return GateRanking(attn=[cpu(g.attn).abs() for g in gates], mlp=[cpu(g.mlp).abs() for g in gates],
+                       tokens=[cpu(g.tokens).tanh().abs() for g in gates],
+                       alive=[b.token_alive.detach().cpu() for b in blocks], arch=describe_searchable(model),
+                       search=search)
+
+
+def keep_masks(ranking: GateRanking, budgets: dict[str, float]) -> dict[str, list[torch.Tensor]]:
+    """The kept entries for budgets {"attn", "mlp", "tokens"}: bool masks like the ranking's tensors."""
+    keep_tok = global_keep(ranking.tokens, budgets["tokens"], eligible=ranking.alive)
+    if ranking.arch.num_prefix_tokens == 0:  # no class token: an empty sequence would have nothing to pool
+        for keep, imp, ok in zip(keep_tok, ranking.tokens, ranking.alive):
+            if not keep.any() and ok.any():
+                keep[imp.masked_fill(~ok, -1.0).argmax()] = True
+    for i in range(len(keep_tok) - 2, -1, -1):  # monotone: deeper keeps imply shallower keeps
+        keep_tok[i] = keep_tok[i] | keep_tok[i + 1]
+    return {"attn": global_keep(ranking.attn, budgets["attn"]), "mlp": global_keep(ranking.mlp, budgets["mlp"]),
+            "tokens": keep_tok}
+
+
+def plan_from_masks(ranking: GateRanking, masks: dict[str, list[torch.Tensor]], budgets: dict,
+                    **extra) -> SlimPlan:
+    arch = ranking.arch
+    H, d = arch.num_heads, arch.head_dim
+    plans = []
+    for ka, km, kt in zip(masks["attn"], masks["mlp"], masks["tokens"]):
+        per_dim = ka.expand(H, d)  # heads: (H, 1) -> whole heads; uniform: (1, d) -> same dims in all heads
+        heads = tuple(tuple(torch.nonzero(per_dim[h]).flatten().tolist()) for h in range(H))
+        plans.append(BlockPlan(heads=heads, mlp=tuple(torch.nonzero(km).flatten().tolist()),
+                               tokens=tuple(torch.nonzero(kt).flatten().tolist())))
+    return SlimPlan(embed_dim=arch.embed_dim, num_heads=H, head_dim=d, mlp_hidden=arch.mlp_hidden,
+                    num_prefix_tokens=arch.num_prefix_tokens, num_patches=arch.num_patches, search=ranking.search,
+                    budgets=budgets, blocks=tuple(plans), **extra)
+
+
+def check_budgets(budget_attn, budget_mlp, budget_tokens) -> dict[str, float]:
+    return {"attn": check_budget("budget_attn", budget_attn), "mlp": check_budget("budget_mlp", budget_mlp),
+            "tokens": check_budget("budget_tokens", budget_tokens)}
+
+
 @torch.no_grad()
 def threshold(model: nn.Module, budget_attn: float = 0.7, budget_mlp: float = 0.7,
               budget_tokens: float = 0.7) -> SlimPlan:
@@ -47,34 +110,6 @@ def threshold(model: nn.Module, budget_attn: float = 0.7, budget_mlp: float = 0.
     kept by every shallower one (where it is alive too, since dropping is monotone). A model without prefix
     tokens keeps at least its strongest patch in every block.
     """
-    budgets = {"attn": check_budget("budget_attn", budget_attn),
-               "mlp": check_budget("budget_mlp", budget_mlp),
-               "tokens": check_budget("budget_tokens", budget_tokens)}
-    blocks = searchable_blocks(model)
-    search = search_mode(model)
-    arch = describe_searchable(model)
-    gates = [b.gates for b in blocks]
-    cpu = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731 - ranking is done once, exactly
-
-    keep_attn = global_keep([cpu(g.attn).abs() for g in gates], budgets["attn"])      # each like g.attn
-    keep_mlp = global_keep([cpu(g.mlp).abs() for g in gates], budgets["mlp"])
-    alive = [b.token_alive.detach().cpu() for b in blocks]
-    tok_importance = [cpu(g.tokens).tanh().abs() for g in gates]
-    keep_tok = global_keep(tok_importance, budgets["tokens"], eligible=alive)
-    if arch.num_prefix_tokens == 0:  # no class token: an empty sequence would have nothing to pool
-        for keep, imp, ok in zip(keep_tok, tok_importance, alive):
-            if not keep.any() and ok.any():
-                keep[imp.masked_fill(~ok, -1.0).argmax()] = True
-    for i in range(len(keep_tok) - 2, -1, -1):  # monotone: deeper keeps imply shallower keeps
-        keep_tok[i] = keep_tok[i] | keep_tok[i + 1]
-
-    H, d = arch.num_heads, arch.head_dim
-    plans = []
-    for ka, km, kt in zip(keep_attn, keep_mlp, keep_tok):
-        per_dim = ka.expand(H, d)  # heads: (H, 1) -> whole heads; uniform: (1, d) -> same dims in all heads
-        heads = tuple(tuple(torch.nonzero(per_dim[h]).flatten().tolist()) for h in range(H))
-        plans.append(BlockPlan(heads=heads, mlp=tuple(torch.nonzero(km).flatten().tolist()),
-                               tokens=tuple(torch.nonzero(kt).flatten().tolist())))
-    return SlimPlan(embed_dim=arch.embed_dim, num_heads=H, head_dim=d, mlp_hidden=arch.mlp_hidden,
-                    num_prefix_tokens=arch.num_prefix_tokens, num_patches=arch.num_patches, search=search,
-                    budgets=budgets, blocks=tuple(plans))
+    budgets = check_budgets(budget_attn, budget_mlp, budget_tokens)
+    ranking = gate_ranking(model)
+    return plan_from_masks(ranking, keep_masks(ranking, budgets), budgets)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from .gates import check_search_mode
+from ..gates import check_search_mode
 
 PLAN_VERSION = 1
 
@@ -42,6 +42,8 @@ class SlimPlan:
     budgets: dict = field(hash=False)
     blocks: tuple[BlockPlan, ...]
     version: int = PLAN_VERSION
+    target: dict | None = field(default=None, hash=False)     # plan_for: what was asked and what was met
+    alignment: dict | None = field(default=None, hash=False)  # align_plan: the widths' multiples, what moved
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -67,6 +69,8 @@ class SlimPlan:
             "search": self.search, "budgets": dict(self.budgets),
             "blocks": [{"heads": [list(h) for h in b.heads], "mlp": list(b.mlp), "tokens": list(b.tokens)}
                        for b in self.blocks],
+            **({"target": dict(self.target)} if self.target is not None else {}),
+            **({"alignment": dict(self.alignment)} if self.alignment is not None else {}),
         }
 
     @classmethod
@@ -92,7 +96,8 @@ class SlimPlan:
         return cls(embed_dim=d["embed_dim"], num_heads=d["num_heads"], head_dim=d["head_dim"],
                    mlp_hidden=d["mlp_hidden"], num_prefix_tokens=d["num_prefix_tokens"],
                    num_patches=d["num_patches"], search=d["search"], budgets=dict(d["budgets"]),
-                   blocks=blocks, version=d["version"])
+                   blocks=blocks, version=d["version"], target=_optional_dict(d, "target"),
+                   alignment=_optional_dict(d, "alignment"))
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -130,7 +135,20 @@ class SlimPlan:
         for i, b in enumerate(self.blocks):
             widths = " ".join(str(w) for w in b.head_dims)
             lines.append(f"{i:>5}  {widths:<32} {len(b.mlp):>14} {len(b.tokens):>16}")
+        if self.target is not None:
+            t = self.target
+            lines.append(f"target: {t['kind']} <= {t['value']:.6g}, met {t['met']:.6g} "
+                         f"({t['fraction_of_dense']:.1%} of the dense model)")
+        if self.alignment is not None:
+            lines.append(f"aligned: head widths x{self.alignment['head']}, MLP widths x{self.alignment['mlp']}")
         return "\n".join(lines)
+
+
+def _optional_dict(d: dict, key: str) -> dict | None:
+    value = d.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"plan {key} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _indices(values, what: str) -> tuple[int, ...]:

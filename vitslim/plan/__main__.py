@@ -1,0 +1,4 @@
+from vitslim import cli
+from vitslim.plan.command import main
+
+cli.run(main)
