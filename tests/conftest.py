@@ -2,6 +2,10 @@ import os
 
 # A kernel that fails must fail its test, not fall back to the reference and pass (dispatch.fail_safe).
 os.environ.setdefault("VITSLIM_STRICT_KERNELS", "1")
+# Latency tables a test measures go to a folder of this run, never the user's ~/.cache/vitslim.
+if "VITSLIM_CACHE" not in os.environ:
+    import tempfile
+    os.environ["VITSLIM_CACHE"] = tempfile.mkdtemp(prefix="vitslim-test-cache-")
 
 import pytest
 

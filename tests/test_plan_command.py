@@ -73,7 +73,6 @@ def test_budgets_sweep_and_one_line_errors(searched, capsys):
         (["--target-params", "1G"], "not below the dense model"),
         (["--target-flops", "0.5", "--align-heads", "3"], "--align-heads 3 does not divide the head width 16"),
         (["--target-flops", "0.5", "--align-mlp", "100"], "--align-mlp 100 does not divide the MLP width 256"),
-        (["--target-latency-ms", "2"], "latency table"),
         (["--target-flops", "x"], "--target-flops must be a number"),
         (["--mix", "1,1", "--target-flops", "0.5"], "--mix must be 'attn,mlp,tokens'"),
         (["--align-heads", "0"], "--align-heads must be a positive integer"),
@@ -102,3 +101,18 @@ def test_retrain_takes_a_target_and_records_it(searched, tmp_path, capsys):
                                             ("500k", 5e5)])
 def test_target_values_parse(value, expected):
     assert command.target_value("--target-flops")(value) == pytest.approx(expected)
+
+
+def test_a_latency_target_on_the_command_line(searched, tmp_path, capsys, monkeypatch):
+    from vitslim import latency
+    monkeypatch.setenv("VITSLIM_CACHE", str(tmp_path))
+    monkeypatch.setattr(latency, "GRID", (0.5, 1.0))
+    ckpt = str(searched / "checkpoint.pt")
+    code, _, err = run_cli(command.main, ["--searched", ckpt, "--target-latency-ms", "5", "--no-measure"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no latency table for cpu" in err, err
+    monkeypatch.setattr(latency, "time_forward_ms",  # a stand-in timer: 1 ms per million MACs
+                        lambda net, batch_size, device, **_: vitslim.count_flops(net, batch_size) * 1e-6)
+    code, stdout, err = run_cli(command.main, ["--searched", ckpt, "--target-latency-ms", "0.3"], capsys)
+    assert code == 0, err
+    assert "latency at batch 1 on cpu" in stdout and "predicted" in stdout and "measured" in stdout
+    assert len(list((tmp_path / "latency").iterdir())) == 1

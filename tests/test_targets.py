@@ -154,7 +154,7 @@ def test_heads_mode_widths_are_already_aligned():
     (dict(flops=0.5, mix=(1, -1, 1)), "mix must be"),
     (dict(flops=0.5, align=Alignment(head=3)), "does not divide the head width 16"),
     (dict(flops=0.5, align=Alignment(mlp=7)), "does not divide the MLP width 192"),
-    (dict(latency_ms=2.0), "latency table"),
+    (dict(latency_ms=-2.0), "latency target must be a positive number of milliseconds"),
 ])
 def test_bad_targets_are_one_clear_error(kwargs, match):
     with pytest.raises(TargetError, match=match):

@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.check_fits(arch)
     else:
         budgets = tuple(0.7 if b is None else b for b in (args.budget_attn, args.budget_mlp, args.budget_tokens))
-        plan = make_plan(search_model, target, budgets, args.mix, alignment_of(args))
+        plan = make_plan(search_model, target, budgets, args.mix, alignment_of(args), args, dist.device,
+                         args.fused)
     if dist.is_main:
         (out / "plan.json").write_text(plan.to_json(indent=1))
     say(plan.summary())

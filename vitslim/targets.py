@@ -169,16 +169,22 @@ def _resolve(kind: str, value, dense: int) -> float:
 
 
 def _format(kind: str, value: float) -> str:
+    if kind == "latency_ms":
+        return f"{value:.4g} ms"
     return f"{value / 1e9:.4g} GMACs" if kind == "flops" else f"{value / 1e6:.4g}M parameters"
 
 
 @torch.no_grad()
 def plan_for(model: nn.Module, *, flops: float | None = None, params: float | None = None,
              latency_ms: float | None = None, mix=(1, 1, 1), align: Alignment | None = None,
-             device=None, batch_size: int = 1) -> SlimPlan:
+             device=None, batch_size: int = 1, fused: bool = False, measure: bool = True,
+             cache_dir=None, progress: bool = False) -> SlimPlan:
     """The largest plan of a searchable model that does not exceed one target.
 
-    flops: MACs per image (3.1e9) or a fraction of the dense model's (0.67); params: a count or a fraction.
+    flops: MACs per image (3.1e9) or a fraction of the dense model's (0.67); params: a count or a fraction;
+    latency_ms: milliseconds of one forward of `batch_size` images on `device` (default CPU), predicted by the
+    device's latency table (vitslim.latency: measured on first use unless measure=False, then cached); the
+    plan's slim model is then built and timed, and the plan records predicted and measured milliseconds.
     mix: the ratio of the pruned fractions of (attn, mlp, tokens): (1, 1, 0) prunes attention and MLP alike and
     keeps every token. The budgets move together along the mix in steps of one entry of the finest kind pruned
     hardest; the result is within one such step of the target. align: hardware-aligned widths (align_plan),
@@ -189,19 +195,12 @@ def plan_for(model: nn.Module, *, flops: float | None = None, params: float | No
         raise TargetError(f"give exactly one target of {', '.join(TARGETS)}; got "
                           f"{', '.join(given) if given else 'none'}")
     (kind, requested), = given.items()
-    if kind == "latency_ms":
-        raise TargetError("latency targets need a latency table measured on the device, which vitslim does not "
-                          "build yet; give a flops or params target")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise TargetError(f"batch_size must be a positive integer, got {batch_size!r}")
     mix = _check_mix(mix)
     ranking = gate_ranking(model)
     if align is not None:
         align.check_divides(ranking.arch.head_dim, ranking.arch.mlp_hidden)
-    cost = PlanCost(model, ranking.arch)
-    dense = cost.dense[kind]
-    goal = _resolve(kind, requested, dense)
-    if goal >= dense:
-        raise TargetError(f"the {kind} target {_format(kind, goal)} is not below the dense model's "
-                          f"{_format(kind, dense)}: nothing to prune")
     counts = ranking.counts()
     pruned = [k for k in KINDS if mix[k] > 0]
     lead = max(pruned, key=lambda k: (mix[k], counts[k]))  # the finest of the kinds pruned hardest
@@ -215,22 +214,49 @@ def plan_for(model: nn.Module, *, flops: float | None = None, params: float | No
             masks, record = _aligned_masks(ranking, masks, align)
         return plan_from_masks(ranking, masks, budgets, alignment=record)
 
-    smallest = plan_at(steps - 1)
-    if cost(smallest)[kind] > goal:
+    analytic = PlanCost(model, ranking.arch)
+    if kind == "latency_ms":
+        from .latency import latency_table
+        if isinstance(requested, bool) or not isinstance(requested, Real) or not 0 < requested < float("inf"):
+            raise TargetError(f"the latency target must be a positive number of milliseconds, got {requested!r}")
+        device = torch.device(device if device is not None else "cpu")
+        try:
+            table = latency_table(model, device, batch_size, fused=fused, measure=measure, cache_dir=cache_dir,
+                                  progress=progress)
+        except LookupError as e:
+            raise TargetError(str(e)) from None
+        cost = table.predict_ms
+        dense = cost(plan_from_masks(ranking, keep_masks(ranking, {k: 1.0 for k in KINDS}), {}))
+        goal = float(requested)
+    else:
+        cost = lambda plan: analytic(plan)[kind]  # noqa: E731
+        dense = analytic.dense[kind]
+        goal = _resolve(kind, requested, dense)
+    if goal >= dense:
+        raise TargetError(f"the {kind} target {_format(kind, goal)} is not below the dense model's "
+                          f"{_format(kind, dense)}: nothing to prune")
+    smallest = cost(plan_at(steps - 1))
+    if smallest > goal:
         raise TargetError(f"the {kind} target {_format(kind, goal)} is below the smallest plan of this mix, "
-                          f"{_format(kind, cost(smallest)[kind])}; raise the target or change the mix")
+                          f"{_format(kind, smallest)}; raise the target or change the mix")
     lo, hi = 0, steps - 1  # cost is non-increasing in the step: kept sets only shrink
     while lo < hi:
         mid = (lo + hi) // 2
-        if cost(plan_at(mid))[kind] <= goal:
+        if cost(plan_at(mid)) <= goal:
             hi = mid
         else:
             lo = mid + 1
     plan = plan_at(lo)
-    met = cost(plan)
-    target = {"kind": kind, "requested": float(requested), "value": goal, "met": met[kind],
-              "fraction_of_dense": met[kind] / dense, "flops": met["flops"], "params": met["params"],
+    met = analytic(plan)
+    target = {"kind": kind, "requested": float(requested), "value": goal, "met": cost(plan),
+              "fraction_of_dense": cost(plan) / dense, "flops": met["flops"], "params": met["params"],
               "mix": [mix[k] for k in KINDS], "step": lo, "steps": steps}
+    if kind == "latency_ms":
+        from .latency import time_forward_ms
+        from .slim import slim
+        measured = time_forward_ms(slim(model, plan, fused=fused).to(device), batch_size, device)
+        target.update({"predicted_ms": cost(plan), "measured_ms": measured, "dense_predicted_ms": dense,
+                       "device": table.key["device"], "batch_size": batch_size})
     return SlimPlan(**{**{f: getattr(plan, f) for f in ("embed_dim", "num_heads", "head_dim", "mlp_hidden",
                                                          "num_prefix_tokens", "num_patches", "search", "budgets",
                                                          "blocks", "alignment")}, "target": target})

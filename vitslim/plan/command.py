@@ -56,7 +56,11 @@ def add_target_args(g, sweep: bool) -> None:
     g.add_argument("--target-params", type=target_value("--target-params"), default=None, metavar="N", **many,
                    help="parameters (12M) or a fraction of the dense model's (0.6)")
     g.add_argument("--target-latency-ms", type=target_value("--target-latency-ms"), default=None, metavar="MS",
-                   **many, help="not available yet (needs a latency table measured on the device)")
+                   **many, help="milliseconds per forward of --latency-batch-size images on this machine's GPU "
+                                "(else CPU), from a latency table measured once and cached (VITSLIM_CACHE)")
+    g.add_argument("--latency-batch-size", type=cli.positive_int("--latency-batch-size"), default=1)
+    g.add_argument("--no-measure", action="store_true",
+                   help="a latency target only from a cached table; never measure one")
     g.add_argument("--mix", type=mix_type, default=(1.0, 1.0, 1.0), metavar="A,M,T",
                    help="ratio of the pruned fractions of attention, MLP and tokens under a target; 0 keeps that "
                         "kind whole (default: 1,1,1)")
@@ -75,13 +79,21 @@ def chosen_target(args) -> tuple[str, object] | None:
     return given[0] if given else None
 
 
-def make_plan(model, target: tuple[str, float] | None, budgets, mix, alignment):
-    """The plan for a target (plan_for) or budgets (threshold), aligned when alignment is given."""
+def make_plan(model, target: tuple[str, float] | None, budgets, mix, alignment, args=None, device=None,
+              fused: bool = False):
+    """The plan for a target (plan_for) or budgets (threshold), aligned when alignment is given. A latency
+    target is for `device` (default: the GPU if there is one, else the CPU) at args.latency_batch_size."""
     from vitslim.targets import align_plan, plan_for
     from vitslim.threshold import threshold
 
     if target is not None:
-        return plan_for(model, **{target[0]: target[1]}, mix=mix, align=alignment)
+        latency = {}
+        if target[0] == "latency_ms":
+            device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            model.to(device)
+            latency = dict(device=device, batch_size=args.latency_batch_size, measure=not args.no_measure,
+                           fused=fused, progress=True)
+        return plan_for(model, **{target[0]: target[1]}, mix=mix, align=alignment, **latency)
     plan = threshold(model, *budgets)
     return align_plan(model, plan, alignment) if alignment is not None else plan
 
@@ -132,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = {"flops": count_flops(model), "params": count_params(model)}
     rows = []
     for value in values:
-        plan = make_plan(model, (target[0], value) if target else None, value, args.mix, alignment)
+        plan = make_plan(model, (target[0], value) if target else None, value, args.mix, alignment, args)
         rows.append({"value": value, "plan": plan, **_costs(model, plan)})
     if not args.sweep:
         plan = rows[0]["plan"]
@@ -187,6 +199,11 @@ def _costs_line(row: dict, dense: dict) -> str:
     if plan.target is not None:
         t = plan.target
         line += "; the target's budgets: " + ", ".join(f"{k} {v:.4f}" for k, v in plan.budgets.items())
+    if plan.target is not None and plan.target["kind"] == "latency_ms":
+        t = plan.target
+        line += (f"\nlatency at batch {t['batch_size']} on {t['device']}: predicted {t['predicted_ms']:.3f} ms "
+                 f"(target {t['value']:g} ms, dense model predicted {t['dense_predicted_ms']:.3f} ms), measured "
+                 f"{t['measured_ms']:.3f} ms")
     if plan.alignment is not None:
         a = plan.alignment
         moved = [f"{kind} {a[kind + '_moved_fraction']:.2%}" for kind in ("attn", "mlp")

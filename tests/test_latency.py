@@ -1,0 +1,86 @@
+"""Latency targets: the device's latency table (measured, fitted, cached) and plan_for(latency_ms=...). The
+search over plans is pinned with a stand-in timer whose "milliseconds" are an exact function of the slim model's
+MACs, so the fit must be exact and the plan the first along the mix within the target; one test times for real."""
+import json
+
+import pytest
+import torch
+
+import vitslim
+from vitslim import latency
+from vitslim.latency import _fit_non_negative, latency_table
+from vitslim.targets import TargetError, plan_for
+
+from .tiny_models import make_vit, randomize_gates
+
+
+@pytest.fixture
+def model():
+    m = vitslim.make_searchable(make_vit(dtype=torch.float32))
+    randomize_gates(m)
+    return m
+
+
+@pytest.fixture
+def small_grid(monkeypatch):
+    monkeypatch.setattr(latency, "GRID", (0.5, 1.0))
+
+
+def fake_ms(net, batch_size, device, **_):
+    """A stand-in timer: 0.2 ms plus 1 ms per million MACs of the batch."""
+    return 0.2 + vitslim.count_flops(net, batch_size) * 1e-6
+
+
+def test_the_fit_recovers_known_costs_and_never_goes_negative():
+    rows = [[1.0, t, t * w, t * m, t * t * w] for t in (5, 9, 17) for w in (4, 8, 16) for m in (8, 32)]
+    truth = [0.3, 0.0, 2e-3, 5e-4, 1e-5]
+    ms = [sum(c * f for c, f in zip(truth, row)) for row in rows]
+    assert _fit_non_negative(rows, ms) == pytest.approx(truth, rel=1e-6, abs=1e-12)
+    tilted = [y - 1e-3 * row[1] for y, row in zip(ms, rows)]  # a negative per-token cost is not a cost
+    assert all(c >= 0 for c in _fit_non_negative(rows, tilted))
+
+
+def test_the_table_is_measured_once_and_cached_per_batch_size(model, small_grid, tmp_path, monkeypatch):
+    monkeypatch.setattr(latency, "time_forward_ms", fake_ms)
+    table = latency_table(model, torch.device("cpu"), 2, cache_dir=tmp_path, progress=False)
+    assert len(table.samples) == 8 and table.max_fit_error < 1e-9  # fake_ms is linear in the features
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and json.loads(files[0].read_text())["key"]["batch_size"] == 2
+
+    def no_measuring(*a, **k):
+        raise AssertionError("measured again although the table is cached")
+    monkeypatch.setattr(latency, "measure_table", no_measuring)
+    again = latency_table(model, torch.device("cpu"), 2, cache_dir=tmp_path)
+    assert again.coefficients == table.coefficients
+    with pytest.raises(LookupError, match="no latency table for cpu.* at batch 3"):
+        latency_table(model, torch.device("cpu"), 3, cache_dir=tmp_path, measure=False)
+
+
+def test_a_latency_target_gives_the_first_plan_within_it(model, small_grid, tmp_path, monkeypatch):
+    monkeypatch.setattr(latency, "time_forward_ms", fake_ms)
+    dense_ms = fake_ms(vitslim.slim(model, vitslim.threshold(model, 1.0, 1.0, 1.0)), 2, None)
+    goal = 0.6 * dense_ms
+    plan = plan_for(model, latency_ms=goal, batch_size=2, cache_dir=tmp_path)
+    t = plan.target
+    measured = fake_ms(vitslim.slim(model, plan), 2, None)
+    assert t["predicted_ms"] == pytest.approx(measured, rel=1e-9) and t["measured_ms"] == pytest.approx(measured)
+    assert measured <= goal and t["dense_predicted_ms"] == pytest.approx(dense_ms, rel=1e-9)
+    # One step earlier along the mix (one more MLP unit kept) is over the target.
+    counts = vitslim.targets.gate_ranking(model).counts()
+    fraction = (t["step"] - 1 + 0.5) / counts["mlp"]
+    before = vitslim.threshold(model, *(1 - fraction,) * 3)
+    assert fake_ms(vitslim.slim(model, before), 2, None) > goal
+
+
+def test_a_latency_target_without_a_table_and_no_measuring_is_one_line(model, tmp_path):
+    with pytest.raises(TargetError, match=r"no latency table for cpu.*measure one first"):
+        plan_for(model, latency_ms=1.0, measure=False, cache_dir=tmp_path)
+
+
+def test_real_timing_on_this_cpu(model, small_grid, tmp_path):
+    table = latency_table(model, torch.device("cpu"), 1, cache_dir=tmp_path, progress=False)
+    assert all(s["ms"] > 0 for s in table.samples) and all(c >= 0 for c in table.coefficients)
+    lo = table.predict_ms(vitslim.threshold(model, 0.05, 0.05, 0.05))
+    hi = table.predict_ms(vitslim.threshold(model, 1.0, 1.0, 1.0))
+    plan = plan_for(model, latency_ms=(lo + hi) / 2, cache_dir=tmp_path)
+    assert plan.target["predicted_ms"] <= (lo + hi) / 2 and plan.target["measured_ms"] > 0

@@ -1,0 +1,202 @@
+"""Latency of slim models on the device at hand: a measured table, a fitted cost model, cached per device.
+
+The table times whole slim models whose blocks all keep the same (width per head, MLP units, tokens), on a grid
+of those, at one batch size (eval mode; bf16 autocast and device-synchronised on CUDA; warm-up, then the median
+of timed repeats). A linear model in the terms a block costs,
+
+    ms = a0 + a1 * sum_l T_l + a2 * sum_l T_l W_l + a3 * sum_l T_l M_l + a4 * sum_l T_l^2 W_l
+
+(T tokens, W attention width, M MLP units of block l; coefficients >= 0), is fitted to the grid and predicts
+any plan. Tables are cached as JSON under $VITSLIM_CACHE (default ~/.cache/vitslim)/latency, one per device,
+versions, batch size and model shape.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .plan import BlockPlan, SlimPlan
+
+GRID = (0.25, 0.5, 0.75, 1.0)  # fractions of the head width, MLP width and patch count that the table times
+TABLE_VERSION = 1
+
+
+def _features(plan: SlimPlan) -> list[float]:
+    R = plan.num_prefix_tokens
+    T = [R + len(b.tokens) for b in plan.blocks]
+    W = [b.attn_width for b in plan.blocks]
+    M = [len(b.mlp) for b in plan.blocks]
+    return [1.0, float(sum(T)), float(sum(t * w for t, w in zip(T, W))), float(sum(t * m for t, m in zip(T, M))),
+            float(sum(t * t * w for t, w in zip(T, W)))]
+
+
+def _fit_non_negative(rows: list[list[float]], ms: list[float]) -> list[float]:
+    """Least squares with every coefficient >= 0: refit without the most negative term until none is left
+    (the terms are costs; a negative one would predict a faster model for more work)."""
+    X = torch.tensor(rows, dtype=torch.float64)
+    y = torch.tensor(ms, dtype=torch.float64)
+    scale = X.abs().amax(0).clamp_min(1e-12)  # columns span 1 to ~1e7: solve on unit-scaled columns
+    active = list(range(X.shape[1]))
+    while True:
+        sol = torch.linalg.lstsq(X[:, active] / scale[active], y[:, None]).solution.flatten() / scale[active]
+        if (sol >= 0).all() or len(active) == 1:
+            coef = [0.0] * X.shape[1]
+            for i, c in zip(active, sol.clamp_min(0).tolist()):
+                coef[i] = c
+            return coef
+        active.pop(int(sol.argmin()))
+
+
+@dataclass
+class LatencyTable:
+    """Measured slim-model latencies on one device and their fitted cost model (module docstring)."""
+
+    key: dict                 # device, versions, batch size, model shape: what the table is valid for
+    samples: list[dict]       # {"head_width", "mlp", "tokens", "ms", "predicted_ms"} per grid point
+    coefficients: list[float]
+    max_fit_error: float = 0.0  # the largest |predicted - measured| / measured over the grid
+
+    def predict_ms(self, plan: SlimPlan) -> float:
+        return sum(c * f for c, f in zip(self.coefficients, _features(plan)))
+
+    def to_json(self) -> str:
+        return json.dumps({"version": TABLE_VERSION, **asdict(self)}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LatencyTable":
+        d = json.loads(text)
+        if d.get("version") != TABLE_VERSION:
+            raise ValueError(f"latency table version {d.get('version')!r}; accepted: {TABLE_VERSION}")
+        return cls(key=d["key"], samples=d["samples"], coefficients=d["coefficients"],
+                   max_fit_error=d.get("max_fit_error", 0.0))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    parts = ["cpu", platform.machine(), platform.processor(), f"x{torch.get_num_threads()} threads"]
+    return " ".join(part for part in parts if part)
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def _key(arch, device: torch.device, batch_size: int, fused: bool) -> dict:
+    return {"device": device_name(device), "torch": torch.__version__, "triton": _triton_version(),
+            "batch_size": batch_size, "fused": fused, "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
+            "embed_dim": arch.embed_dim, "depth": arch.depth, "num_heads": arch.num_heads, "head_dim": arch.head_dim,
+            "mlp_hidden": arch.mlp_hidden, "num_prefix_tokens": arch.num_prefix_tokens,
+            "num_patches": arch.num_patches}
+
+
+def cache_path(key: dict, cache_dir: Path | None = None) -> Path:
+    import hashlib
+    root = Path(cache_dir) if cache_dir is not None else Path(
+        os.environ.get("VITSLIM_CACHE", Path.home() / ".cache" / "vitslim")) / "latency"
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    slug = "".join(c if c.isalnum() else "-" for c in key["device"]).strip("-")[:40]
+    return root / f"{slug}-b{key['batch_size']}-{digest}.json"
+
+
+@torch.no_grad()
+def time_forward_ms(model: nn.Module, batch_size: int, device: torch.device, repeats: int = 7,
+                    min_seconds: float = 0.05) -> float:
+    """Median milliseconds of one eval-mode forward of `batch_size` images, after warm-up; each repeat times
+    enough forwards to last min_seconds (device-synchronised on CUDA, bf16 autocast there)."""
+    model.eval()
+    h, w = model.patch_embed.img_size
+    x = torch.randn(batch_size, model.patch_embed.proj.in_channels, h, w, device=device)
+    cuda = device.type == "cuda"
+
+    def run(n: int) -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(n):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                model(x)
+        if cuda:
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) * 1e3 / n
+
+    once = max(run(1), run(1), 1e-3)  # warm-up, and how long one forward takes
+    n = max(1, int(min_seconds * 1e3 / once))
+    return statistics.median(run(n) for _ in range(repeats))
+
+
+def _uniform_plan(arch, search: str, head_width: int, units: int, tokens: int) -> SlimPlan:
+    block = BlockPlan(heads=tuple(tuple(range(head_width)) for _ in range(arch.num_heads)), mlp=tuple(range(units)),
+                      tokens=tuple(range(tokens)))
+    return SlimPlan(embed_dim=arch.embed_dim, num_heads=arch.num_heads, head_dim=arch.head_dim,
+                    mlp_hidden=arch.mlp_hidden, num_prefix_tokens=arch.num_prefix_tokens,
+                    num_patches=arch.num_patches, search=search, budgets={"attn": 1.0, "mlp": 1.0, "tokens": 1.0},
+                    blocks=(block,) * arch.depth)
+
+
+def measure_table(model: nn.Module, device: torch.device, batch_size: int = 1, fused: bool = False,
+                  grid=None, progress: bool = True) -> LatencyTable:
+    """Time slim models of `model` (a searchable model) on the grid (default GRID, of every fraction of the
+    head width x MLP width x patches) and fit the cost model."""
+    from tqdm import tqdm
+
+    from .searchable import describe_searchable, search_mode
+    from .slim import slim
+
+    arch, search = describe_searchable(model), search_mode(model)
+    points = [(max(1, round(a * arch.head_dim)), max(1, round(m * arch.mlp_hidden)),
+               max(1, round(t * arch.num_patches))) for a in grid or GRID for m in grid or GRID
+              for t in grid or GRID]
+    samples, rows = [], []
+    for head_width, units, tokens in tqdm(points, desc=f"latency table on {device_name(device)}", leave=False,
+                                          disable=not progress, dynamic_ncols=True):
+        plan = _uniform_plan(arch, search, head_width, units, tokens)
+        net = slim(model, plan, fused=fused).to(device)
+        ms = time_forward_ms(net, batch_size, device)
+        del net
+        samples.append({"head_width": head_width, "mlp": units, "tokens": tokens, "ms": ms})
+        rows.append(_features(plan))
+    coefficients = _fit_non_negative(rows, [s["ms"] for s in samples])
+    errors = []
+    for sample, row in zip(samples, rows):
+        sample["predicted_ms"] = sum(c * f for c, f in zip(coefficients, row))
+        errors.append(abs(sample["predicted_ms"] - sample["ms"]) / sample["ms"])
+    return LatencyTable(key=_key(arch, device, batch_size, fused), samples=samples, coefficients=coefficients,
+                        max_fit_error=max(errors))
+
+
+def latency_table(model: nn.Module, device: torch.device, batch_size: int = 1, fused: bool = False,
+                  measure: bool = True, cache_dir: Path | None = None, progress: bool = True) -> LatencyTable:
+    """The cached table for this device, versions, batch size and model shape; measured and cached when there
+    is none (measure=False: LookupError instead)."""
+    from .saving import atomic_write
+    from .searchable import describe_searchable
+
+    key = _key(describe_searchable(model), device, batch_size, fused)
+    path = cache_path(key, cache_dir)
+    if path.is_file():
+        try:
+            table = LatencyTable.from_json(path.read_text())
+            if table.key == key:
+                return table
+        except (ValueError, KeyError):
+            pass  # an older or damaged table: measured again below
+    if not measure:
+        raise LookupError(f"no latency table for {key['device']} at batch {batch_size} (looked for {path}); "
+                          f"measure one first (without --no-measure)")
+    table = measure_table(model, device, batch_size, fused, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(table.to_json() + "\n"))
+    return table
