@@ -262,24 +262,27 @@ def format_sweep(rows: list[dict], dense: dict, dense_top1, kind: str) -> str:
 
 
 def plot_tradeoff(rows: list[dict], dense: dict, dense_top1, path: Path) -> None:
+    """MACs per image against the accuracy proxy (when measured) and against the kept gate magnitude."""
     from vitslim.figures import _pyplot
 
     plt = _pyplot()
-    macs = [dense["flops"] / 1e9] + [r["flops"] / 1e9 for r in rows]
-    panels = [("kept |gate| of attention and MLP", [1.0] + [r["kept_magnitude"] for r in rows])]
+    unit, unit_name = (1e9, "GMACs") if dense["flops"] >= 1e8 else (1e6, "MMACs")
+    macs = [dense["flops"] / unit] + [r["flops"] / unit for r in rows]
+    panels = [("kept gate magnitude", "|gate| kept, attention + MLP", [1.0] + [r["kept_magnitude"] for r in rows])]
     if dense_top1 is not None:
-        panels.insert(0, ("top-1 (%), pruned entries removed, before retraining",
+        panels.insert(0, ("accuracy proxy: pruned entries removed, no retraining", "top-1 (%)",
                           [dense_top1] + [r["top1"] for r in rows]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
-    for ax, (name, ys) in zip(axes[0], panels):
-        order = sorted(range(len(macs)), key=macs.__getitem__)
+    order = sorted(range(len(macs)), key=macs.__getitem__)
+    for ax, (title, ylabel, ys) in zip(axes[0], panels):
         ax.plot([macs[i] for i in order], [ys[i] for i in order], "o-")
-        ax.set_xlabel("GMACs per image")
-        ax.set_ylabel(name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(f"{unit_name} per image")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
