@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -238,3 +239,16 @@ def test_entry_points_and_debug_traceback(tmp_path):
     assert debug.returncode == 2 and "Traceback" in debug.stderr
     helped = subprocess.run([sys.executable, "-m", "vitslim.retrain", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "--searched" in helped.stdout and "--teacher" in helped.stdout
+
+
+def test_an_output_dir_without_permission_is_one_line(tmp_path, monkeypatch):
+    """(The suite runs as root here, where every folder is writable: the refusals are simulated.)"""
+    def denied(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(cli.UserError, match=r"^--output-dir .*/new cannot be created: permission denied$"):
+        cli.check_output_dir(tmp_path / "new")
+    monkeypatch.undo()
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
+    with pytest.raises(cli.UserError, match=r"^--output-dir .*/existing is not writable$"):
+        cli.check_output_dir(tmp_path / "existing")

@@ -255,7 +255,11 @@ def test_slim_attention_keeps_padded_weights_for_inference_until_they_change():
                 fused.qkv.weight.mul_(-1.5)  # an in-place update: the kept padded copy must not be reused
             cached = fused._aligned._cached
             reference.load_state_dict(fused.state_dict())
-            torch.testing.assert_close(fused(x), reference(x), rtol=1e-5, atol=1e-5)
+            # The project's rule against the float64 reference (outputs reach ~20 here: fp32 rounding alone is
+            # ~2e-5, so a fixed 1e-5 tolerance failed or passed with the BLAS's summation order). Stale padded
+            # weights would be off by O(1).
+            exact = reference.double()(x.double())
+            _assert_within_spec("slim attention", fused(x), reference.float()(x), exact)
             assert fused._aligned._cached is not cached  # (re)built for these weights
         kept = fused._aligned._cached
         fused(x)
