@@ -77,10 +77,15 @@ def test_a_latency_target_without_a_table_and_no_measuring_is_one_line(model, tm
         plan_for(model, latency_ms=1.0, measure=False, cache_dir=tmp_path)
 
 
-def test_real_timing_on_this_cpu(model, small_grid, tmp_path):
-    table = latency_table(model, torch.device("cpu"), 1, cache_dir=tmp_path, progress=False)
+def test_real_timing_on_this_cpu(small_grid, tmp_path):
+    # Big enough that the work, not per-layer overhead, sets the time: 64 tokens of width 192, batch 8.
+    model = vitslim.make_searchable(make_vit(dtype=torch.float32, img_size=64, embed_dim=192, depth=2,
+                                             num_heads=3))
+    randomize_gates(model)
+    table = latency_table(model, torch.device("cpu"), 8, cache_dir=tmp_path, progress=False)
     assert all(s["ms"] > 0 for s in table.samples) and all(c >= 0 for c in table.coefficients)
     lo = table.predict_ms(vitslim.threshold(model, 0.05, 0.05, 0.05))
     hi = table.predict_ms(vitslim.threshold(model, 1.0, 1.0, 1.0))
-    plan = plan_for(model, latency_ms=(lo + hi) / 2, cache_dir=tmp_path)
+    assert lo < 0.8 * hi, table.samples  # a quarter of the widths and tokens costs less
+    plan = plan_for(model, latency_ms=(lo + hi) / 2, batch_size=8, cache_dir=tmp_path)
     assert plan.target["predicted_ms"] <= (lo + hi) / 2 and plan.target["measured_ms"] > 0

@@ -1,0 +1,194 @@
+"""How fast the training input pipeline is on this machine, where its time goes, and how many cores it would take
+to feed the predicted step rates. Writes benchmarks/results/loader.json.
+
+  python -m benchmarks.loader --synthetic 2000           # ImageNet-like JPEGs generated once into a temp folder
+  python -m benchmarks.loader --data-path /data/imagenet --workers 1 2 4 8 16
+
+The pipeline is the one python -m vitslim.search and retrain build (vitslim.data: timm's DeiT transform with
+RandAugment m9-mstd0.5, random erasing 0.25, bicubic RandomResizedCrop 224, per-sample seeds, the loader's
+collate), so the numbers are what training gets. Per-stage times are per image on one core, in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .common import write_results
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# ImageNet-1k train JPEGs: typically 500 x 375 or 375 x 500 (~110 KB on average, most 40-150 KB).
+SIZES = ((500, 375), (375, 500), (500, 333), (500, 400), (333, 500), (640, 480), (400, 300))
+
+
+def synthetic_jpegs(root: Path, count: int, classes: int = 10, seed: int = 0) -> Path:
+    """`count` photo-like JPEGs (smooth colour fields with texture, quality 90, ImageNet's usual sizes) in
+    root/train/<class>/ and a few in root/val/<class>/. Returns root; generated once per (count, seed)."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    done = root / f".done-{count}-{seed}"
+    if done.exists():
+        return root
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", count), ("val", max(classes, count // 50))):
+        for i in range(n):
+            w, h = SIZES[i % len(SIZES)]
+            base = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+            image = Image.fromarray(base).resize((w, h), Image.BICUBIC).filter(ImageFilter.SMOOTH)
+            pixels = np.asarray(image, dtype=np.int16) + rng.integers(-12, 13, (h, w, 3), dtype=np.int16)
+            folder = root / split / f"class{i % classes:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
+    done.touch()
+    return root
+
+
+def stage_times(data, samples: int) -> dict[str, float]:
+    """Milliseconds per image of each stage of the training transform (decode first), on one core."""
+    from torch.utils.data import default_collate
+
+    dataset = data.train  # vitslim.data.ImageFiles
+    stages = list(getattr(dataset.transform, "transforms", [dataset.transform]))
+    totals = {"decode (PIL open + RGB)": 0.0, **{_name(t, i): 0.0 for i, t in enumerate(stages)}}
+    outputs = []
+    torch.manual_seed(0)
+    for index in range(samples):
+        path, _ = dataset.samples[index % len(dataset.samples)]
+        start = time.perf_counter()
+        image = dataset.folder.loader(path)
+        totals["decode (PIL open + RGB)"] += time.perf_counter() - start
+        for i, t in enumerate(stages):
+            start = time.perf_counter()
+            image = t(image)
+            totals[_name(t, i)] += time.perf_counter() - start
+        outputs.append((image, 0))
+    batch = outputs[: min(len(outputs), 256)]
+    start = time.perf_counter()
+    default_collate(batch)
+    totals["collate"] = (time.perf_counter() - start) * samples / len(batch)
+    return {k: 1e3 * v / samples for k, v in totals.items()}
+
+
+def _name(transform, index: int) -> str:
+    name = type(transform).__name__
+    if name == "RandAugment":
+        name = "RandAugment (m9, 2 ops)"
+    return f"{index + 1}. {name}"
+
+
+def host_to_device_ms(batch_size: int) -> dict | None:
+    """Milliseconds per image to copy a training batch (float32, 3 x 224 x 224) from pinned memory to the GPU."""
+    if not torch.cuda.is_available():
+        return None
+    x = torch.randn(batch_size, 3, 224, 224).pin_memory()
+    for _ in range(3):
+        x.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        x.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / 10
+    return {"ms_per_image": 1e3 * seconds / batch_size, "gb_per_s": x.numel() * 4 / seconds / 1e9}
+
+
+def loader_rate(data, workers: int, batch_size: int, batches: int) -> float:
+    """Images per second the training loader (vitslim.data.loaders) delivers with `workers` processes, after
+    its first batch (worker start-up is excluded)."""
+    from vitslim.cli import Distributed
+    from vitslim.data import loaders
+
+    dist = Distributed(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    train, _, sampler = loaders(data, batch_size, dist, 0, workers, say=lambda _: None)
+    sampler.set_epoch(0)
+    it = iter(train)
+    next(it)
+    start, seen = time.perf_counter(), 0
+    for _ in range(batches):
+        images, _ = next(it)
+        seen += images.shape[0]
+    rate = seen / (time.perf_counter() - start)
+    del it
+    return rate
+
+
+def predicted_step_rates(step_rate: float | None) -> dict[str, float]:
+    """Images per second the GPU would take: --step-rate, else benchmarks/results/roofline.json's DeiT-S search
+    steps (predicted at the device limits with launch overheads; an estimate)."""
+    if step_rate is not None:
+        return {"--step-rate": step_rate}
+    path = RESULTS / "roofline.json"
+    if not path.is_file():
+        return {}
+    roofline = json.loads(path.read_text())
+    search = next((c for c in roofline["comparisons"] if "search step" in c["what"]), None)
+    if search is None:
+        return {}
+    return {f"{roofline['model']} search step, {name} (roofline, predicted)":
+            search["batch"] / (p["predicted_ms_with_launches"] / 1e3) for name, p in search["paths"].items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vitslim.data import Augment, image_folders
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data-path", help="train/ and val/ class folders")
+    source.add_argument("--synthetic", type=int, metavar="N", help="generate N ImageNet-like JPEGs (once)")
+    p.add_argument("--workers", type=int, nargs="+", default=None,
+                   help="loader worker counts to time (default: 1, 2, 4, ... up to the cores)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=8, help="timed batches per worker count")
+    p.add_argument("--stage-samples", type=int, default=200, help="images for the per-stage times")
+    p.add_argument("--step-rate", type=float, default=None, help="images/s to feed (default: the roofline's)")
+    p.add_argument("--results-dir", default=None)
+    args = p.parse_args(argv)
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if args.synthetic is not None:
+        root = synthetic_jpegs(Path(tempfile.gettempdir()) / "vitslim-loader-jpegs", args.synthetic)
+    else:
+        root = Path(args.data_path)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    data = image_folders(str(root), 224, mean, std, Augment())
+    sizes = [p.stat().st_size for p, _ in ((Path(s), 0) for s, _ in data.train.samples[:500])]
+    print(f"data: {data.description}; mean JPEG {sum(sizes) / len(sizes) / 1e3:.0f} KB; {cores} cores here")
+
+    torch.set_num_threads(1)  # one core, as a loader worker has
+    stages = stage_times(data, args.stage_samples)
+    total = sum(stages.values())
+    print(f"per image on one core ({args.stage_samples} images): {total:.2f} ms, {1e3 / total:.0f} images/s")
+    for name, ms in stages.items():
+        print(f"  {name:<40} {ms:7.3f} ms  {ms / total:6.1%}")
+    h2d = host_to_device_ms(args.batch_size)
+    if h2d is not None:
+        print(f"  host-to-device (pinned, non-blocking)     {h2d['ms_per_image']:7.3f} ms  ({h2d['gb_per_s']:.1f} GB/s)")
+    torch.set_num_threads(cores)
+
+    counts = args.workers or sorted({1, *[2 ** i for i in range(1, 8) if 2 ** i <= cores], cores})
+    rows = []
+    for workers in counts:
+        rate = loader_rate(data, workers, args.batch_size, args.batches)
+        rows.append({"workers": workers, "images_per_s": rate, "images_per_s_per_worker": rate / workers})
+        print(f"loader, {workers:>2} workers: {rate:8.0f} images/s ({rate / workers:.0f} per worker)")
+    per_core = max(r["images_per_s_per_worker"] for r in rows)
+    needs = {name: {"images_per_s": rate, "cores_needed": rate / per_core}
+             for name, rate in predicted_step_rates(args.step_rate).items()}
+    for name, n in needs.items():
+        print(f"to feed {n['images_per_s']:.0f} images/s ({name}): {n['cores_needed']:.0f} cores at "
+              f"{per_core:.0f} images/s per core")
+    path = write_results("loader", rows, args.results_dir, data=data.description, cores=cores,
+                         batch_size=args.batch_size, stages_ms_per_image=stages, stage_total_ms=total,
+                         host_to_device=h2d, feeding=needs, pipeline="vitslim.data (timm DeiT transform, PIL)")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

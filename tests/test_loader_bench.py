@@ -1,0 +1,30 @@
+"""benchmarks.loader: the synthetic JPEGs look like ImageNet's, the per-stage times cover the real transform,
+and the results file says how many cores the predicted step rates need."""
+import json
+
+from PIL import Image
+
+from benchmarks import loader
+
+
+def test_synthetic_jpegs_are_imagenet_like(tmp_path):
+    root = loader.synthetic_jpegs(tmp_path, 14, classes=2)
+    files = sorted((root / "train").rglob("*.jpg"))
+    assert len(files) == 14 and len(list((root / "val").rglob("*.jpg"))) == 2
+    sizes = {Image.open(f).size for f in files}
+    assert sizes <= set(loader.SIZES) and len(sizes) == len(loader.SIZES)
+    assert all(15_000 < f.stat().st_size < 400_000 for f in files)  # photo-like, not noise or flat colour
+    assert loader.synthetic_jpegs(tmp_path, 14, classes=2) == root  # generated once
+
+
+def test_the_benchmark_writes_stages_rates_and_cores_needed(tmp_path, capsys):
+    assert loader.main(["--synthetic", "24", "--workers", "1", "--batch-size", "4", "--batches", "2",
+                        "--stage-samples", "6", "--step-rate", "9000", "--results-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "loader.json").read_text())
+    stages = result["stages_ms_per_image"]
+    assert "decode (PIL open + RGB)" in stages and any("RandAugment" in k for k in stages) and "collate" in stages
+    assert any("RandomResizedCrop" in k for k in stages) and any("RandomErasing" in k for k in stages)
+    assert result["rows"][0]["workers"] == 1 and result["rows"][0]["images_per_s"] > 0
+    need = result["feeding"]["--step-rate"]
+    assert need["cores_needed"] == need["images_per_s"] / result["rows"][0]["images_per_s_per_worker"]
+    assert "cores at" in capsys.readouterr().out
