@@ -98,6 +98,18 @@ def host_to_device_ms(batch_size: int) -> dict | None:
     return {"ms_per_image": 1e3 * seconds / batch_size, "gb_per_s": x.numel() * 4 / seconds / 1e9}
 
 
+def device_input_ms(data, batch_size: int) -> float:
+    """Milliseconds per image of DeviceInput (normalise + erase a uint8 batch), on this process's CPU."""
+    images = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8)
+    boxes = torch.tensor([[10, 20, 80, 60]] * batch_size)
+    cpu = torch.device("cpu")
+    data.device_input(images, cpu, boxes, (0, 0, 0))
+    start = time.perf_counter()
+    for step in range(3):
+        data.device_input(images, cpu, boxes, (0, 0, step))
+    return 1e3 * (time.perf_counter() - start) / 3 / batch_size
+
+
 def loader_rate(data, workers: int, batch_size: int, batches: int) -> float:
     """Images per second the training loader (vitslim.data.loaders) delivers with `workers` processes, after
     its first batch (worker start-up is excluded)."""
@@ -156,36 +168,45 @@ def main(argv: list[str] | None = None) -> int:
     else:
         root = Path(args.data_path)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    data = image_folders(str(root), 224, mean, std, Augment())
-    sizes = [p.stat().st_size for p, _ in ((Path(s), 0) for s, _ in data.train.samples[:500])]
-    print(f"data: {data.description}; mean JPEG {sum(sizes) / len(sizes) / 1e3:.0f} KB; {cores} cores here")
-
-    torch.set_num_threads(1)  # one core, as a loader worker has
-    stages = stage_times(data, args.stage_samples)
-    total = sum(stages.values())
-    print(f"per image on one core ({args.stage_samples} images): {total:.2f} ms, {1e3 / total:.0f} images/s")
-    for name, ms in stages.items():
-        print(f"  {name:<40} {ms:7.3f} ms  {ms / total:6.1%}")
+    pipelines = {"workers normalise + erase (float32 batches; before)": False,
+                 "device normalises + erases (uint8 batches; default)": True}
+    counts = args.workers or sorted({1, *[2 ** i for i in range(1, 8) if 2 ** i <= cores], cores})
+    rows, summary = [], {}
+    for label, on_device in pipelines.items():
+        data = image_folders(str(root), 224, mean, std, Augment(), on_device=on_device)
+        if not summary:
+            sizes = [Path(s).stat().st_size for s, _ in data.train.samples[:500]]
+            print(f"data: {data.description}; mean JPEG {sum(sizes) / len(sizes) / 1e3:.0f} KB; {cores} cores here")
+        torch.set_num_threads(1)  # one core, as a loader worker has
+        stages = stage_times(data, args.stage_samples)
+        if data.device_input is not None:
+            stages["on the device: normalise + erase (timed here on the CPU)"] = device_input_ms(data, args.batch_size)
+        total = sum(stages.values())
+        print(f"{label}: per image on one core ({args.stage_samples} images): {total:.2f} ms, "
+              f"{1e3 / total:.0f} images/s")
+        for name, ms in stages.items():
+            print(f"  {name:<58} {ms:7.3f} ms  {ms / total:6.1%}")
+        torch.set_num_threads(cores)
+        for workers in counts:
+            rate = loader_rate(data, workers, args.batch_size, args.batches)
+            rows.append({"pipeline": label, "workers": workers, "images_per_s": rate,
+                         "images_per_s_per_worker": rate / workers})
+            print(f"  loader, {workers:>2} workers: {rate:8.0f} images/s ({rate / workers:.0f} per worker)")
+        summary[label] = {"stages_ms_per_image": stages, "stage_total_ms": total,
+                          "per_core": max(r["images_per_s_per_worker"] for r in rows if r["pipeline"] == label)}
     h2d = host_to_device_ms(args.batch_size)
     if h2d is not None:
-        print(f"  host-to-device (pinned, non-blocking)     {h2d['ms_per_image']:7.3f} ms  ({h2d['gb_per_s']:.1f} GB/s)")
-    torch.set_num_threads(cores)
-
-    counts = args.workers or sorted({1, *[2 ** i for i in range(1, 8) if 2 ** i <= cores], cores})
-    rows = []
-    for workers in counts:
-        rate = loader_rate(data, workers, args.batch_size, args.batches)
-        rows.append({"workers": workers, "images_per_s": rate, "images_per_s_per_worker": rate / workers})
-        print(f"loader, {workers:>2} workers: {rate:8.0f} images/s ({rate / workers:.0f} per worker)")
-    per_core = max(r["images_per_s_per_worker"] for r in rows)
+        print(f"host-to-device (pinned, non-blocking, float32): {h2d['ms_per_image']:.3f} ms per image "
+              f"({h2d['gb_per_s']:.1f} GB/s); uint8 batches move a quarter of that")
+    per_core = summary[next(reversed(pipelines))]["per_core"]
     needs = {name: {"images_per_s": rate, "cores_needed": rate / per_core}
              for name, rate in predicted_step_rates(args.step_rate).items()}
     for name, n in needs.items():
         print(f"to feed {n['images_per_s']:.0f} images/s ({name}): {n['cores_needed']:.0f} cores at "
-              f"{per_core:.0f} images/s per core")
+              f"{per_core:.0f} images/s per core (default pipeline)")
     path = write_results("loader", rows, args.results_dir, data=data.description, cores=cores,
-                         batch_size=args.batch_size, stages_ms_per_image=stages, stage_total_ms=total,
-                         host_to_device=h2d, feeding=needs, pipeline="vitslim.data (timm DeiT transform, PIL)")
+                         batch_size=args.batch_size, pipelines=summary, host_to_device=h2d, feeding=needs,
+                         transform="vitslim.data: timm's DeiT transform (PIL), per-sample seeds")
     print(f"wrote {path}")
     return 0
 

@@ -63,3 +63,65 @@ def test_many_draws_of_the_default_transform_run_through():
     img = _photo(16)
     for _ in range(3000):
         assert transform(img).shape == (3, 16, 16)
+
+
+def seed_all(seed: int) -> None:
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def test_on_device_normalisation_and_erasing_are_timms():
+    """The uint8 worker transform + draw_erasing + DeviceInput against timm's whole worker-side transform
+    (ToTensor, Normalize, RandomErasing in DeiT's pixel mode), sample by sample from the same seeds: every pixel
+    outside the erased box is timm's, bit for bit, and timm erased exactly the box drawn here."""
+    import torch
+
+    from vitslim.data import DeviceInput, draw_erasing
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    augment = Augment(reprob=0.5)
+    full = train_transform(32, mean, std, augment)
+    lean = train_transform(32, mean, std, augment, on_device=True)
+    device_input, cpu = DeviceInput(mean, std, "pixel"), torch.device("cpu")
+    erased = 0
+    for i in range(80):
+        img = _photo(48, seed=i)
+        seed_all(i)  # (RandAugment picks its ops with NumPy)
+        reference = full(img)
+        seed_all(i)
+        pixels = lean(img)
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 32, 32)
+        box = draw_erasing(0.5, 32, 32)
+        ours = device_input(pixels[None], cpu, torch.tensor([box]), (0, 0, i))[0]
+        plain = device_input(pixels[None], cpu)[0]
+        top, left, h, w = box
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[top:top + h, left:left + w] = True
+        assert torch.equal(ours[:, ~inside], reference[:, ~inside]) and torch.equal(plain[:, ~inside],
+                                                                                   reference[:, ~inside])
+        if h:
+            erased += 1
+            assert not torch.equal(reference[:, inside], plain[:, inside])  # timm filled the same box
+            assert not torch.equal(ours[:, inside], plain[:, inside])
+        else:
+            assert torch.equal(reference, plain)
+    assert 20 < erased < 60  # probability 0.5
+
+
+def test_on_device_erasing_is_seeded_by_the_batch():
+    import torch
+
+    from vitslim.data import DeviceInput
+
+    device_input, cpu = DeviceInput((0.5,) * 3, (0.25,) * 3), torch.device("cpu")
+    pixels = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    boxes = torch.tensor([[0, 0, 8, 8], [2, 3, 5, 7], [0, 0, 0, 0], [1, 1, 14, 14]])
+    a = device_input(pixels, cpu, boxes, (0, 1, 5))
+    assert torch.equal(a, device_input(pixels, cpu, boxes, (0, 1, 5)))      # a resumed run erases alike
+    assert not torch.equal(a, device_input(pixels, cpu, boxes, (0, 1, 6)))  # another batch, other noise
+    assert torch.equal(a[2], device_input(pixels, cpu)[2])                  # no box, nothing erased
+    const = DeviceInput((0.5,) * 3, (0.25,) * 3, "const")(pixels, cpu, boxes, (0, 1, 5))
+    assert torch.equal(const[0, :, :8, :8], torch.zeros(3, 8, 8))

@@ -21,10 +21,14 @@ def test_the_benchmark_writes_stages_rates_and_cores_needed(tmp_path, capsys):
     assert loader.main(["--synthetic", "24", "--workers", "1", "--batch-size", "4", "--batches", "2",
                         "--stage-samples", "6", "--step-rate", "9000", "--results-dir", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "loader.json").read_text())
-    stages = result["stages_ms_per_image"]
-    assert "decode (PIL open + RGB)" in stages and any("RandAugment" in k for k in stages) and "collate" in stages
-    assert any("RandomResizedCrop" in k for k in stages) and any("RandomErasing" in k for k in stages)
-    assert result["rows"][0]["workers"] == 1 and result["rows"][0]["images_per_s"] > 0
+    before, default = result["pipelines"].values()
+    for pipeline in (before, default):
+        stages = pipeline["stages_ms_per_image"]
+        assert "decode (PIL open + RGB)" in stages and any("RandAugment" in k for k in stages)
+        assert any("RandomResizedCrop" in k for k in stages) and "collate" in stages
+    assert any("RandomErasing" in k for k in before["stages_ms_per_image"])  # in the workers before
+    assert not any("RandomErasing" in k for k in default["stages_ms_per_image"])  # on the device now
+    assert [r["workers"] for r in result["rows"]] == [1, 1] and all(r["images_per_s"] > 0 for r in result["rows"])
     need = result["feeding"]["--step-rate"]
-    assert need["cores_needed"] == need["images_per_s"] / result["rows"][0]["images_per_s_per_worker"]
+    assert need["cores_needed"] == need["images_per_s"] / default["per_core"]
     assert "cores at" in capsys.readouterr().out

@@ -22,6 +22,7 @@ class Augment:
     rand_augment: str = "rand-m9-mstd0.5-inc1"
     color_jitter: float = 0.4
     reprob: float = 0.25
+    remode: str = "pixel"  # DeiT's --remode: erased pixels drawn from N(0, 1) in normalised space
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
 
@@ -35,6 +36,7 @@ class Data:
     embedded: bool
     description: str
     classes: tuple[str, ...] = ()  # the class names, in label order (ImageFolder: the sorted folder names)
+    device_input: "DeviceInput | None" = None  # uint8 batches: normalised and erased on the device
 
 
 def posterize_any_pillow(img, bits_to_keep: int, **_):
@@ -68,15 +70,75 @@ def _mend_posterize(transform) -> int:
     return count
 
 
-def train_transform(img_size: int, mean, std, augment: Augment, no_aug: bool = False):
-    """The DeiT training transform of timm.data, with posterize working on every Pillow (posterize_any_pillow)."""
+def train_transform(img_size: int, mean, std, augment: Augment, no_aug: bool = False, on_device: bool = False):
+    """The DeiT training transform of timm.data, with posterize working on every Pillow (posterize_any_pillow).
+
+    on_device: the transform stops at a uint8 (3, H, W) tensor (timm's prefetcher transform); normalisation and
+    random erasing then run on the device, per batch (DeviceInput), from erasing boxes drawn per sample here
+    (draw_erasing), so they are what timm's RandomErasing would have drawn."""
     from timm.data import create_transform
 
     transform = create_transform(img_size, is_training=True, no_aug=no_aug, auto_augment=augment.rand_augment,
-                                 color_jitter=augment.color_jitter, re_prob=augment.reprob,
-                                 interpolation=augment.interpolation, mean=mean, std=std)
+                                 color_jitter=augment.color_jitter, re_prob=augment.reprob, re_mode=augment.remode,
+                                 interpolation=augment.interpolation, mean=mean, std=std, use_prefetcher=on_device)
     _mend_posterize(transform)
     return transform
+
+
+def draw_erasing(probability: float, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of timm's RandomErasing (one box, area 2-33%, aspect 0.3-3.3), (0, 0, 0, 0) for none.
+
+    The same Python `random` draws, in the same order, as timm.data.RandomErasing._erase makes (it draws nothing
+    else from `random`), so a sample seeded alike gets the same box; only the fill is drawn on the device."""
+    import math
+    import random
+
+    if random.random() > probability:
+        return (0, 0, 0, 0)
+    area = height * width
+    log_aspect = (math.log(0.3), math.log(1 / 0.3))
+    for _ in range(10):
+        target_area = random.uniform(0.02, 1 / 3) * area
+        aspect = math.exp(random.uniform(*log_aspect))
+        h = int(round(math.sqrt(target_area * aspect)))
+        w = int(round(math.sqrt(target_area / aspect)))
+        if w < width and h < height:
+            return (random.randint(0, height - h), random.randint(0, width - w), h, w)
+    return (0, 0, 0, 0)
+
+
+class DeviceInput:
+    """Turns a loader's uint8 batch into the network's input on the device: (x / 255 - mean) / std as timm's
+    ToTensor + Normalize compute it, then random erasing of each sample's box with N(0, 1) pixels ("pixel" mode;
+    "const": zeros) drawn from a generator seeded by (seed, epoch, batch), so a resumed run erases alike."""
+
+    def __init__(self, mean, std, remode: str = "pixel") -> None:
+        if remode not in ("pixel", "const"):
+            raise UserError(f"random erasing mode must be 'pixel' or 'const', got {remode!r}")
+        self.mean, self.std, self.remode = tuple(mean), tuple(std), remode
+
+    def __call__(self, images: torch.Tensor, device: torch.device, boxes: torch.Tensor | None = None,
+                 seed: tuple[int, ...] = ()) -> torch.Tensor:
+        x = images.to(device, non_blocking=True).float().div_(255)
+        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+        x = x.sub_(mean).div_(std)
+        if boxes is None or not bool(boxes[:, 2].any()):
+            return x
+        boxes = boxes.to(device, non_blocking=True)
+        H, W = x.shape[-2:]
+        rows = torch.arange(H, device=device).view(1, H, 1)
+        cols = torch.arange(W, device=device).view(1, 1, W)
+        top, left, h, w = (boxes[:, i].view(-1, 1, 1) for i in range(4))
+        inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)  # (B, H, W)
+        if self.remode == "const":
+            fill = torch.zeros((), device=device)
+        else:
+            import numpy as np
+            state = np.random.SeedSequence(list(seed)).generate_state(2)
+            g = torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+            fill = torch.randn(x.shape, generator=g, device=device)
+        return torch.where(inside.unsqueeze(1), fill, x)
 
 
 def _image_errors() -> tuple[type[BaseException], ...]:
@@ -95,12 +157,13 @@ class ImageFiles:
     The loader (BadImageReporter) reports each bad file once, or stops the run.
     """
 
-    def __init__(self, root: Path, transform, replace: bool) -> None:
+    def __init__(self, root: Path, transform, replace: bool, erasing: float | None = None) -> None:
         from torchvision.datasets import ImageFolder
 
         self.folder = ImageFolder(str(root))  # decodes only; the transform runs after the error handling
         self.classes, self.samples, self.replace = self.folder.classes, self.folder.samples, replace
         self.transform = transform
+        self.erasing = erasing  # on_device transforms: the probability of the erasing box each sample draws
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -124,35 +187,48 @@ class ImageFiles:
         if image is None:  # validation, or not one readable image in the folder
             from PIL import Image
             image, label = Image.new("RGB", (32, 32)), -1
-        return self.transform(image), label, bad
+        image = self.transform(image)
+        if not isinstance(image, torch.Tensor):  # timm's prefetcher transforms end in uint8 numpy on some versions
+            image = torch.as_tensor(image)
+        if self.erasing is None:
+            return image, label, bad
+        return image, label, bad, torch.tensor(draw_erasing(self.erasing, *image.shape[-2:]))
 
 
-def _image_folder(root: Path, transform, replace: bool) -> ImageFiles:
+def _image_folder(root: Path, transform, replace: bool, erasing: float | None = None) -> ImageFiles:
     if not root.is_dir():
         raise UserError(f"{root} does not exist; --data-path needs train/ and val/ folders of class folders")
     if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.rglob("*") if p.is_file()):
         raise UserError(f"{root} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
     try:
-        return ImageFiles(root, transform, replace)
+        return ImageFiles(root, transform, replace, erasing)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"{root}: {e}") from None
 
 
-def image_folders(data_path: str, img_size: int, mean, std, augment: Augment, no_aug: bool = False) -> Data:
+def image_folders(data_path: str, img_size: int, mean, std, augment: Augment, no_aug: bool = False,
+                  on_device: bool = True) -> Data:
+    """train/ and val/ class folders. The workers decode and augment to uint8 (3, H, W); normalisation and random
+    erasing run on the training device (Data.device_input), as in timm's prefetcher: a quarter of the bytes
+    cross the worker boundary and the host-to-device copy, and the per-pixel work leaves the CPU.
+    on_device=False: all of timm's transform in the workers, float32 batches (what benchmarks.loader compares)."""
     from timm.data import create_transform
 
     root = Path(data_path)
     if not root.is_dir():
         raise UserError(f"--data-path {data_path} does not exist")
-    train_tf = train_transform(img_size, mean, std, augment, no_aug)
+    train_tf = train_transform(img_size, mean, std, augment, no_aug, on_device=on_device)
     val_tf = create_transform(img_size, is_training=False, interpolation=augment.interpolation,
-                              crop_pct=augment.crop_pct, mean=mean, std=std)
-    train, val = _image_folder(root / "train", train_tf, replace=True), _image_folder(root / "val", val_tf, replace=False)
+                              crop_pct=augment.crop_pct, mean=mean, std=std, use_prefetcher=on_device)
+    erasing = augment.reprob if augment.reprob > 0 and not no_aug and on_device else None
+    train = _image_folder(root / "train", train_tf, replace=True, erasing=erasing)
+    val = _image_folder(root / "val", val_tf, replace=False)
     if train.classes != val.classes:
         raise UserError(f"{root}/train and {root}/val have different class folders")
     return Data(train, val, len(train.classes), img_size, embedded=False,
                 description=f"{root}: {len(train)} train / {len(val)} val images, {len(train.classes)} classes",
-                classes=tuple(train.classes))
+                classes=tuple(train.classes),
+                device_input=DeviceInput(mean, std, augment.remode) if on_device else None)
 
 
 def embedded_digits() -> Data:
@@ -238,33 +314,46 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _collate(samples: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(images, labels, the bad files among them): ImageFiles' samples carry a third element, others do not."""
+def _collate(samples: list) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]:
+    """(images, labels, the bad files among them, erasing boxes or None): ImageFiles' samples carry the bad
+    entry third and, with on-device augmentation, an erasing box fourth; others are (image, label)."""
     from torch.utils.data import default_collate
 
     images, labels = default_collate([sample[:2] for sample in samples])
-    return images, labels, [sample[2] for sample in samples if len(sample) > 2 and sample[2]]
+    bad = [sample[2] for sample in samples if len(sample) > 2 and sample[2]]
+    boxes = torch.stack([sample[3] for sample in samples]) if len(samples[0]) > 3 else None
+    return images, labels, bad, boxes
 
 
 class BadImageReporter:
-    """Iterates a loader of _collate batches as (images, labels); says once per file which images could not be
-    decoded (bad_images "skip") or stops the run with one line naming the first (bad_images "stop")."""
+    """Iterates a loader of _collate batches as (images, labels) on the device; says once per file which images
+    could not be decoded (bad_images "skip") or stops the run with one line naming the first (bad_images "stop").
+    uint8 batches go through device_input (normalisation; training: random erasing seeded by (seed, epoch, batch)).
+    """
 
-    def __init__(self, loader: DataLoader, split: str, bad_images: str, say: Callable[[str], None]) -> None:
+    def __init__(self, loader: DataLoader, split: str, bad_images: str, say: Callable[[str], None],
+                 device: torch.device | None = None, device_input: DeviceInput | None = None,
+                 sampler: EpochSampler | None = None, seed: int = 0) -> None:
         if bad_images not in BAD_IMAGES:
             raise UserError(f"--bad-images must be one of {', '.join(BAD_IMAGES)}, got {bad_images!r}")
         self.loader, self.split, self.bad_images, self.say = loader, split, bad_images, say
+        self.device, self.device_input, self.sampler, self.seed = device, device_input, sampler, seed
         self.bad: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, bad in self.loader:
+        batch = self.sampler.start_batch if self.sampler is not None else 0
+        for images, labels, bad, boxes in self.loader:
             for entry in bad:
                 self._report(entry)
             if bad and self.split == "train" and bool((labels < 0).any()):
                 raise UserError(f"no train image can be read (the first: {bad[0]})")
+            if self.device_input is not None:
+                epoch = self.sampler.epoch if self.sampler is not None else 0
+                images = self.device_input(images, self.device, boxes, (self.seed, epoch, batch))
+            batch += 1
             yield images, labels
 
     def _report(self, entry: str) -> None:
@@ -300,5 +389,6 @@ def loaders(data: Data, batch_size: int, dist: Distributed, seed: int, workers: 
     val = DataLoader(torch.utils.data.Subset(data.val, shard), batch_size=batch_size, shuffle=False,
                      num_workers=workers, pin_memory=pin, collate_fn=_collate,
                      generator=torch.Generator().manual_seed(seed), worker_init_fn=_ignore_stop_signals)
-    return (BadImageReporter(train, "train", bad_images, say), BadImageReporter(val, "validation", bad_images, say),
-            sampler)
+    device_input = data.device_input
+    return (BadImageReporter(train, "train", bad_images, say, dist.device, device_input, sampler, seed),
+            BadImageReporter(val, "validation", bad_images, say, dist.device, device_input), sampler)
