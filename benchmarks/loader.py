@@ -56,6 +56,8 @@ def stage_times(data, samples: int) -> dict[str, float]:
     dataset = data.train  # vitslim.data.ImageFiles
     stages = list(getattr(dataset.transform, "transforms", [dataset.transform]))
     totals = {"decode (PIL open + RGB)": 0.0, **{_name(t, i): 0.0 for i, t in enumerate(stages)}}
+    for index in range(samples):  # the files in the page cache first, as in a long epoch's steady state
+        Path(dataset.samples[index % len(dataset.samples)][0]).read_bytes()
     outputs = []
     torch.manual_seed(0)
     for index in range(samples):
@@ -112,18 +114,18 @@ def device_input_ms(data, batch_size: int) -> float:
 
 def loader_rate(data, workers: int, batch_size: int, batches: int) -> float:
     """Images per second the training loader (vitslim.data.loaders) delivers with `workers` processes, after
-    its first batch (worker start-up is excluded)."""
+    its first batch (worker start-up is excluded), before DeviceInput (which runs on the GPU in training)."""
     from vitslim.cli import Distributed
     from vitslim.data import loaders
 
     dist = Distributed(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     train, _, sampler = loaders(data, batch_size, dist, 0, workers, say=lambda _: None)
     sampler.set_epoch(0)
-    it = iter(train)
+    it = iter(train.loader)  # the batches as the workers deliver them (DeviceInput's work is the GPU's)
     next(it)
     start, seen = time.perf_counter(), 0
     for _ in range(batches):
-        images, _ = next(it)
+        images = next(it)[0]
         seen += images.shape[0]
     rate = seen / (time.perf_counter() - start)
     del it
@@ -180,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # one core, as a loader worker has
         stages = stage_times(data, args.stage_samples)
         if data.device_input is not None:
+            # (on a GPU this runs there, not in a core's budget; timed on this CPU only to show what moved)
             stages["on the device: normalise + erase (timed here on the CPU)"] = device_input_ms(data, args.batch_size)
         total = sum(stages.values())
         print(f"{label}: per image on one core ({args.stage_samples} images): {total:.2f} ms, "

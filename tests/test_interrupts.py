@@ -212,3 +212,27 @@ def test_retrain_refuses_data_whose_class_folders_were_renamed(photos, tmp_path,
                                           "4", "--workers", "0", "--no-progress"], capsys)
     assert code == 2 and "error: the class folders differ from the search's: label 0 is 'class1' here, " \
         "'class0' in the search" in err, err
+
+
+def test_resume_is_exact_with_normalisation_and_erasing_on_the_device(photos, tmp_path, capsys, monkeypatch):
+    """The GPU's input path (uint8 batches, DeviceInput) forced on the CPU: a SIGTERM mid-epoch and --resume
+    give the weights of an uninterrupted run of that path, bit for bit."""
+    import vitslim.data
+    monkeypatch.setattr(vitslim.data, "input_on_device", lambda device: True)
+    straight_out = tmp_path / "straight"
+    assert run_cli(search.main, flags(photos, straight_out, 2), capsys)[0] == 0
+    reference = {"ckpt": read_checkpoint(straight_out / "checkpoint.pt"), "log": read_log(straight_out)}
+    calls = {"n": 0}
+    original = SparsityWeights.penalty
+
+    def penalty(self, model):
+        calls["n"] += 1
+        if calls["n"] == 9 + 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, model)
+    monkeypatch.setattr(SparsityWeights, "penalty", penalty)
+    out = tmp_path / "interrupted"
+    assert run_cli(search.main, flags(photos, out, 2), capsys)[0] == 143
+    monkeypatch.setattr(SparsityWeights, "penalty", original)
+    assert run_cli(search.main, flags(photos, out, 2) + ["--resume"], capsys)[0] == 0
+    assert_same_run(out, reference)

@@ -132,13 +132,14 @@ class DeviceInput:
         top, left, h, w = (boxes[:, i].view(-1, 1, 1) for i in range(4))
         inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)  # (B, H, W)
         if self.remode == "const":
-            fill = torch.zeros((), device=device)
-        else:
-            import numpy as np
-            state = np.random.SeedSequence(list(seed)).generate_state(2)
-            g = torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
-            fill = torch.randn(x.shape, generator=g, device=device)
-        return torch.where(inside.unsqueeze(1), fill, x)
+            return x.masked_fill_(inside.unsqueeze(1), 0.0)
+        import numpy as np
+        state = np.random.SeedSequence(list(seed)).generate_state(2)
+        g = torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+        erased = torch.nonzero(boxes[:, 2] > 0).flatten()  # noise for the samples with a box only (~reprob)
+        fill = torch.randn((erased.numel(), *x.shape[1:]), generator=g, device=device)
+        x[erased] = torch.where(inside[erased].unsqueeze(1), fill, x[erased])
+        return x
 
 
 def _image_errors() -> tuple[type[BaseException], ...]:
@@ -204,6 +205,11 @@ def _image_folder(root: Path, transform, replace: bool, erasing: float | None = 
         return ImageFiles(root, transform, replace, erasing)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"{root}: {e}") from None
+
+
+def input_on_device(device: torch.device) -> bool:
+    """Whether the training device normalises and erases (a GPU); on a CPU the loader workers do, in parallel."""
+    return device.type == "cuda"
 
 
 def image_folders(data_path: str, img_size: int, mean, std, augment: Augment, no_aug: bool = False,

@@ -119,7 +119,7 @@ def load_search(path: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import Augment, embedded_digits, image_folders, loaders
+    from .data import Augment, embedded_digits, image_folders, input_on_device, loaders
     from .report import compare_throughput, format_report, kept_tokens, model_row, write_report
     from .training import (CHECKPOINT, Recipe, Trainer, check_recipe, check_resume_flags, cross_entropy_loss,
                            read_checkpoint)
@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         mean, std = ckpt.get("mean_std", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
         data = image_folders(args.data_path, arch.img_size[0], mean, std,
-                             Augment(rand_augment=args.aa, reprob=args.reprob))
+                             Augment(rand_augment=args.aa, reprob=args.reprob),
+                             on_device=input_on_device(dist.device))
     if data.num_classes != arch.num_classes:
         raise UserError(f"the data has {data.num_classes} classes, the searched model {arch.num_classes}")
     searched_classes = tuple(ckpt.get("classes") or ())  # (recorded since search checkpoints have them)

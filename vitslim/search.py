@@ -102,7 +102,7 @@ def resolve_defaults(args, embedded: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import Augment, embedded_digits, image_folders, loaders
+    from .data import Augment, embedded_digits, image_folders, input_on_device, loaders
     from .figures import plot_gate_histograms, plot_structure
     from .training import (CHECKPOINT, Recipe, Trainer, check_recipe, check_resume_flags, cross_entropy_loss,
                            evaluate, read_checkpoint)
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         data = embedded_digits()
     else:
         data = image_folders(args.data_path, arch.img_size[0], mean, std,
-                             Augment(rand_augment=args.aa, reprob=args.reprob))
+                             Augment(rand_augment=args.aa, reprob=args.reprob),
+                             on_device=input_on_device(dist.device))
     if data.num_classes != arch.num_classes:
         model.reset_classifier(data.num_classes)
         arch = describe(model)

@@ -217,18 +217,19 @@ def _accuracy_proxy(args, model, arch, ckpt):
     """plan -> top-1 of the searched model with the pruned entries zeroed and tokens removed (the slim model
     with folded gates computes exactly that); None when there is no data to measure on."""
     from vitslim.cli import Distributed
-    from vitslim.data import Augment, embedded_digits, image_folders, loaders
+    from vitslim.data import Augment, embedded_digits, image_folders, input_on_device, loaders
     from vitslim.slim import slim
     from vitslim.training import evaluate
 
     if args.data_path is None and not ckpt.get("embedded", False):
         return None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.data_path is None:
         data = embedded_digits()
     else:
         mean, std = ckpt.get("mean_std", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
-        data = image_folders(args.data_path, arch.img_size[0], mean, std, Augment())
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        data = image_folders(args.data_path, arch.img_size[0], mean, std, Augment(),
+                             on_device=input_on_device(device))
     dist = Distributed(rank=0, world_size=1, local_rank=0, device=device)
     _, val, _ = loaders(data, min(args.batch_size, len(data.train)), dist, 0, args.workers)
 
