@@ -144,7 +144,7 @@ def _masks_of(plan: SlimPlan, ranking: GateRanking) -> dict[str, list[torch.Tens
     masks = {kind: [torch.zeros_like(t, dtype=torch.bool) for t in getattr(ranking, kind)] for kind in KINDS}
     for b, block in enumerate(plan.blocks):
         attn = masks["attn"][b]
-        for h, dims in enumerate(block.heads):
+        for h, dims in enumerate(block.heads):  # the clamps map onto (H, 1) "heads" and (1, d) "uniform" gates
             attn[min(h, attn.shape[0] - 1), [min(d, attn.shape[1] - 1) for d in dims]] = True
         masks["mlp"][b][list(block.mlp)] = True
         masks["tokens"][b][list(block.tokens)] = True
