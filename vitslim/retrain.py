@@ -213,13 +213,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.epochs} epochs, lr {lr:g}, {dist.world_size} process(es) x batch {args.batch_size}")
     record = trainer.fit()
 
+    if arch.distilled:
+        student.set_distilled_training(False)
+    from .training import evaluate
+    # (every rank: evaluate sums the ranks' shards, so rank 0 alone would wait for the others forever)
+    slim_eval = evaluate(student, val_loader, dist) if record is None else \
+        {"top1": record["top1"], "top5": record["top5"]}
     if dist.is_main:
-        if arch.distilled:
-            student.set_distilled_training(False)
         save_slim(student, out / "slim")
-        from .training import evaluate
-        slim_eval = evaluate(student, val_loader, dist) if record is None else \
-            {"top1": record["top1"], "top5": record["top5"]}
         batch = args.throughput_batch or args.batch_size
         dense_model = _dense(arch, ckpt).to(dist.device)
         rates = compare_throughput({"dense": dense_model, "slim": student}, arch.img_size, batch, dist.device)
