@@ -1,9 +1,10 @@
-"""Plans from what a deployer asks for: a FLOPs or parameter target, and hardware-aligned widths.
+"""Plans from what a deployer asks for: a FLOPs, parameter or latency target, and hardware-aligned widths.
 
 `plan_for(model, flops=3.1e9)` finds the budgets (attn, mlp, tokens) whose plan is the largest that does not exceed
 the target, the three budgets' pruned fractions in a fixed ratio (`mix`). `align_plan(model, plan, Alignment(8, 64))`
 rounds every kept head width to a multiple of 8 and every MLP width to a multiple of 64, keeping the
-highest-magnitude entries. Costs are analytic (`PlanCost`: the MACs and parameters the slim model of a plan has).
+highest-magnitude entries. FLOPs and parameters are analytic (`PlanCost`: what the slim model of a plan has);
+latency comes from the device's measured table (vitslim.latency).
 """
 from __future__ import annotations
 

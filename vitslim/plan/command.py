@@ -1,5 +1,5 @@
-"""python -m vitslim.plan: a plan from a search checkpoint for a FLOPs or parameter target or budgets, with
-hardware-aligned widths; --sweep prints the trade-off table (and the searched model's top-1 with the pruned
+"""python -m vitslim.plan: a plan from a search checkpoint for a FLOPs, parameter or latency target (or budgets),
+with hardware-aligned widths; --sweep prints the trade-off table (and the searched model's top-1 with the pruned
 entries removed, a quick accuracy proxy before retraining) and draws the curve.
 
   python -m vitslim.plan --searched runs/search/checkpoint.pt --target-flops 3.1G --align-heads 8 --align-mlp 64 \\
