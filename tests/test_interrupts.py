@@ -222,17 +222,10 @@ def test_resume_is_exact_with_normalisation_and_erasing_on_the_device(photos, tm
     straight_out = tmp_path / "straight"
     assert run_cli(search.main, flags(photos, straight_out, 2), capsys)[0] == 0
     reference = {"ckpt": read_checkpoint(straight_out / "checkpoint.pt"), "log": read_log(straight_out)}
-    calls = {"n": 0}
-    original = SparsityWeights.penalty
-
-    def penalty(self, model):
-        calls["n"] += 1
-        if calls["n"] == 9 + 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, model)
-    monkeypatch.setattr(SparsityWeights, "penalty", penalty)
+    signal_at_step(monkeypatch, 9 + 4, signal.SIGTERM)
     out = tmp_path / "interrupted"
     assert run_cli(search.main, flags(photos, out, 2), capsys)[0] == 143
-    monkeypatch.setattr(SparsityWeights, "penalty", original)
+    monkeypatch.undo()
+    monkeypatch.setattr(vitslim.data, "input_on_device", lambda device: True)
     assert run_cli(search.main, flags(photos, out, 2) + ["--resume"], capsys)[0] == 0
     assert_same_run(out, reference)

@@ -15,6 +15,14 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".p
 BAD_IMAGES = ("skip", "stop")  # --bad-images: what a file that cannot be decoded does to the run
 
 
+def add_bad_images_arg(group) -> None:
+    """--bad-images, shared by python -m vitslim.search and retrain."""
+    group.add_argument("--bad-images", choices=BAD_IMAGES, default="skip",
+                       help="an image that cannot be decoded: skip (default; a warning naming it, a training "
+                            "image replaced by the next readable one, a validation image left out of the "
+                            "accuracy) or stop (the run stops naming it)")
+
+
 @dataclass(frozen=True)
 class Augment:
     """The DeiT recipe's augmentation (timm.data); mixup and cutmix are applied per batch by the trainer."""
@@ -116,15 +124,18 @@ class DeviceInput:
         if remode not in ("pixel", "const"):
             raise UserError(f"random erasing mode must be 'pixel' or 'const', got {remode!r}")
         self.mean, self.std, self.remode = tuple(mean), tuple(std), remode
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # mean, std on each device
 
     def __call__(self, images: torch.Tensor, device: torch.device, boxes: torch.Tensor | None = None,
                  seed: tuple[int, ...] = ()) -> torch.Tensor:
-        x = images.to(device, non_blocking=True).float().div_(255)
-        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
-        x = x.sub_(mean).div_(std)
-        if boxes is None or not bool(boxes[:, 2].any()):
+        if device not in self._stats:
+            self._stats[device] = (torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
+                                   torch.tensor(self.std, device=device).view(1, -1, 1, 1))
+        mean, std = self._stats[device]
+        x = images.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
+        if boxes is None or not bool(boxes[:, 2].any()):  # (boxes come from the loader, on the CPU: no sync)
             return x
+        erased = torch.nonzero(boxes[:, 2] > 0).flatten().to(device)  # noise for these samples only (~reprob)
         boxes = boxes.to(device, non_blocking=True)
         H, W = x.shape[-2:]
         rows = torch.arange(H, device=device).view(1, H, 1)
@@ -136,7 +147,6 @@ class DeviceInput:
         import numpy as np
         state = np.random.SeedSequence(list(seed)).generate_state(2)
         g = torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
-        erased = torch.nonzero(boxes[:, 2] > 0).flatten()  # noise for the samples with a box only (~reprob)
         fill = torch.randn((erased.numel(), *x.shape[1:]), generator=g, device=device)
         x[erased] = torch.where(inside[erased].unsqueeze(1), fill, x[erased])
         return x

@@ -15,7 +15,7 @@ from . import cli
 from .arch import ViTArch, build
 from .cli import ArgumentParser, UserError
 from .counting import count_flops
-from .data import BAD_IMAGES
+from .data import add_bad_images_arg
 from .saving import save_slim
 from .plan import SlimPlan
 from .plan.command import add_target_args, alignment_of, chosen_target, make_plan
@@ -50,10 +50,7 @@ def build_parser() -> ArgumentParser:
                    "search used, if it was the embedded digits)")
     g.add_argument("--workers", type=cli.non_negative_int("--workers"), default=4)
     g = p.add_argument_group("recipe (defaults: DeiT's; lighter ones on the embedded data)")
-    g.add_argument("--bad-images", choices=BAD_IMAGES, default="skip",
-                   help="an image that cannot be decoded: skip (default; a warning naming it, a training image "
-                        "replaced by the next readable one, a validation image left out of the accuracy) or "
-                        "stop (the run stops naming it)")
+    add_bad_images_arg(g)
     g.add_argument("--epochs", type=cli.positive_int("--epochs"), default=None)
     g.add_argument("--batch-size", type=cli.positive_int("--batch-size"), default=None, help="per process")
     g.add_argument("--lr", type=cli.positive("--lr"), default=None, help="default: 5e-4 x global batch / 512")

@@ -12,7 +12,7 @@ from . import cli
 from .arch import describe
 from .cli import ArgumentParser, UserError
 from .counting import count_flops, count_params
-from .data import BAD_IMAGES
+from .data import add_bad_images_arg
 from .gates import SEARCH_MODES, SparsityWeights
 from .searchable import make_searchable
 from .threshold import threshold
@@ -51,10 +51,7 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--workers", type=cli.non_negative_int("--workers"), default=4,
                    help="data loading processes per rank (default: 4)")
     g = p.add_argument_group("recipe (defaults: the paper's; lighter ones on the embedded data)")
-    g.add_argument("--bad-images", choices=BAD_IMAGES, default="skip",
-                   help="an image that cannot be decoded: skip (default; a warning naming it, a training image "
-                        "replaced by the next readable one, a validation image left out of the accuracy) or "
-                        "stop (the run stops naming it)")
+    add_bad_images_arg(g)
     g.add_argument("--epochs", type=cli.positive_int("--epochs"), default=None)
     g.add_argument("--dense-epochs", type=cli.non_negative_int("--dense-epochs"), default=None,
                    help="train the dense model first for this many epochs (default: 30 on the embedded data, "

@@ -8,6 +8,7 @@ latency comes from the device's measured table (vitslim.latency).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from numbers import Real
@@ -258,6 +259,4 @@ def plan_for(model: nn.Module, *, flops: float | None = None, params: float | No
         measured = time_forward_ms(slim(model, plan, fused=fused).to(device), batch_size, device)
         target.update({"predicted_ms": cost(plan), "measured_ms": measured, "dense_predicted_ms": dense,
                        "device": table.key["device"], "batch_size": batch_size})
-    return SlimPlan(**{**{f: getattr(plan, f) for f in ("embed_dim", "num_heads", "head_dim", "mlp_hidden",
-                                                         "num_prefix_tokens", "num_patches", "search", "budgets",
-                                                         "blocks", "alignment")}, "target": target})
+    return dataclasses.replace(plan, target=target)

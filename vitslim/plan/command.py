@@ -129,6 +129,8 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from vitslim.counting import count_flops, count_params
     from vitslim.retrain import load_search
+    from vitslim.targets import PlanCost
+    from vitslim.threshold import gate_ranking
 
     args = build_parser().parse_args(argv)
     target = chosen_target(args)
@@ -142,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     alignment = alignment_of(args)
     model, arch, ckpt = load_search(Path(args.searched))
     dense = {"flops": count_flops(model), "params": count_params(model)}
+    ranking = gate_ranking(model)  # (read once: the gates do not change between the rows)
+    cost = PlanCost(model, ranking.arch)
     rows = []
     for value in values:
         plan = make_plan(model, (target[0], value) if target else None, value, args.mix, alignment, args)
-        rows.append({"value": value, "plan": plan, **_costs(model, plan)})
+        rows.append({"value": value, "plan": plan, **_costs(ranking, cost, plan)})
     if not args.sweep:
         plan = rows[0]["plan"]
         print(plan.summary())
@@ -173,15 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _costs(model, plan) -> dict:
-    from vitslim.targets import PlanCost
-    from vitslim.threshold import gate_ranking
-
-    ranking = gate_ranking(model)
-    cost = PlanCost(model, ranking.arch)(plan)
+def _costs(ranking, cost, plan) -> dict:
+    """The plan's MACs and parameters (cost: a PlanCost) and the fraction of the attention and MLP gate
+    magnitude it keeps."""
     total = sum(float(t.sum()) for kind in ("attn", "mlp") for t in getattr(ranking, kind))
-    kept = _kept_magnitude(ranking, plan)
-    return {**cost, "kept_magnitude": kept / total if total else 0.0}
+    return {**cost(plan), "kept_magnitude": _kept_magnitude(ranking, plan) / total if total else 0.0}
 
 
 def _kept_magnitude(ranking, plan) -> float:
