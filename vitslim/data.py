@@ -15,6 +15,15 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".p
 BAD_IMAGES = ("skip", "stop")  # --bad-images: what a file that cannot be decoded does to the run
 
 
+def add_loader_arg(group) -> None:
+    """--loader, shared by python -m vitslim.search and retrain."""
+    group.add_argument("--loader", choices=("cpu", "gpu", "dali"), default="cpu",
+                       help="where training images are decoded and augmented: cpu (default: the loader workers, "
+                            "Pillow), gpu (workers read files and draw the augmentation; the GPU decodes with "
+                            "nvJPEG and augments, batched) or dali (the same with NVIDIA DALI's decoder, an "
+                            "optional install); the same recipe and draws either way")
+
+
 def add_bad_images_arg(group) -> None:
     """--bad-images, shared by python -m vitslim.search and retrain."""
     group.add_argument("--bad-images", choices=BAD_IMAGES, default="skip",
@@ -116,14 +125,15 @@ def draw_erasing(probability: float, height: int, width: int) -> tuple[int, int,
 
 
 class DeviceInput:
-    """Turns a loader's uint8 batch into the network's input on the device: (x / 255 - mean) / std as timm's
-    ToTensor + Normalize compute it, then random erasing of each sample's box with N(0, 1) pixels ("pixel" mode;
+    """Turns a loader's uint8 batch (or with --loader gpu/dali, its EncodedBatch, through `decode`) into the
+    network's input on the device: (x / 255 - mean) / std as timm's ToTensor + Normalize compute it, then random erasing of each sample's box with N(0, 1) pixels ("pixel" mode;
     "const": zeros) drawn from a generator seeded by (seed, epoch, batch), so a resumed run erases alike."""
 
-    def __init__(self, mean, std, remode: str = "pixel") -> None:
+    def __init__(self, mean, std, remode: str = "pixel", decode: Callable | None = None) -> None:
         if remode not in ("pixel", "const"):
             raise UserError(f"random erasing mode must be 'pixel' or 'const', got {remode!r}")
         self.mean, self.std, self.remode = tuple(mean), tuple(std), remode
+        self.decode = decode  # --loader gpu/dali: EncodedBatch -> pixels 0..255 on the device (DeviceAugment)
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # mean, std on each device
 
     def __call__(self, images: torch.Tensor, device: torch.device, boxes: torch.Tensor | None = None,
@@ -132,6 +142,8 @@ class DeviceInput:
             self._stats[device] = (torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
                                    torch.tensor(self.std, device=device).view(1, -1, 1, 1))
         mean, std = self._stats[device]
+        if not isinstance(images, torch.Tensor):  # an EncodedBatch: decoded and augmented on the device first
+            images = self.decode(images, device)
         x = images.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
         if boxes is None or not bool(boxes[:, 2].any()):  # (boxes come from the loader, on the CPU: no sync)
             return x
@@ -223,11 +235,12 @@ def input_on_device(device: torch.device) -> bool:
 
 
 def image_folders(data_path: str, img_size: int, mean, std, augment: Augment, no_aug: bool = False,
-                  on_device: bool = True) -> Data:
+                  on_device: bool = True, loader: str = "cpu") -> Data:
     """train/ and val/ class folders. The workers decode and augment to uint8 (3, H, W); normalisation and random
     erasing run on the training device (Data.device_input), as in timm's prefetcher: a quarter of the bytes
     cross the worker boundary and the host-to-device copy, and the per-pixel work leaves the CPU.
-    on_device=False: all of timm's transform in the workers, float32 batches (what benchmarks.loader compares)."""
+    on_device=False: all of timm's transform in the workers, float32 batches (what benchmarks.loader compares).
+    loader "gpu" / "dali": the training images are decoded and augmented on the device (vitslim.gpu_loader)."""
     from timm.data import create_transform
 
     root = Path(data_path)
@@ -241,10 +254,34 @@ def image_folders(data_path: str, img_size: int, mean, std, augment: Augment, no
     val = _image_folder(root / "val", val_tf, replace=False)
     if train.classes != val.classes:
         raise UserError(f"{root}/train and {root}/val have different class folders")
+    decode = None
+    if loader != "cpu":
+        from .gpu_loader import EncodedFiles, device_augment
+        if not on_device:
+            raise UserError(f"--loader {loader} augments on the device; it cannot also normalise in the workers")
+        decode = device_augment(loader)
+        train = EncodedFiles(train, erasing)
     return Data(train, val, len(train.classes), img_size, embedded=False,
                 description=f"{root}: {len(train)} train / {len(val)} val images, {len(train.classes)} classes",
                 classes=tuple(train.classes),
-                device_input=DeviceInput(mean, std, augment.remode) if on_device else None)
+                device_input=DeviceInput(mean, std, augment.remode, decode) if on_device else None)
+
+
+def run_data(args, img_size: int, mean, std, device: torch.device, say: Callable[[str], None]) -> Data:
+    """The data of a search or retrain run on `device`: the embedded digits without --data-path, else the image
+    folders with --aa, --reprob and --loader."""
+    if args.data_path is None:
+        if args.loader != "cpu":
+            say(f"warning: --loader {args.loader} ignored: it applies to --data-path image folders, and the "
+                f"embedded digits are tensors already")
+        return embedded_digits()
+    if args.loader == "dali" and device.type != "cuda":
+        raise UserError(f"--loader dali decodes on a CUDA device; this run is on {device}: use --loader cpu")
+    if args.loader == "gpu" and device.type != "cuda":
+        say(f"warning: --loader gpu on {device}: the main process decodes and augments every batch on the CPU, "
+            f"one core; --loader cpu spreads that over the --workers")
+    return image_folders(args.data_path, img_size, mean, std, Augment(rand_augment=args.aa, reprob=args.reprob),
+                         on_device=input_on_device(device) or args.loader != "cpu", loader=args.loader)
 
 
 def embedded_digits() -> Data:
@@ -398,8 +435,11 @@ def loaders(data: Data, batch_size: int, dist: Distributed, seed: int, workers: 
         say = lambda message: print(prefix + message, file=sys.stderr)  # noqa: E731
     sampler = EpochSampler(len(data.train), batch_size, dist, seed)
     pin = dist.device.type == "cuda"
+    collate = _collate
+    if data.device_input is not None and data.device_input.decode is not None:
+        from .gpu_loader import collate_encoded as collate
     train = DataLoader(SeededSamples(data.train, seed), batch_size=batch_size, sampler=sampler, num_workers=workers,
-                       pin_memory=pin, drop_last=True, persistent_workers=False, collate_fn=_collate,
+                       pin_memory=pin, drop_last=True, persistent_workers=False, collate_fn=collate,
                        generator=torch.Generator().manual_seed(seed), worker_init_fn=_ignore_stop_signals)
     shard = list(range(dist.rank, len(data.val), dist.world_size))
     val = DataLoader(torch.utils.data.Subset(data.val, shard), batch_size=batch_size, shuffle=False,

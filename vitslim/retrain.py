@@ -15,7 +15,7 @@ from . import cli
 from .arch import ViTArch, build
 from .cli import ArgumentParser, UserError
 from .counting import count_flops
-from .data import add_bad_images_arg
+from .data import add_bad_images_arg, add_loader_arg
 from .saving import save_slim
 from .plan import SlimPlan
 from .plan.command import add_target_args, alignment_of, chosen_target, make_plan
@@ -51,6 +51,7 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--workers", type=cli.non_negative_int("--workers"), default=4)
     g = p.add_argument_group("recipe (defaults: DeiT's; lighter ones on the embedded data)")
     add_bad_images_arg(g)
+    add_loader_arg(g)
     g.add_argument("--epochs", type=cli.positive_int("--epochs"), default=None)
     g.add_argument("--batch-size", type=cli.positive_int("--batch-size"), default=None, help="per process")
     g.add_argument("--lr", type=cli.positive("--lr"), default=None, help="default: 5e-4 x global batch / 512")
@@ -116,7 +117,7 @@ def load_search(path: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import Augment, embedded_digits, image_folders, input_on_device, loaders
+    from .data import loaders, run_data
     from .report import compare_throughput, format_report, kept_tokens, model_row, write_report
     from .training import (CHECKPOINT, Recipe, Trainer, check_recipe, check_resume_flags, cross_entropy_loss,
                            read_checkpoint)
@@ -156,13 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     set_drop_path(student, args.drop_path)
     student.to(dist.device)
 
-    if embedded:
-        data = embedded_digits()
-    else:
-        mean, std = ckpt.get("mean_std", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
-        data = image_folders(args.data_path, arch.img_size[0], mean, std,
-                             Augment(rand_augment=args.aa, reprob=args.reprob),
-                             on_device=input_on_device(dist.device))
+    mean, std = ckpt.get("mean_std", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    data = run_data(args, arch.img_size[0], mean, std, dist.device, say)
     if data.num_classes != arch.num_classes:
         raise UserError(f"the data has {data.num_classes} classes, the searched model {arch.num_classes}")
     searched_classes = tuple(ckpt.get("classes") or ())  # (recorded since search checkpoints have them)

@@ -12,7 +12,7 @@ from . import cli
 from .arch import describe
 from .cli import ArgumentParser, UserError
 from .counting import count_flops, count_params
-from .data import add_bad_images_arg
+from .data import add_bad_images_arg, add_loader_arg
 from .gates import SEARCH_MODES, SparsityWeights
 from .searchable import make_searchable
 from .threshold import threshold
@@ -52,6 +52,7 @@ def build_parser() -> ArgumentParser:
                    help="data loading processes per rank (default: 4)")
     g = p.add_argument_group("recipe (defaults: the paper's; lighter ones on the embedded data)")
     add_bad_images_arg(g)
+    add_loader_arg(g)
     g.add_argument("--epochs", type=cli.positive_int("--epochs"), default=None)
     g.add_argument("--dense-epochs", type=cli.non_negative_int("--dense-epochs"), default=None,
                    help="train the dense model first for this many epochs (default: 30 on the embedded data, "
@@ -99,7 +100,7 @@ def resolve_defaults(args, embedded: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import Augment, embedded_digits, image_folders, input_on_device, loaders
+    from .data import loaders, run_data
     from .figures import plot_gate_histograms, plot_structure
     from .training import (CHECKPOINT, Recipe, Trainer, check_recipe, check_resume_flags, cross_entropy_loss,
                            evaluate, read_checkpoint)
@@ -115,12 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                              **({"num_classes": 10} if embedded else {}))
     arch = describe(model)  # refuses unsupported models before any data is read
     mean, std = _mean_std(model, embedded)
-    if embedded:
-        data = embedded_digits()
-    else:
-        data = image_folders(args.data_path, arch.img_size[0], mean, std,
-                             Augment(rand_augment=args.aa, reprob=args.reprob),
-                             on_device=input_on_device(dist.device))
+    data = run_data(args, arch.img_size[0], mean, std, dist.device, say)
     if data.num_classes != arch.num_classes:
         model.reset_classifier(data.num_classes)
         arch = describe(model)
