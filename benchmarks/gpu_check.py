@@ -18,6 +18,8 @@ not use passes on to the next), and writes its JSON as it goes, so a part cut sh
              plan-like 70% plan (wide early blocks, narrow late ones, pruned heads)
   P3         slim inference (slim_inference.json): DeiT-S 70/70/70 at bs 256 and 1, with and without CUDA graphs
   P4         retrain step (retrain_step.json): slim vs dense vs the paper's masked retrain
+  loader     benchmarks.loader (loader.json) on 1,200 synthetic ImageNet-like JPEGs: --loader cpu and --loader gpu
+             with 4, 8 and all-but-one workers, and --loader gpu's decode + augmentation on the GPU
 Then, in this process: gpu_check.json (each part's status, seconds and slice; the budget used), SUMMARY.md (each
 DESIGN.md target: measured ratio, target, holds or not; measured / predicted per kernel against the roofline
 model, benchmarks/results/roofline.json), the README's GPU table regenerated from those files, and a copy of
@@ -72,6 +74,8 @@ PARTS = (
     Part("P2", "ragged attention", 35, 40, "ragged_attention.json", False),
     Part("P3", "slim inference", 25, 40, "slim_inference.json", False),
     Part("P4", "retrain step", 25, 40, "retrain_step.json", False),
+    Part("loader", "input pipeline: loader workers on this machine's cores, --loader gpu's device half", 60, 40,
+         "loader.json", False),
 )
 PART_NAMES = tuple(p.name for p in PARTS)
 SUMMARY_RESERVE_S = {False: 10.0, True: 2.0}  # kept for the summary, README and copy (GPU, dry run)
@@ -283,9 +287,28 @@ def part_p4(ctx: PartContext) -> str:
     return _slim_part(ctx, "retrain_step", slim.bench_retrain_step)
 
 
+def part_loader(ctx: PartContext) -> str:
+    """benchmarks.loader on synthetic ImageNet-like JPEGs: --loader cpu (default) and --loader gpu, workers up
+    to every core of the machine, and --loader gpu's decode + augmentation on the GPU."""
+    import os
+
+    from benchmarks import loader
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if ctx.dry_run:
+        argv = ["--synthetic", "40", "--workers", "1", "--batch-size", "8", "--batches", "2", "--stage-samples", "8"]
+    else:
+        workers = sorted({w for w in (4, 8, cores - 1) if 0 < w < cores} or {1})
+        argv = ["--synthetic", "1200", "--workers", *map(str, workers), "--batch-size", "128", "--batches", "4",
+                "--stage-samples", "100"]
+    code = loader.main([*argv, "--pipelines", "default", "gpu", "--results-dir", str(ctx.results_dir),
+                        *(["--dry-run"] if ctx.dry_run else [])])
+    return "ok" if code == 0 else f"failed: benchmarks.loader exited {code}"
+
+
 PART_FUNCTIONS: dict[str, Callable[[PartContext], str]] = {
     "build": part_build, "tests": part_tests, "selftest": part_selftest, "sanitizer": part_sanitizer,
-    "P1": part_p1, "P2": part_p2, "P3": part_p3, "P4": part_p4}
+    "P1": part_p1, "P2": part_p2, "P3": part_p3, "P4": part_p4, "loader": part_loader}
 
 
 def run_part(name: str, ctx: PartContext) -> int:
@@ -575,6 +598,7 @@ def summarise(results_dir: Path, record: dict) -> str:
                      f"{r['first_calls_s']:.1f} s, left out of its median ({r['median_ms']:.2f} ms).")
     if not_run:
         lines += ["", "Not run:", ""] + [f"- {n}" for n in not_run]
+    lines += ["", "## Input pipeline (benchmarks.loader, synthetic ImageNet-like JPEGs)", ""] + loader_lines(results_dir)
     kernels = kernel_rows(results_dir)
     lines += ["", "## Measured vs the roofline model (our Triton kernels, ms per step)", ""]
     if kernels:
@@ -588,6 +612,25 @@ def summarise(results_dir: Path, record: dict) -> str:
     else:
         lines.append("No roofline model in benchmarks/results/roofline.json (python -m benchmarks.roofline).")
     return "\n".join(lines) + "\n"
+
+
+def loader_lines(results_dir: Path) -> list[str]:
+    """Images/s per pipeline and worker count, per core, and --loader gpu's device half."""
+    result = _load(results_dir, "loader")
+    if result is None:
+        return ["Not run."]
+    lines = [f"{result.get('cores')} cores, batch {result.get('batch_size')}.", "",
+             "| pipeline | workers | images/s | per worker |", "| --- | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        lines.append(f"| {r['pipeline']} | {r['workers']} | {r['images_per_s']:.0f} | "
+                     f"{r['images_per_s_per_worker']:.0f} |")
+    for label, pipeline in result.get("pipelines", {}).items():
+        side = pipeline.get("device_side")
+        if side:
+            lines.append("")
+            lines.append(f"{label}, device half on {side['device']} ({side['decoder']}): " + ", ".join(
+                f"{what} {rate:.0f} images/s" for what, rate in side["images_per_s"].items()))
+    return lines
 
 
 def readme_table(results_dir: Path) -> str:

@@ -3,6 +3,7 @@ to feed the predicted step rates. Writes benchmarks/results/loader.json.
 
   python -m benchmarks.loader --synthetic 2000           # ImageNet-like JPEGs generated once into a temp folder
   python -m benchmarks.loader --data-path /data/imagenet --workers 1 2 4 8 16
+  python -m benchmarks.loader --synthetic 2000 --pipelines default gpu    # --loader cpu against --loader gpu
 
 The pipeline is the one python -m vitslim.search and retrain build (vitslim.data: timm's DeiT transform with
 RandAugment m9-mstd0.5, random erasing 0.25, bicubic RandomResizedCrop 224, per-sample seeds, the loader's
@@ -112,6 +113,62 @@ def device_input_ms(data, batch_size: int) -> float:
     return 1e3 * (time.perf_counter() - start) / 3 / batch_size
 
 
+def encoded_stage_times(data, samples: int) -> dict[str, float]:
+    """--loader gpu's worker side, milliseconds per image on one core: read the file and its header, draw the
+    augmentation (timm's transform, recorded), collate."""
+    from vitslim.data import draw_erasing
+    from vitslim.gpu_loader import collate_encoded
+
+    files = data.train  # vitslim.gpu_loader.EncodedFiles
+    totals = {"read file + header (+ Pillow for non-JPEG)": 0.0, "draw crop, flip, RandAugment, erasing": 0.0}
+    for index in range(samples):
+        Path(files.samples[index % len(files.samples)][0]).read_bytes()
+    outputs = []
+    for index in range(samples):
+        start = time.perf_counter()
+        file, label, bad, header = files._read(index % len(files.samples))
+        middle = time.perf_counter()
+        draw = files.draws(files.samples[index % len(files.samples)][0], header)
+        box = torch.tensor(draw_erasing(files.erasing or 0.0, *files.draws.size))
+        totals["draw crop, flip, RandAugment, erasing"] += time.perf_counter() - middle
+        totals["read file + header (+ Pillow for non-JPEG)"] += middle - start
+        outputs.append((file, label, bad, draw, box))
+    batch = outputs[: min(len(outputs), 256)]
+    start = time.perf_counter()
+    collate_encoded(batch)
+    totals["collate"] = (time.perf_counter() - start) * samples / len(batch)
+    return {k: 1e3 * v / samples for k, v in totals.items()}
+
+
+def device_pipeline_rate(data, batch_size: int, batches: int, device: torch.device) -> dict:
+    """Images per second of --loader gpu's device half (decode, crop + resize, flip, RandAugment, normalise,
+    erase) on `device`, and of its decode alone, over `batches` batches after one warm-up batch."""
+    from vitslim.cli import Distributed
+    from vitslim.data import loaders
+
+    dist = Distributed(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    train, _, sampler = loaders(data, batch_size, dist, 0, 0, say=lambda _: None)
+    sampler.set_epoch(0)
+    encoded = []
+    for encoded_batch, _, _, boxes in train.loader:
+        encoded.append((encoded_batch, boxes))
+        if len(encoded) == batches + 1:
+            break
+    decode, sync = data.device_input.decode, (torch.cuda.synchronize if device.type == "cuda" else lambda: None)
+    rates = {}
+    for what, run in (("decode + augment + normalise", lambda b, boxes, k: data.device_input(
+                           b, device, boxes, (0, 0, k))),
+                      ("decode only", lambda b, boxes, k: decode.decode(b, device))):
+        run(*encoded[0], 0)
+        sync()
+        start = time.perf_counter()
+        for k, (b, boxes) in enumerate(encoded[1:], 1):
+            run(b, boxes, k)
+        sync()
+        rates[what] = sum(len(b.files) for b, _ in encoded[1:]) / (time.perf_counter() - start)
+    return {"device": str(device), "decoder": decode.decoder.name, "images_per_s": rates}
+
+
 def loader_rate(data, workers: int, batch_size: int, batches: int) -> float:
     """Images per second the training loader (vitslim.data.loaders) delivers with `workers` processes, after
     its first batch (worker start-up is excluded), before DeviceInput (which runs on the GPU in training)."""
@@ -148,6 +205,11 @@ def predicted_step_rates(step_rate: float | None) -> dict[str, float]:
             search["batch"] / (p["predicted_ms_with_launches"] / 1e3) for name, p in search["paths"].items()}
 
 
+PIPELINES = {"before": ("workers normalise + erase (float32 batches; before)", False, "cpu"),
+             "default": ("device normalises + erases (uint8 batches; default, --loader cpu)", True, "cpu"),
+             "gpu": ("--loader gpu: workers read + draw, the device decodes + augments", True, "gpu")}
+
+
 def main(argv: list[str] | None = None) -> int:
     from vitslim.data import Augment, image_folders
 
@@ -160,8 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--batches", type=int, default=8, help="timed batches per worker count")
     p.add_argument("--stage-samples", type=int, default=200, help="images for the per-stage times")
+    p.add_argument("--pipelines", nargs="+", choices=tuple(PIPELINES), default=list(PIPELINES),
+                   help="which pipelines to time (default: all)")
     p.add_argument("--step-rate", type=float, default=None, help="images/s to feed (default: the roofline's)")
     p.add_argument("--results-dir", default=None)
+    p.add_argument("--dry-run", action="store_true", help="recorded in the results: gpu_check's plumbing run")
     args = p.parse_args(argv)
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -170,20 +235,24 @@ def main(argv: list[str] | None = None) -> int:
     else:
         root = Path(args.data_path)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    pipelines = {"workers normalise + erase (float32 batches; before)": False,
-                 "device normalises + erases (uint8 batches; default)": True}
     counts = args.workers or sorted({1, *[2 ** i for i in range(1, 8) if 2 ** i <= cores], cores})
-    rows, summary = [], {}
-    for label, on_device in pipelines.items():
-        data = image_folders(str(root), 224, mean, std, Augment(), on_device=on_device)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows, summary, device_side = [], {}, None
+    for key in args.pipelines:
+        label, on_device, loader = PIPELINES[key]
+        data = image_folders(str(root), 224, mean, std, Augment(), on_device=on_device, loader=loader)
         if not summary:
             sizes = [Path(s).stat().st_size for s, _ in data.train.samples[:500]]
             print(f"data: {data.description}; mean JPEG {sum(sizes) / len(sizes) / 1e3:.0f} KB; {cores} cores here")
         torch.set_num_threads(1)  # one core, as a loader worker has
-        stages = stage_times(data, args.stage_samples)
-        if data.device_input is not None:
-            # (on a GPU this runs there, not in a core's budget; timed on this CPU only to show what moved)
-            stages["on the device: normalise + erase (timed here on the CPU)"] = device_input_ms(data, args.batch_size)
+        if loader == "gpu":
+            stages = encoded_stage_times(data, args.stage_samples)
+        else:
+            stages = stage_times(data, args.stage_samples)
+            if data.device_input is not None:
+                # (on a GPU this runs there, not in a core's budget; timed on this CPU only to show what moved)
+                stages["on the device: normalise + erase (timed here on the CPU)"] = device_input_ms(
+                    data, args.batch_size)
         total = sum(stages.values())
         print(f"{label}: per image on one core ({args.stage_samples} images): {total:.2f} ms, "
               f"{1e3 / total:.0f} images/s")
@@ -197,18 +266,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  loader, {workers:>2} workers: {rate:8.0f} images/s ({rate / workers:.0f} per worker)")
         summary[label] = {"stages_ms_per_image": stages, "stage_total_ms": total,
                           "per_core": max(r["images_per_s_per_worker"] for r in rows if r["pipeline"] == label)}
+        if loader == "gpu":
+            device_side = device_pipeline_rate(data, args.batch_size, args.batches, device)
+            summary[label]["device_side"] = device_side
+            where = "the GPU" if device.type == "cuda" else "this CPU (one process; on a GPU it runs there)"
+            print("  its device half on " + where + ": " + ", ".join(
+                f"{what} {rate:.0f} images/s" for what, rate in device_side["images_per_s"].items()))
     h2d = host_to_device_ms(args.batch_size)
     if h2d is not None:
         print(f"host-to-device (pinned, non-blocking, float32): {h2d['ms_per_image']:.3f} ms per image "
               f"({h2d['gb_per_s']:.1f} GB/s); uint8 batches move a quarter of that")
-    per_core = summary[next(reversed(pipelines))]["per_core"]
+    fastest = max(summary, key=lambda label: summary[label]["per_core"])
+    per_core = summary[fastest]["per_core"]
     needs = {name: {"images_per_s": rate, "cores_needed": rate / per_core}
              for name, rate in predicted_step_rates(args.step_rate).items()}
+    side = summary[fastest].get("device_side")
+    if side is not None:  # the GPU decodes and augments too: its time per image adds to the step's
+        for n in needs.values():
+            n["device_half"] = side
+            n["note"] = (f"{fastest}: the GPU's time for the device half adds to the step time; measured here on "
+                         f"{side['device']}")
     for name, n in needs.items():
         print(f"to feed {n['images_per_s']:.0f} images/s ({name}): {n['cores_needed']:.0f} cores at "
-              f"{per_core:.0f} images/s per core (default pipeline)")
+              f"{per_core:.0f} images/s per core ({fastest})")
     path = write_results("loader", rows, args.results_dir, data=data.description, cores=cores,
                          batch_size=args.batch_size, pipelines=summary, host_to_device=h2d, feeding=needs,
+                         feeding_pipeline=fastest, dry_run=args.dry_run,
                          transform="vitslim.data: timm's DeiT transform (PIL), per-sample seeds")
     print(f"wrote {path}")
     return 0

@@ -21,14 +21,21 @@ def test_the_benchmark_writes_stages_rates_and_cores_needed(tmp_path, capsys):
     assert loader.main(["--synthetic", "24", "--workers", "1", "--batch-size", "4", "--batches", "2",
                         "--stage-samples", "6", "--step-rate", "9000", "--results-dir", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "loader.json").read_text())
-    before, default = result["pipelines"].values()
+    before, default, gpu = result["pipelines"].values()
     for pipeline in (before, default):
         stages = pipeline["stages_ms_per_image"]
         assert "decode (PIL open + RGB)" in stages and any("RandAugment" in k for k in stages)
         assert any("RandomResizedCrop" in k for k in stages) and "collate" in stages
     assert any("RandomErasing" in k for k in before["stages_ms_per_image"])  # in the workers before
     assert not any("RandomErasing" in k for k in default["stages_ms_per_image"])  # on the device now
-    assert [r["workers"] for r in result["rows"]] == [1, 1] and all(r["images_per_s"] > 0 for r in result["rows"])
+    assert set(gpu["stages_ms_per_image"]) == {"read file + header (+ Pillow for non-JPEG)",
+                                               "draw crop, flip, RandAugment, erasing", "collate"}
+    device_rates = gpu["device_side"]["images_per_s"]
+    assert gpu["device_side"]["decoder"] == "torchvision" and set(device_rates) == {
+        "decode + augment + normalise", "decode only"} and all(r > 0 for r in device_rates.values())
+    assert [r["workers"] for r in result["rows"]] == [1, 1, 1] and all(r["images_per_s"] > 0 for r in result["rows"])
     need = result["feeding"]["--step-rate"]
-    assert need["cores_needed"] == need["images_per_s"] / default["per_core"]
+    fastest = result["pipelines"][result["feeding_pipeline"]]
+    assert fastest["per_core"] == max(p["per_core"] for p in (before, default, gpu))
+    assert need["cores_needed"] == need["images_per_s"] / fastest["per_core"]
     assert "cores at" in capsys.readouterr().out
