@@ -2,11 +2,12 @@
 at the device's limits.
 
     python -m benchmarks.roofline --model deit_small_patch16_224 --batch 256 [--bandwidth-tbs 4.3]
-        [--peak-tflops 790] [--launch-us 2.5] [-o DIR]
+        [--peak-tflops 790] [--launch-us 2.5] [-o DIR]      # -> roofline.json (DeiT-S), roofline_<model>.json
 
-Three comparisons, each path recorded from the project's real code on CPU tensors:
+Four comparisons, each path recorded from the project's real code on CPU tensors:
 - the search training step (forward, backward, AdamW; bf16 autocast), fused vs folded (DESIGN.md's strong
   baseline: gates folded into the weights, SDPA, cuBLAS);
+- the retrain step (the same, without gates) of the slim model (70/70/70, below) vs the dense timm model;
 - slim-model inference (DeiT budgets 70/70/70 from random gates with a fixed seed), fused vs the dense timm
   model, at --batch and at batch 1.
 
@@ -199,19 +200,39 @@ def search_step(model_name: str, fused: bool) -> Callable[[int], None]:
     return step
 
 
-def inference_step(model_name: str, slim: bool) -> Callable[[int], None]:
+def _model(model_name: str, slim: bool):
+    """The dense timm model, or its slim 70/70/70 model (fused) from fixed-seed random gate magnitudes."""
     import vitslim
     torch.manual_seed(0)
-    model = _timm(model_name).eval()
-    if slim:
-        searchable = vitslim.make_searchable(model)
-        with torch.no_grad():
-            for gate in vitslim.gates(searchable):  # fixed-seed random magnitudes, as benchmarks/ uses
-                gate.attn.uniform_(0.0, 1.0)
-                gate.mlp.uniform_(0.0, 1.0)
-                gate.tokens.uniform_(0.0, 3.0)
-        plan = vitslim.threshold(searchable, budget_attn=0.7, budget_mlp=0.7, budget_tokens=0.7)
-        model = vitslim.slim(searchable, plan, fused=True).eval()
+    model = _timm(model_name)
+    if not slim:
+        return model
+    searchable = vitslim.make_searchable(model)
+    with torch.no_grad():
+        for gate in vitslim.gates(searchable):  # fixed-seed random magnitudes, as benchmarks/ uses
+            gate.attn.uniform_(0.0, 1.0)
+            gate.mlp.uniform_(0.0, 1.0)
+            gate.tokens.uniform_(0.0, 3.0)
+    plan = vitslim.threshold(searchable, budget_attn=0.7, budget_mlp=0.7, budget_tokens=0.7)
+    return vitslim.slim(searchable, plan, fused=True)
+
+
+def train_step(model_name: str, slim: bool) -> Callable[[int], None]:
+    """One retrain step (forward, backward, AdamW; bf16 autocast) of the slim model, or of the dense model."""
+    model = _model(model_name, slim).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05, foreach=True)
+
+    def step(batch: int) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(torch.randn(batch, 3, 224, 224)).float().logsumexp(-1).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def inference_step(model_name: str, slim: bool) -> Callable[[int], None]:
+    model = _model(model_name, slim).eval()
 
     def step(batch: int) -> None:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -265,6 +286,11 @@ def _print(result: dict, top: int) -> None:
           f"{result['predicted_ratio_with_launches']:.3f} with launches ({result['ratio_is']})")
 
 
+def results_name(model: str) -> str:
+    """roofline.json for DeiT-S (what gpu_check and benchmarks.loader read), roofline_<model>.json otherwise."""
+    return "roofline.json" if model == "deit_small_patch16_224" else f"roofline_{model}.json"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="deit_small_patch16_224", help="a timm ViT name")
@@ -273,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=H200["peak_tflops"], help="bf16 matmul TFLOP/s")
     parser.add_argument("--fp32-tflops", type=float, default=H200["fp32_tflops"], help="fp32 (no tensor core)")
     parser.add_argument("--launch-us", type=float, default=2.5, help="host cost per launch, microseconds")
-    parser.add_argument("--only", choices=("search", "inference"), help="one comparison only")
+    parser.add_argument("--only", choices=("search", "retrain", "inference"), help="one comparison only")
     parser.add_argument("--top", type=int, default=8, help="kernels listed per path")
     parser.add_argument("-o", "--results-dir", type=Path, default=DEFAULT_DIR, help="where roofline.json goes")
     args = parser.parse_args(argv)
@@ -291,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         results.append(compare(f"{args.model} search step (fwd + bwd + AdamW, bf16 autocast)",
                                ("fused", search_step(args.model, fused=True)),
                                ("folded", search_step(args.model, fused=False)), args.batch, limits, args.launch_us))
+    if args.only in (None, "retrain"):
+        results.append(compare(f"{args.model} retrain step (fwd + bwd + AdamW, bf16 autocast), slim 70/70/70 "
+                               f"(fused) vs dense timm (SDPA)",
+                               ("slim", train_step(args.model, slim=True)),
+                               ("dense", train_step(args.model, slim=False)), args.batch, limits, args.launch_us))
     if args.only in (None, "inference"):
         for batch in dict.fromkeys((args.batch, 1)):
             results.append(compare(f"{args.model} inference, slim 70/70/70 (fused) vs dense timm (SDPA), bf16",
@@ -302,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
            "limits": limits, "launch_us": args.launch_us, "model": args.model, "versions": provenance(),
            "seconds_to_compute": round(time.perf_counter() - start, 1), "comparisons": results}
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / "roofline.json"
+    path = args.results_dir / results_name(args.model)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(out, indent=1) + "\n"))
     print(f"\n-> {path}")
     return 0
