@@ -18,6 +18,16 @@ import torch.nn.functional as F
 _LUMA = (19595, 38470, 7471)
 
 
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list or tensor on `device` without a device sync: a blocking host-to-device copy (what
+    torch.tensor(..., device="cuda") does) waits for every kernel queued before it, the training step's included,
+    so the host could no longer run ahead of the GPU. Pinned memory and non_blocking copy instead."""
+    t = torch.as_tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def _per_image(values: torch.Tensor) -> torch.Tensor:
     return values.view(-1, 1, 1, 1)
 
@@ -29,7 +39,7 @@ def _clip_trunc(x: torch.Tensor) -> torch.Tensor:
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
     """(n, 1, H, W): Pillow's convert("L") of integer-valued RGB."""
-    weights = torch.tensor(_LUMA, dtype=torch.float64, device=x.device).view(1, 3, 1, 1)
+    weights = to_device(_LUMA, torch.float64, x.device).view(1, 3, 1, 1)
     return torch.floor(((x.double() * weights).sum(1, keepdim=True) + 0x8000) / 65536).to(x.dtype)
 
 
@@ -129,7 +139,7 @@ def affine(x: torch.Tensor, matrices: torch.Tensor, fill: tuple[float, float, fl
     n, _, h, w = x.shape
     ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float64) + 0.5,
                             torch.arange(w, device=x.device, dtype=torch.float64) + 0.5, indexing="ij")
-    m = matrices.to(x.device, torch.float64).view(n, 6, 1, 1)
+    m = to_device(matrices, torch.float64, x.device).view(n, 6, 1, 1)
     u = m[:, 0] * xs + m[:, 1] * ys + m[:, 2]  # (n, H, W), pixel units
     v = m[:, 3] * xs + m[:, 4] * ys + m[:, 5]
     if mode == "nearest":  # Pillow takes pixel floor(u), floor(v); grid_sample would round half to even
@@ -139,7 +149,7 @@ def affine(x: torch.Tensor, matrices: torch.Tensor, fill: tuple[float, float, fl
         grid = torch.stack((2 * u / w - 1, 2 * v / h - 1), dim=-1).to(x.dtype)
         sampled = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
     inside = ((u >= 0) & (u < w) & (v >= 0) & (v < h)).unsqueeze(1)  # Pillow fills outside [0, W) x [0, H)
-    fill_value = torch.tensor(fill, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    fill_value = to_device(fill, x.dtype, x.device).view(1, 3, 1, 1)
     return torch.where(inside, sampled.round().clamp_(0, 255), fill_value)
 
 

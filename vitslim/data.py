@@ -147,7 +147,8 @@ class DeviceInput:
         x = images.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
         if boxes is None or not bool(boxes[:, 2].any()):  # (boxes come from the loader, on the CPU: no sync)
             return x
-        erased = torch.nonzero(boxes[:, 2] > 0).flatten().to(device)  # noise for these samples only (~reprob)
+        from .augment_ops import to_device
+        erased = to_device(torch.nonzero(boxes[:, 2] > 0).flatten(), torch.int64, device)  # noise: these only
         boxes = boxes.to(device, non_blocking=True)
         H, W = x.shape[-2:]
         rows = torch.arange(H, device=device).view(1, H, 1)

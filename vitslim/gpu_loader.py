@@ -324,7 +324,7 @@ class DeviceAugment:
         out.round_().clamp_(0, 255)
         flips = [k for k, draw in enumerate(batch.draws) if draw.flip]
         if flips:
-            index = torch.tensor(flips, device=device)
+            index = augment_ops.to_device(flips, torch.int64, device)
             out[index] = out[index].flip(-1)
         return apply_ops(out, batch.draws)
 
@@ -354,15 +354,15 @@ def apply_ops(x: torch.Tensor, draws: Sequence[SampleDraw]) -> torch.Tensor:
                 name, args, resample = draw.ops[layer]
                 groups.setdefault((name, resample), []).append((k, args))
         for (name, resample), members in groups.items():
-            index = torch.tensor([k for k, _ in members], device=x.device)
+            index = augment_ops.to_device([k for k, _ in members], torch.int64, x.device)
             images = x[index]
             if name in augment_ops.GEOMETRIC:
                 matrices = torch.tensor([augment_ops.geometric_matrix(name, args[0], width, height)
                                          for _, args in members], dtype=torch.float64)
                 images = augment_ops.affine(images, matrices, draws[0].fill, mode=resample)
             elif members[0][1]:
-                values = torch.tensor([args[0] for _, args in members], dtype=torch.float32)
-                images = augment_ops.POINTWISE[name](images, values.to(x.device, non_blocking=True))
+                values = augment_ops.to_device([args[0] for _, args in members], torch.float32, x.device)
+                images = augment_ops.POINTWISE[name](images, values)
             else:
                 images = augment_ops.POINTWISE[name](images)
             x[index] = images
