@@ -179,6 +179,21 @@ def test_a_resumed_epoch_gets_the_same_batches(jpegs, workers):
         assert torch.equal(a, b) and torch.equal(la, lb)
 
 
+def test_two_ranks_shard_the_same_global_batches(jpegs):
+    """Under DDP each rank decodes its half of every global batch: the two ranks' samples, interleaved as
+    EpochSampler deals them, are the one process's (no erasing: its N(0, 1) fill is drawn per rank's batch)."""
+    data = image_folders(str(jpegs), 224, MEAN, STD, Augment(reprob=0.0), on_device=True, loader="gpu")
+    one = _epoch(data, 0, batch=4)
+    ranks = []
+    for rank in range(2):
+        dist = Distributed(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+        train, _, sampler = loaders(data, 2, dist, 3, 0, say=lambda _: None)
+        sampler.set_epoch(0)
+        ranks.append([images for images, _ in train])
+    for k, (images, _) in enumerate(one):
+        assert torch.equal(images[0::2], ranks[0][k]) and torch.equal(images[1::2], ranks[1][k])
+
+
 def test_files_the_device_decoder_cannot_take_are_decoded_by_pillow(jpegs):
     data = image_folders(str(jpegs), 224, MEAN, STD, Augment(), on_device=True, loader="gpu")
     files = {Path(path).suffix: data.train[i][0] for i, (path, _) in enumerate(data.train.samples)}
