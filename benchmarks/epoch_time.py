@@ -78,13 +78,13 @@ def model_rows(results: Path, cores: int) -> tuple[list[dict], dict]:
                     "epoch_s": epoch_s, "gpu_hours": epochs * epoch_s / 3600,
                     "gpu_time_not_counted": bool(half) and not on_gpu}
         rows.append(row)
-    return rows, {"cores": cores, "workers": workers, "measured_on": f"{loader.get('cores')} cores of "
-                  f"{loader.get('device')} ({loader.get('date')})", "pipelines": pipelines}
+    return rows, {"cores": cores, "workers": workers, "measured_on": f"a {loader.get('cores')}-core machine "
+                  f"(device {loader.get('device')}, {loader.get('date')})", "pipelines": pipelines}
 
 
 def table(rows: list[dict], meta: dict) -> str:
     labels = list(meta["pipelines"])
-    short = {label: label.split(":")[0].split(" (")[0] for label in labels}
+    short = {label: short_name(label) for label in labels}
     lines = [f"| recipe | step images/s (predicted) | " + " | ".join(
         f"{short[label]}: GPU-hours" for label in labels) + " | paper (V100) |",
         "| --- | ---: | " + " | ".join("---:" for _ in labels) + " | ---: |"]
@@ -110,6 +110,17 @@ def table(rows: list[dict], meta: dict) -> str:
                       "its step time; not counted here because they have not been timed on a GPU yet (`make "
                       "gpu-check` times them)."]
     return "\n".join(lines) + "\n"
+
+
+def short_name(label: str) -> str:
+    """A column name for one of benchmarks.loader's pipeline labels."""
+    if label.startswith("--loader gpu"):
+        return "--loader gpu"
+    if "default" in label:
+        return "--loader cpu (default)"
+    if "before" in label:
+        return "workers normalise (before)"
+    return label
 
 
 def _hours(x: float | None) -> str:
