@@ -17,7 +17,8 @@ BAD_IMAGES = ("skip", "stop")  # --bad-images: what a file that cannot be decode
 
 def add_loader_arg(group) -> None:
     """--loader, shared by python -m vitslim.search and retrain."""
-    group.add_argument("--loader", choices=("cpu", "gpu", "dali"), default="cpu",
+    from .gpu_loader import LOADERS
+    group.add_argument("--loader", choices=LOADERS, default="cpu",
                        help="where training images are decoded and augmented: cpu (default: the loader workers, "
                             "Pillow), gpu (workers read files and draw the augmentation; the GPU decodes with "
                             "nvJPEG and augments, batched) or dali (the same with NVIDIA DALI's decoder, an "

@@ -118,7 +118,7 @@ class TransformDraws:
     def __init__(self, transform) -> None:
         from timm.data.auto_augment import AutoAugment, RandAugment
         from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
-        from torchvision.transforms import RandomHorizontalFlip
+        from torchvision.transforms import PILToTensor, RandomHorizontalFlip
 
         self.crop = self.flip = self.augment = None
         names = _op_names()
@@ -135,7 +135,7 @@ class TransformDraws:
                         raise UserError(f"--loader gpu implements timm's RandAugment ops "
                                         f"{', '.join(sorted(set(names.values())))}; this policy uses {op.name}")
                     op.aug_fn = _Recorder(names[op.aug_fn])
-            elif type(t).__name__ not in ("MaybePILToTensor", "PILToTensor") and not isinstance(t, MaybePILToTensor):
+            elif not isinstance(t, (MaybePILToTensor, PILToTensor)):  # (the pixels become a tensor anyway)
                 raise UserError(f"--loader gpu runs the DeiT training transform (RandomResizedCrop, flip, "
                                 f"RandAugment); this one also has {type(t).__name__}: use --loader cpu")
         if self.crop is None:
