@@ -292,3 +292,15 @@ def test_nvjpeg_pipeline_matches_the_cpu_pipeline(jpegs):
     for a, b in zip(batches["cpu"], batches["gpu"]):
         assert b.device.type == "cuda"
         assert ((a - b).abs() * std * 255).flatten(1).mean(1).max() < 3.0
+
+
+def test_resume_may_switch_loaders(photos, tmp_path, capsys):  # noqa: F811
+    """--loader is not a recipe flag: the draws are the same, so a run started with one loader resumes with another."""
+    code, _, err = run_cli(search.main, _search(photos, tmp_path), capsys)
+    assert code == 0, err
+    argv = _search(photos, tmp_path, "--loader", "gpu", "--resume")
+    argv[argv.index("--epochs") + 1] = "2"  # a constant-lr search may be extended
+    code, _, err = run_cli(search.main, argv, capsys)
+    assert code == 0, err
+    log = [line for line in (tmp_path / "log.jsonl").read_text().splitlines() if line.strip()]
+    assert len(log) == 2 and "Traceback" not in err
