@@ -221,6 +221,18 @@ def test_bad_files_are_replaced_and_named_once(photos):  # noqa: F811 - the fixt
     assert named == sorted(BAD), warnings
 
 
+def test_a_train_folder_with_no_readable_image_is_one_line(tmp_path, photos):  # noqa: F811
+    from .test_bad_images import _spoil
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        _spoil(tmp_path / split / "a", photos / "train" / "class0" / "0.jpg")
+    data = image_folders(str(tmp_path), 16, (0.5,) * 3, (0.5,) * 3, Augment(), on_device=True, loader="gpu")
+    for workers in (0, 2):  # raised in the main process, not wrapped in a worker's traceback
+        train, _, _ = loaders(data, 1, _cpu(), 0, workers, say=lambda _: None)
+        with pytest.raises(UserError, match=r"^no train image can be read \(the first: .*\.jpg \(.*\)\)$"):
+            next(iter(train))
+
+
 def test_a_truncated_jpeg_goes_to_pillow(tmp_path, jpegs):
     """A JPEG without its end marker is not handed to the device decoder (which would fail the whole batch)."""
     source = next((jpegs / "train" / "class0").glob("*.jpg")).read_bytes()

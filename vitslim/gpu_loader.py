@@ -207,8 +207,10 @@ class EncodedFiles:
         while file is None and step < len(self.samples) - 1:
             step += 1
             file, label, _, header = self._read((index + step) % len(self.samples))
-        if file is None:
-            raise UserError(f"no train image can be read (the first: {bad})")
+        if file is None:  # not one readable image: label -1, which the loader reports in the main process
+            from PIL import Image
+            header, label = Image.new("RGB", (32, 32)), -1
+            file = torch.zeros(3, 32, 32, dtype=torch.uint8)
         draw = self.draws(self.samples[(index + step) % len(self.samples)][0], header)
         box = draw_erasing(self.erasing, *self.draws.size) if self.erasing is not None else (0, 0, 0, 0)
         return file, label, bad, draw, torch.tensor(box)
