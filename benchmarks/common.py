@@ -135,6 +135,28 @@ def write_results(name: str, rows: list[dict], results_dir: Path | None = None, 
     return path
 
 
+def read_results(path: Path) -> dict | None:
+    """A results JSON file, or None when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def between_markers(text: str, begin: str, end: str, body: str) -> str:
+    """`text` with what lies between the markers `begin` and `end` replaced by body (on its own lines)."""
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < start:
+        raise SystemExit(f"the README has no {begin} ... {end} section")
+    return text[:start + len(begin)] + "\n" + body + text[stop:]
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    import os
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def benchmark_pedantic(benchmark, fn: Callable[[], object], rounds: int = 20, warmup_rounds: int = 5) -> float:
     """Run fn under pytest-benchmark with a device sync inside the timed function; record the device-timed
     median in extra_info and return it (ms)."""

@@ -13,11 +13,10 @@ process keeps a core).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from benchmarks.common import write_results
+from benchmarks.common import between_markers, read_results, write_results
 from benchmarks.roofline import results_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,16 +32,9 @@ RECIPES = (
 )
 
 
-def _load(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def step_rates(results: Path, model: str, comparison: str) -> tuple[int, dict[str, float]] | None:
     """(batch, {path: predicted images/s}) of a roofline comparison, None when that roofline was not computed."""
-    roofline = _load(results / results_name(model))
+    roofline = read_results(results / results_name(model))
     found = next((c for c in (roofline or {}).get("comparisons", []) if comparison in c["what"]), None)
     if found is None:
         return None
@@ -51,7 +43,7 @@ def step_rates(results: Path, model: str, comparison: str) -> tuple[int, dict[st
 
 
 def model_rows(results: Path, cores: int) -> tuple[list[dict], dict]:
-    loader = _load(results / "loader.json")
+    loader = read_results(results / "loader.json")
     if loader is None:
         raise SystemExit("benchmarks/results/loader.json is missing: run python -m benchmarks.loader first")
     workers = max(1, cores - 1)
@@ -128,9 +120,7 @@ def _hours(x: float | None) -> str:
 
 
 def update_readme(text: str, readme: Path = README) -> None:
-    content = readme.read_text()
-    begin, end = content.index(README_BEGIN) + len(README_BEGIN), content.index(README_END)
-    readme.write_text(content[:begin] + "\n" + text + content[end:])
+    readme.write_text(between_markers(readme.read_text(), README_BEGIN, README_END, text))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -290,11 +290,10 @@ def part_p4(ctx: PartContext) -> str:
 def part_loader(ctx: PartContext) -> str:
     """benchmarks.loader on synthetic ImageNet-like JPEGs: --loader cpu (default) and --loader gpu, workers up
     to every core of the machine, and --loader gpu's decode + augmentation on the GPU."""
-    import os
-
     from benchmarks import loader
+    from benchmarks.common import available_cores
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     if ctx.dry_run:
         argv = ["--synthetic", "40", "--workers", "1", "--batch-size", "8", "--batches", "2", "--stage-samples", "8"]
     else:
@@ -426,11 +425,8 @@ def write_record(results_dir: Path, record: dict) -> None:
 
 # -- SUMMARY.md and the README table ----------------------------------------------------------------------
 def _load(results_dir: Path, name: str) -> dict | None:
-    path = results_dir / f"{name}.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    from benchmarks.common import read_results
+    return read_results(results_dir / f"{name}.json")
 
 
 @dataclass(frozen=True)
@@ -654,12 +650,8 @@ def readme_table(results_dir: Path) -> str:
 
 def write_readme_table(results_dir: Path, readme: Path) -> None:
     """Replace the text between the README's gpu-check markers with readme_table(results_dir)."""
-    text = README.read_text()
-    begin, end = text.find(README_BEGIN), text.find(README_END)
-    if begin < 0 or end < begin:
-        raise SystemExit(f"{README} has no {README_BEGIN} ... {README_END} section")
-    new = text[:begin + len(README_BEGIN)] + "\n" + readme_table(results_dir) + text[end:]
-    readme.write_text(new)
+    from benchmarks.common import between_markers
+    readme.write_text(between_markers(README.read_text(), README_BEGIN, README_END, readme_table(results_dir)))
 
 
 # -- the command line -----------------------------------------------------------------------------------

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .common import write_results
+from .common import available_cores, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # ImageNet-1k train JPEGs: typically 500 x 375 or 375 x 500 (~110 KB on average, most 40-150 KB).
@@ -229,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="recorded in the results: gpu_check's plumbing run")
     args = p.parse_args(argv)
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = available_cores()
     if args.synthetic is not None:
         root = synthetic_jpegs(Path(tempfile.gettempdir()) / "vitslim-loader-jpegs", args.synthetic)
     else:
@@ -237,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     counts = args.workers or sorted({1, *[2 ** i for i in range(1, 8) if 2 ** i <= cores], cores})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows, summary, device_side = [], {}, None
+    rows, summary = [], {}
     for key in args.pipelines:
         label, on_device, loader = PIPELINES[key]
         data = image_folders(str(root), 224, mean, std, Augment(), on_device=on_device, loader=loader)

@@ -39,8 +39,8 @@ def _clip_trunc(x: torch.Tensor) -> torch.Tensor:
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
     """(n, 1, H, W): Pillow's convert("L") of integer-valued RGB."""
-    weights = to_device(_LUMA, torch.float64, x.device).view(1, 3, 1, 1)
-    return torch.floor(((x.double() * weights).sum(1, keepdim=True) + 0x8000) / 65536).to(x.dtype)
+    r, g, b = x.double().split(1, dim=1)  # (scalar weights: no host-to-device copy)
+    return torch.floor((r * _LUMA[0] + g * _LUMA[1] + b * _LUMA[2] + 0x8000) / 65536).to(x.dtype)
 
 
 def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -148,9 +148,11 @@ def affine(x: torch.Tensor, matrices: torch.Tensor, fill: tuple[float, float, fl
     else:
         grid = torch.stack((2 * u / w - 1, 2 * v / h - 1), dim=-1).to(x.dtype)
         sampled = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
-    inside = ((u >= 0) & (u < w) & (v >= 0) & (v < h)).unsqueeze(1)  # Pillow fills outside [0, W) x [0, H)
-    fill_value = to_device(fill, x.dtype, x.device).view(1, 3, 1, 1)
-    return torch.where(inside, sampled.round().clamp_(0, 255), fill_value)
+    outside = (u < 0) | (u >= w) | (v < 0) | (v >= h)  # Pillow fills outside [0, W) x [0, H)
+    out = sampled.round().clamp_(0, 255)
+    for c in range(3):
+        out[:, c].masked_fill_(outside, fill[c])
+    return out
 
 
 def rotation_matrix(degrees: float, width: int, height: int) -> tuple[float, ...]:

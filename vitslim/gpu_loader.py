@@ -180,7 +180,6 @@ class EncodedFiles:
         return len(self.samples)
 
     def _read(self, index: int):
-        import numpy as np
         from PIL import Image
 
         from .data import _image_errors
@@ -192,8 +191,7 @@ class EncodedFiles:
                 fmt, mode = header.format, header.mode
                 if fmt == "JPEG" and mode in ("RGB", "L") and _jpeg_complete(data):
                     return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, "", header
-                pixels = np.asarray(header.convert("RGB"))
-            return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous(), label, "", header
+                return _pillow_pixels(header), label, "", header
         except _image_errors() as e:
             from PIL import UnidentifiedImageError
             reason = "not an image Pillow can identify" if isinstance(e, UnidentifiedImageError) else str(e)
@@ -223,15 +221,20 @@ def collate_encoded(samples: list) -> tuple[EncodedBatch, torch.Tensor, list[str
             torch.stack(boxes))
 
 
+def _pillow_pixels(image) -> torch.Tensor:
+    """(3, H, W) uint8: a Pillow image decoded to RGB."""
+    import numpy as np
+    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+
+
 def _decode_on_host(data: torch.Tensor, path: str) -> torch.Tensor:
     """(3, H, W) uint8 by Pillow: the fallback for a file the device decoder refused."""
-    import numpy as np
     from PIL import Image
 
     from .data import _image_errors
     try:
         with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
-            return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+            return _pillow_pixels(image)
     except _image_errors() as e:
         raise UserError(f"train image {path} cannot be decoded ({e}); remove or replace it") from None
 
