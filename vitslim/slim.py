@@ -152,14 +152,17 @@ class SlimAttention(nn.Module):
     def _forward_aligned(self, x: torch.Tensor) -> torch.Tensor:
         """The Triton kernel on heads "ragged but aligned": each head's q/k/v columns padded to a multiple of 8
         with zero weights (see _AlignedHeads; nothing to pad when the widths already are), so that every head
-        starts on a 16-byte boundary and the kernel loads 16 bytes at a time, through the packed op (its
-        gradient is one dqkv). Exactly the same function: padded q and k columns are 0 and add nothing to
-        the scores, padded v columns give output columns that meet zero proj columns."""
+        starts on a 16-byte boundary and the kernel loads 16 bytes at a time, through qkv_attention (its
+        gradient is one dqkv, and the bias gradient comes with it). Exactly the same function: padded q and k
+        columns are 0 and add nothing to the scores, padded v columns give output columns that meet zero proj
+        columns."""
         a = self._aligned
         qkv_weight, qkv_bias, proj_weight = a.padded(self.qkv.weight, self.qkv.bias, self.proj.weight)
-        from vitslim_kernels.triton.ragged_attention import ragged_attention_qkv_triton
+        from vitslim_kernels.triton.qkv_attention import qkv_attention_triton
 
-        o = ragged_attention_qkv_triton(F.linear(x, qkv_weight, qkv_bias), a.head_dims, self.scale)
+        # The projection and the attention as one op: its backward takes the qkv bias gradient from the
+        # attention kernel instead of reading dqkv once more.
+        o = qkv_attention_triton(x, qkv_weight, qkv_bias, None, a.head_dims, self.scale)
         return F.linear(o, proj_weight, self.proj.bias)
 
     def extra_repr(self) -> str:

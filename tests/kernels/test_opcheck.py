@@ -36,7 +36,7 @@ HEAD_DIMS = [17, 0, 1]   # odd widths and a fully pruned head
 EPS = 1e-6
 GATHER = (0, 2, 3, 16)   # of 17 input rows: prefix row 0 and 3 patches, the last row too
 MODULES = ("vitslim_kernels.triton.ragged_attention", "vitslim_kernels.triton.gated_linear",
-           "vitslim_kernels.triton.layernorm_token_scale")
+           "vitslim_kernels.triton.layernorm_token_scale", "vitslim_kernels.triton.qkv_attention")
 
 
 @pytest.fixture(autouse=True)
@@ -101,10 +101,18 @@ def _ragged_qkv_fwd_args(dtype, head_dims=HEAD_DIMS, B=2, N=17):
     return (_randn(B, N, 3 * sum(head_dims), dtype=dtype, scale=1.5), list(head_dims), SCALE)
 
 
-def _ragged_qkv_bwd_args(ops, dtype, head_dims=HEAD_DIMS, B=2, N=17):
+def _ragged_qkv_bwd_args(ops, dtype, head_dims=HEAD_DIMS, B=2, N=17, bias_grad=False):
     qkv = _randn(B, N, 3 * sum(head_dims), dtype=dtype, scale=1.5)
     o, lse = ops.ragged_attention_qkv_fwd(qkv, list(head_dims), SCALE)
-    return (_randn(*o.shape, dtype=dtype, seed=1), qkv, o, lse, list(head_dims), SCALE)
+    return (_randn(*o.shape, dtype=dtype, seed=1), qkv, o, lse, list(head_dims), SCALE, bias_grad)
+
+
+def _qkv_attention_args(dtype, gated=True, bias=True, head_dims=HEAD_DIMS, B=2, N=17, C=24):
+    """x (B, N, C), the (3D, C) qkv weight and bias, a gate of one entry per q (k, v) row or None."""
+    D = sum(head_dims)
+    return (_randn(B, N, C, dtype=dtype), _randn(3 * D, C, dtype=dtype, seed=1) * 1.5 / C ** 0.5,
+            _randn(3 * D, dtype=dtype, seed=2) if bias else None,
+            1 + 0.5 * _randn(D, dtype=dtype, seed=3) if gated else None, list(head_dims), SCALE)
 
 
 def _ln_fwd_args(dtype, out_dtype=None, gather=GATHER, num_prefix=1):
@@ -171,6 +179,12 @@ OPCHECK_CASES = {
     "ragged_attention_qkv_fwd fp32": lambda ops: (ops.ragged_attention_qkv_fwd, _ragged_qkv_fwd_args(torch.float32)),
     "ragged_attention_qkv_bwd fp32": lambda ops: (ops.ragged_attention_qkv_bwd,
                                                   _ragged_qkv_bwd_args(ops, torch.float32)),
+    "ragged_attention_qkv_bwd fp32 bias grad": lambda ops: (ops.ragged_attention_qkv_bwd,
+                                                            _ragged_qkv_bwd_args(ops, torch.float32, bias_grad=True)),
+    "qkv_attention fp32 gated": lambda ops: (ops.qkv_attention, _qkv_attention_args(torch.float32)),
+    "qkv_attention fp32 no gate": lambda ops: (ops.qkv_attention, _qkv_attention_args(torch.float32, gated=False)),
+    "qkv_attention fp16 gated no bias": lambda ops: (ops.qkv_attention,
+                                                     _qkv_attention_args(torch.float16, bias=False)),
     "layernorm_token_scale_fwd fp32 gather": lambda ops: (ops.layernorm_token_scale_fwd,
                                                           _ln_fwd_args(torch.float32)),
     "layernorm_token_scale_fwd fp16 no gather": lambda ops: (ops.layernorm_token_scale_fwd,
@@ -220,10 +234,11 @@ def test_backward_ops_are_their_formulas(ops):
     args[5] = 2 + torch.rand(args[5].shape, generator=g)
     _assert_outputs_close(ops.ragged_attention_bwd(*args), ragged_attention_bwd_ref(*args), atol=1e-5)
     from vitslim_kernels.triton.ragged_attention import ragged_attention_qkv_bwd_ref
-    args = list(_ragged_qkv_bwd_args(ops, torch.float32))
-    args[2] = torch.randn(args[2].shape, generator=g)
-    args[3] = 2 + torch.rand(args[3].shape, generator=g)
-    _assert_outputs_close((ops.ragged_attention_qkv_bwd(*args),), (ragged_attention_qkv_bwd_ref(*args),), atol=1e-5)
+    for bias_grad in (False, True):
+        args = list(_ragged_qkv_bwd_args(ops, torch.float32, bias_grad=bias_grad))
+        args[2] = torch.randn(args[2].shape, generator=g)
+        args[3] = 2 + torch.rand(args[3].shape, generator=g)
+        _assert_outputs_close(ops.ragged_attention_qkv_bwd(*args), ragged_attention_qkv_bwd_ref(*args), atol=1e-5)
     # layernorm: mean and rstd independent of x
     for gather in (GATHER, None):
         args = list(_ln_bwd_args(ops, torch.float32, gather=gather))
@@ -285,6 +300,26 @@ def test_packed_ragged_attention_second_derivatives(ops):
                               lambda qkv: ragged_attention_ref(*qkv.split(D, -1), HEAD_DIMS, SCALE), inputs)
 
 
+def _qkv_attention_ref(x, weight, bias, gate, head_dims, scale):
+    qkv = gated_linear_ref(x, weight, bias, gate) if gate is not None else torch.nn.functional.linear(x, weight, bias)
+    D = sum(head_dims)
+    return ragged_attention_ref(qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:], head_dims, scale)
+
+
+@pytest.mark.parametrize("gated, bias", [(True, True), (False, True), (True, False)])
+def test_qkv_attention_second_derivatives(ops, gated, bias):
+    from vitslim_kernels.triton.qkv_attention import qkv_attention_triton
+    *tensors, head_dims, scale = _qkv_attention_args(torch.float64, gated, bias)
+    present = [t for t in tensors if t is not None]
+
+    def call(fn):
+        def of(*leaves):
+            it = iter(leaves)
+            return fn(*(next(it) if t is not None else None for t in tensors), head_dims, scale)
+        return of
+    _check_second_derivatives(call(qkv_attention_triton), call(_qkv_attention_ref), present)
+
+
 def test_layernorm_token_scale_second_derivatives(ops):
     from vitslim_kernels.triton.layernorm_token_scale import layernorm_token_scale_triton
     x, w, b, raw, *_ = _ln_fwd_args(torch.float64)
@@ -337,7 +372,8 @@ TRACED_CASES = {  # op name -> the op's arguments (fake CUDA tensors are made fr
     "ragged_attention_fwd": lambda ops: _ragged_fwd_args(torch.float16),
     "ragged_attention_bwd": lambda ops: _ragged_bwd_args(ops, torch.float16),
     "ragged_attention_qkv_fwd": lambda ops: _ragged_qkv_fwd_args(torch.float16),
-    "ragged_attention_qkv_bwd": lambda ops: _ragged_qkv_bwd_args(ops, torch.float16),
+    "ragged_attention_qkv_bwd": lambda ops: _ragged_qkv_bwd_args(ops, torch.float16, bias_grad=True),
+    "qkv_attention": lambda ops: _qkv_attention_args(torch.float16),
     "layernorm_token_scale_fwd": lambda ops: _ln_fwd_args(torch.float32, torch.bfloat16),
     "layernorm_token_scale_bwd": lambda ops: _ln_bwd_shapes(torch.float32, torch.bfloat16),
     "gated_linear_fold": lambda ops: _fold_args(torch.float32),

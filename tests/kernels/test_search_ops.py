@@ -167,6 +167,28 @@ def test_layernorm_token_scale(N_in, gather, num_prefix, poisoned):
         assert torch.equal(grads["x"][:, dropped], torch.zeros_like(grads["x"][:, dropped]))
 
 
+@pytest.mark.parametrize("C", [32, 44, 40])
+def test_layernorm_token_scale_column_slices(C, poisoned):
+    # The kernels hold a row as power-of-two slices A + B: 32 = one slice; 44 = 32 + 16 with the last 4 columns
+    # masked; 40 = 32 + 8 exactly (48, as above, is 32 + 16).
+    from vitslim_kernels.triton.layernorm_token_scale import _column_slices
+    assert {32: (32, 0), 44: (32, 16), 40: (32, 8)}[C] == _column_slices(C)
+    torch.manual_seed(0)
+    gather = (0, 1, 3, 4, 10, 16)
+    fn, ref = _ln_fns(2, gather)
+    _check(fn, ref, _ln_inputs(3, 17, C, len(gather) - 2))
+
+
+def test_column_slices_cover_every_width_without_waste():
+    from vitslim_kernels.triton.layernorm_token_scale import _column_slices
+    assert [_column_slices(c) for c in (192, 384, 768, 1024, 1280, 448)] == [
+        (128, 64), (256, 128), (512, 256), (1024, 0), (1024, 256), (512, 0)]
+    for c in range(1, 2049):
+        a, b = _column_slices(c)
+        assert a + b >= c and a & (a - 1) == 0 and b & (b - 1) == 0 and b < a, c
+        assert a + b <= triton.next_power_of_2(c), c  # never more lanes than one power-of-two tile
+
+
 @pytest.mark.parametrize("dtype, out_dtype", [(torch.float16, None), (torch.float32, torch.bfloat16)])
 def test_layernorm_token_scale_low_precision(dtype, out_dtype, poisoned):
     # (float32, bfloat16): fp32 residual stream in, bf16 out for the next matmul, as under autocast.

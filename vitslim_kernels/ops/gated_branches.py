@@ -4,9 +4,9 @@ gated_attention_branch:  proj(attention(split_heads((u @ Wqkv^T + bqkv) * attn_g
 gated_mlp_branch:        fc2(GELU(w @ W1^T + b1) * mlp_gate)
 
 u and w are the already normalised and token-scaled inputs (see layernorm_token_scale); the residual, layer
-scale and drop path stay with the caller. The "triton" implementation is gated_linear (Triton fold + cuBLAS)
--> ragged_attention (Triton, all heads of width d) -> proj (cuBLAS), and gated_gelu_linear (cuBLAS + Triton
-epilogue) -> fc2 (cuBLAS). Neither branch has dropout: the search recipe uses attn_drop = proj_drop = 0 and
+scale and drop path stay with the caller. The "triton" implementation is qkv_attention (Triton fold + cuBLAS
+qkv + Triton ragged attention, all heads of width d, in one op) -> proj (cuBLAS), and gated_gelu_linear
+(cuBLAS + Triton epilogue) -> fc2 (cuBLAS). Neither branch has dropout: the search recipe uses attn_drop = proj_drop = 0 and
 the kernels have no RNG, so a non-zero rate is refused with an error rather than silently ignored.
 """
 from __future__ import annotations
@@ -57,13 +57,12 @@ def gated_attention_branch_ref(u_scaled: torch.Tensor, qkv_weight: torch.Tensor,
 def gated_attention_branch_triton(u_scaled: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None,
                                   attn_gate: torch.Tensor, proj_weight: torch.Tensor,
                                   proj_bias: torch.Tensor | None, num_heads: int, scale: float) -> torch.Tensor:
-    """gated_linear (Triton) -> packed ragged attention (Triton) on its qkv -> proj (cuBLAS)."""
-    from ..triton.gated_linear import gated_linear_triton
-    from ..triton.ragged_attention import ragged_attention_qkv_triton
+    """qkv_attention (the Triton fold + cuBLAS qkv + Triton attention, one op whose backward takes the qkv bias
+    gradient from the attention kernel) -> proj (cuBLAS)."""
+    from ..triton.qkv_attention import qkv_attention_triton
 
     H, d = check_gated_attention_branch_args(u_scaled, qkv_weight, attn_gate, proj_weight, num_heads)
-    qkv = gated_linear_triton(u_scaled, qkv_weight, qkv_bias, attn_gate.reshape(-1))  # (B, N, 3, H, d) layout
-    o = ragged_attention_qkv_triton(qkv, (d,) * H, scale)  # its gradient: one dqkv, no cat
+    o = qkv_attention_triton(u_scaled, qkv_weight, qkv_bias, attn_gate.reshape(-1), (d,) * H, scale)
     return F.linear(o, proj_weight, proj_bias)
 
 

@@ -3,8 +3,9 @@
 out[b, i] = (xhat(x[b, src(i)]) * w + bias) * s_i,   s_i = 1 (prefix rows) or tanh(token_raw[i - R]).
 
 Kernels:
-- `_layernorm_token_scale_fwd_kernel`: one program per BLOCK_R output rows, full rows of C (BLOCK_C = next
-  power of two >= C) in registers, statistics in fp32; the gather is a row-index load, so the gathered copy of
+- `_layernorm_token_scale_fwd_kernel`: one program per BLOCK_R output rows, full rows of C in registers as two
+  power-of-two column slices A + B (384 = 256 + 128: no idle lanes, where next_power_of_2(C) = 512 idled a
+  quarter), statistics in fp32; the gather is a row-index load, so the gathered copy of
   x is never materialised. Writes the output and the per-row mean and 1/std (fp32) for the backward.
 - `_layernorm_token_scale_bwd_kernel`: one program per chunk of INPUT rows (tiles of BLOCK_R rows, in order).
   Each input row finds its output row through the inverse map (-1 when the gather left it out, which gives
@@ -39,6 +40,13 @@ def _tanh(z):
 
 
 @triton.jit
+def _load_rows(ptr_rows, cols, stride_c, mask_r, C):
+    """A (rows, len(cols)) fp32 tile of rows at ptr_rows (one pointer per row), masked to columns < C."""
+    mask = mask_r[:, None] & (cols < C)[None, :]
+    return tl.load(ptr_rows[:, None] + cols[None, :] * stride_c, mask=mask, other=0.0).to(tl.float32), mask
+
+
+@triton.jit
 def _layernorm_token_scale_fwd_kernel(
     X,                                      # (B, N_in, C) input, any strides
     W, BIAS,                                # (C,) LayerNorm weight and bias, contiguous
@@ -55,7 +63,8 @@ def _layernorm_token_scale_fwd_kernel(
     eps,                                    # LayerNorm epsilon
     HAS_GATHER: tl.constexpr,               # whether output row i reads input row GATHER[i] (else row i)
     BLOCK_R: tl.constexpr,                  # rows per program
-    BLOCK_C: tl.constexpr,                  # next power of two >= C
+    BLOCK_A: tl.constexpr,                  # columns [0, BLOCK_A): the largest power of two <= C
+    BLOCK_B: tl.constexpr,                  # columns [BLOCK_A, BLOCK_A + BLOCK_B) (masked to C), or 0
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < num_rows
@@ -65,26 +74,57 @@ def _layernorm_token_scale_fwd_kernel(
         src = tl.load(GATHER + i, mask=mask_r, other=0)
     else:
         src = i.to(tl.int64)
-    cols = tl.arange(0, BLOCK_C)
-    mask_c = cols < C
-    mask = mask_r[:, None] & mask_c[None, :]
-
-    x = tl.load(X + b[:, None] * stride_xb + src[:, None] * stride_xn + cols[None, :] * stride_xc,
-                mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, 1) / C
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
-    w = tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
-    bias = tl.load(BIAS + cols, mask=mask_c, other=0.0).to(tl.float32)
+    x_rows = X + b * stride_xb + src * stride_xn
+    y_rows = Y + b * stride_yb + i * stride_yn
     is_patch = i >= NUM_PREFIX
     raw = tl.load(TOKEN_RAW + tl.where(is_patch, i - NUM_PREFIX, 0), mask=mask_r & is_patch, other=0.0)
     s = tl.where(is_patch, _tanh(raw.to(tl.float32)), 1.0)
 
-    y = (xc * rstd[:, None] * w[None, :] + bias[None, :]) * s[:, None]
-    tl.store(Y + b[:, None] * stride_yb + i[:, None] * stride_yn + cols[None, :] * stride_yc,
-             y.to(Y.dtype.element_ty), mask=mask)
+    # A row is held as two power-of-two slices, A + B: C = 384 is 256 + 128 and C = 768 is 512 + 256, with no
+    # idle lane, where one tile of next_power_of_2(C) leaves a quarter of them masked.
+    cols_a = tl.arange(0, BLOCK_A)
+    x_a, mask_a = _load_rows(x_rows, cols_a, stride_xc, mask_r, C)
+    total = tl.sum(x_a, 1)
+    if BLOCK_B > 0:
+        cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+        x_b, mask_b = _load_rows(x_rows, cols_b, stride_xc, mask_r, C)
+        total += tl.sum(x_b, 1)
+    mean = total / C
+    xc_a = tl.where(mask_a, x_a - mean[:, None], 0.0)
+    var = tl.sum(xc_a * xc_a, 1)
+    if BLOCK_B > 0:
+        xc_b = tl.where(mask_b, x_b - mean[:, None], 0.0)
+        var += tl.sum(xc_b * xc_b, 1)
+    rstd = 1.0 / tl.sqrt(var / C + eps)
+
+    w_a = tl.load(W + cols_a, mask=cols_a < C, other=0.0).to(tl.float32)
+    bias_a = tl.load(BIAS + cols_a, mask=cols_a < C, other=0.0).to(tl.float32)
+    y_a = (xc_a * rstd[:, None] * w_a[None, :] + bias_a[None, :]) * s[:, None]
+    tl.store(y_rows[:, None] + cols_a[None, :] * stride_yc, y_a.to(Y.dtype.element_ty), mask=mask_a)
+    if BLOCK_B > 0:
+        w_b = tl.load(W + cols_b, mask=cols_b < C, other=0.0).to(tl.float32)
+        bias_b = tl.load(BIAS + cols_b, mask=cols_b < C, other=0.0).to(tl.float32)
+        y_b = (xc_b * rstd[:, None] * w_b[None, :] + bias_b[None, :]) * s[:, None]
+        tl.store(y_rows[:, None] + cols_b[None, :] * stride_yc, y_b.to(Y.dtype.element_ty), mask=mask_b)
     tl.store(MEAN + rows, mean, mask=mask_r)
     tl.store(RSTD + rows, rstd, mask=mask_r)
+
+
+@triton.jit
+def _ln_bwd_slice(x_rows, dy_rows, dx_rows, cols, stride_xc, stride_dyc, stride_dxc, kept, mask_r, C, W, BIAS,
+                  mean, rstd, s):
+    """One column slice of a backward tile: (xhat, g = dy * s, dxhat = g * w, dy * LN(x), dx's pointers and
+    store mask), all (rows, len(cols)); 0 outside the real columns and on rows the gather dropped."""
+    x, mask = _load_rows(x_rows, cols, stride_xc, kept, C)
+    dy, _ = _load_rows(dy_rows, cols, stride_dyc, kept, C)
+    w = tl.load(W + cols, mask=cols < C, other=0.0).to(tl.float32)
+    bias = tl.load(BIAS + cols, mask=cols < C, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    g = dy * s[:, None]                                  # gradient of the LayerNorm output (0 if dropped)
+    dxhat = g * w[None, :]
+    dy_ln = tl.where(mask, dy * (xhat * w[None, :] + bias[None, :]), 0.0)
+    dx_ptrs = dx_rows[:, None] + cols[None, :] * stride_dxc
+    return xhat, g, dxhat, dy_ln, dx_ptrs, mask_r[:, None] & (cols < C)[None, :]
 
 
 @triton.jit
@@ -110,15 +150,17 @@ def _layernorm_token_scale_bwd_kernel(
     NUM_PREFIX,                             # leading output rows with scale 1
     HAS_GATHER: tl.constexpr,               # whether INVERSE maps input rows to output rows (else identity)
     BLOCK_R: tl.constexpr,                  # rows per tile
-    BLOCK_C: tl.constexpr,                  # next power of two >= C
+    BLOCK_A: tl.constexpr,                  # columns [0, BLOCK_A): the largest power of two <= C
+    BLOCK_B: tl.constexpr,                  # columns [BLOCK_A, BLOCK_A + BLOCK_B) (masked to C), or 0
 ):
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_C)
-    mask_c = cols < C
-    w = tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
-    bias = tl.load(BIAS + cols, mask=mask_c, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros([BLOCK_C], tl.float32)
-    db_acc = tl.zeros([BLOCK_C], tl.float32)
+    cols_a = tl.arange(0, BLOCK_A)
+    dw_a = tl.zeros([BLOCK_A], tl.float32)
+    db_a = tl.zeros([BLOCK_A], tl.float32)
+    if BLOCK_B > 0:
+        cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+        dw_b = tl.zeros([BLOCK_B], tl.float32)
+        db_b = tl.zeros([BLOCK_B], tl.float32)
     for t in range(tiles_per_program):
         rows = (pid * tiles_per_program + t) * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_r = rows < num_rows
@@ -130,33 +172,45 @@ def _layernorm_token_scale_bwd_kernel(
             j = n
         kept = mask_r & (j >= 0)
         out_row = b * N_OUT + j
-        mask = kept[:, None] & mask_c[None, :]
-
-        x = tl.load(X + b[:, None] * stride_xb + n[:, None] * stride_xn + cols[None, :] * stride_xc,
-                    mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + b[:, None] * stride_dyb + j[:, None] * stride_dyn + cols[None, :] * stride_dyc,
-                     mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + out_row, mask=kept, other=0.0)
         rstd = tl.load(RSTD + out_row, mask=kept, other=0.0)
         is_patch = j >= NUM_PREFIX
         raw = tl.load(TOKEN_RAW + tl.where(is_patch, j - NUM_PREFIX, 0), mask=kept & is_patch, other=0.0)
         s = tl.where(is_patch, _tanh(raw.to(tl.float32)), 1.0)
+        x_rows = X + b * stride_xb + n * stride_xn
+        dy_rows = DY + b * stride_dyb + j * stride_dyn
+        dx_rows = DX + b * stride_dxb + n * stride_dxn
 
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        g = dy * s[:, None]                                  # gradient of the LayerNorm output (0 if dropped)
-        dw_acc += tl.sum(g * xhat, 0)
-        db_acc += tl.sum(g, 0)
-        dxhat = g * w[None, :]
-        c1 = tl.sum(dxhat * xhat, 1) / C
-        c2 = tl.sum(dxhat, 1) / C
-        dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]  # exactly 0 on dropped rows
-        tl.store(DX + b[:, None] * stride_dxb + n[:, None] * stride_dxn + cols[None, :] * stride_dxc,
-                 dx.to(DX.dtype.element_ty), mask=mask_r[:, None] & mask_c[None, :])
-        ln = tl.where(mask, xhat * w[None, :] + bias[None, :], 0.0)
-        dscale = tl.sum(dy * ln, 1) * (1.0 - s * s)        # d/draw of tanh(raw) = 1 - tanh^2
-        tl.store(DSCALE + out_row, dscale, mask=kept)
-    tl.store(DW_PARTIAL + pid * stride_partial + cols, dw_acc, mask=mask_c)
-    tl.store(DB_PARTIAL + pid * stride_partial + cols, db_acc, mask=mask_c)
+        xhat_a, g_a, dxhat_a, dyln_a, dx_ptrs_a, store_a = _ln_bwd_slice(
+            x_rows, dy_rows, dx_rows, cols_a, stride_xc, stride_dyc, stride_dxc, kept, mask_r, C, W, BIAS,
+            mean, rstd, s)
+        dw_a += tl.sum(g_a * xhat_a, 0)
+        db_a += tl.sum(g_a, 0)
+        c1 = tl.sum(dxhat_a * xhat_a, 1)
+        c2 = tl.sum(dxhat_a, 1)
+        dot_ln = tl.sum(dyln_a, 1)
+        if BLOCK_B > 0:
+            xhat_b, g_b, dxhat_b, dyln_b, dx_ptrs_b, store_b = _ln_bwd_slice(
+                x_rows, dy_rows, dx_rows, cols_b, stride_xc, stride_dyc, stride_dxc, kept, mask_r, C, W, BIAS,
+                mean, rstd, s)
+            dw_b += tl.sum(g_b * xhat_b, 0)
+            db_b += tl.sum(g_b, 0)
+            c1 += tl.sum(dxhat_b * xhat_b, 1)
+            c2 += tl.sum(dxhat_b, 1)
+            dot_ln += tl.sum(dyln_b, 1)
+        c1 = c1 / C
+        c2 = c2 / C
+        dx_a = (dxhat_a - xhat_a * c1[:, None] - c2[:, None]) * rstd[:, None]  # exactly 0 on dropped rows
+        tl.store(dx_ptrs_a, dx_a.to(DX.dtype.element_ty), mask=store_a)
+        if BLOCK_B > 0:
+            dx_b = (dxhat_b - xhat_b * c1[:, None] - c2[:, None]) * rstd[:, None]
+            tl.store(dx_ptrs_b, dx_b.to(DX.dtype.element_ty), mask=store_b)
+        tl.store(DSCALE + out_row, dot_ln * (1.0 - s * s), mask=kept)  # d/draw of tanh(raw) = 1 - tanh^2
+    tl.store(DW_PARTIAL + pid * stride_partial + cols_a, dw_a, mask=cols_a < C)
+    tl.store(DB_PARTIAL + pid * stride_partial + cols_a, db_a, mask=cols_a < C)
+    if BLOCK_B > 0:
+        tl.store(DW_PARTIAL + pid * stride_partial + cols_b, dw_b, mask=cols_b < C)
+        tl.store(DB_PARTIAL + pid * stride_partial + cols_b, db_b, mask=cols_b < C)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,14 +225,27 @@ def _check_device(t: torch.Tensor) -> None:
     check_device(t, "layernorm_token_scale", _INTERPRETED)
 
 
-def _config(C: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_C, num_warps)."""
-    block_c = triton.next_power_of_2(C)
+def _column_slices(C: int) -> tuple[int, int]:
+    """(BLOCK_A, BLOCK_B): a row of C features as power-of-two slices A + B >= C, A the largest power of two
+    <= C and B the next power of two >= C - A (0 if none is left): 384 -> (256, 128), 768 -> (512, 256), 192 ->
+    (128, 64), 1024 -> (1024, 0), 44 -> (32, 16). Where B would equal A, one slice of 2A."""
+    a = 1 << (C.bit_length() - 1)
+    rest = C - a
+    if rest == 0:
+        return a, 0
+    b = triton.next_power_of_2(rest)
+    return (2 * a, 0) if b == a else (a, b)
+
+
+def _config(C: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_A, BLOCK_B, num_warps)."""
+    block_a, block_b = _column_slices(C)
     if _INTERPRETED:
-        return 8, block_c, 1  # 8-row tiles: N = 17 or 50 gives several programs and a partial last tile
+        return 8, block_a, block_b, 1  # 8-row tiles: N = 17 or 50 gives several programs and a partial last tile
     # Not yet measured (no GPU in the session that wrote this): ~4K fp32 elements per tile, 4 warps
-    # (C = 384: 8 rows of 512; C = 768: 4 rows of 1024). To be tuned with benchmark P1.
-    return max(1, 4096 // block_c), block_c, 4 if block_c <= 1024 else 8
+    # (C = 384: 8 rows of 256 + 128; C = 768: 4 rows of 512 + 256). To be tuned with benchmark P1.
+    width = triton.next_power_of_2(block_a + block_b)
+    return max(1, 4096 // width), block_a, block_b, 4 if width <= 1024 else 8
 
 
 def _bwd_programs(num_tiles: int, device: torch.device) -> int:
@@ -201,7 +268,7 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_raw: t
     if B * N_out == 0:
         return y, mean, rstd
     _check_device(x)
-    block_r, block_c, num_warps = _config(C, x.device)
+    block_r, block_a, block_b, num_warps = _config(C, x.device)
     weight, bias, token_raw = weight.contiguous(), bias.contiguous(), token_raw.contiguous()
     gather = gather.contiguous() if gather is not None else None
     grid = (triton.cdiv(B * N_out, block_r),)
@@ -213,7 +280,7 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_raw: t
         x.stride(0), x.stride(1), x.stride(2),
         y.stride(0), y.stride(1), y.stride(2),
         B * N_out, N_out, C, num_prefix, eps,
-        HAS_GATHER=gather is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+        HAS_GATHER=gather is not None, BLOCK_R=block_r, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=num_warps)
     return y, mean, rstd
 
 
@@ -228,7 +295,7 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         zero = torch.zeros((C,), dtype=torch.float32, device=x.device)
         return dx, zero.to(weight.dtype), zero.to(bias.dtype), token_raw.new_zeros(token_raw.shape)
     _check_device(x)
-    block_r, block_c, num_warps = _config(C, x.device)
+    block_r, block_a, block_b, num_warps = _config(C, x.device)
     num_tiles = triton.cdiv(B * N_in, block_r)
     programs = _bwd_programs(num_tiles, x.device)
     tiles_per_program = triton.cdiv(num_tiles, programs)
@@ -249,7 +316,7 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         dx.stride(0), dx.stride(1), dx.stride(2),
         dw_partial.stride(0),
         B * N_in, tiles_per_program, N_in, N_out, C, num_prefix,
-        HAS_GATHER=inverse is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+        HAS_GATHER=inverse is not None, BLOCK_R=block_r, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=num_warps)
     # Fixed-order reductions (torch.sum has no atomics): over programs, and over the batch for the token gate.
     dweight = dw_partial.sum(0).to(weight.dtype)
     dbias = db_partial.sum(0).to(bias.dtype)

@@ -209,17 +209,22 @@ def _ragged_attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _attn_bwd_head(q_base, k_base, v_base, do_base, dq_base, dk_base, dv_base, acc_base, lse_base, delta_base,
-                   width, N, scale, qk_scale,
+                   db_base, width, N, scale, qk_scale,
                    stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
-                   stride_gn, stride_gd, stride_an,
+                   stride_gn, stride_gd, stride_an, stride_dbk, stride_dbt,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   HAS_DB: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dq, dk, dv of one head over all N rows, FlashAttention-2's five matmuls per tile, in a fixed order.
 
     Outer loop over key blocks (dk, dv accumulate in registers), inner loop over query blocks. Each tile adds
     its dq contribution to an fp32 accumulator in global memory that only this program touches (read-add-
     write in key-block order, a CTA barrier between key blocks): FlashAttention-2's dq without its atomics,
     so the sums are deterministic. The last key block writes dq itself.
+
+    HAS_DB: also write the column sums of each block of dq, dk and dv (fp32, before rounding) at db_base +
+    block * stride_dbk (+ stride_dbt for dk, + 2 * stride_dbt for dv): this image's share of the qkv bias
+    gradient, so the projection's backward need not read dqkv once more for it. Stored per block, not carried
+    across the loops: three loop-carried sums made the sm_80 bf16 kernel spill (80 B per thread, compile_only).
     """
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < width
@@ -255,11 +260,18 @@ def _attn_bwd_head(q_base, k_base, v_base, do_base, dq_base, dk_base, dv_base, a
             if start_n + BLOCK_N >= N:
                 tl.store(dq_base + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd,
                          (dq * scale).to(dq_base.dtype.element_ty), mask=mask_md)
+                if HAS_DB:  # rows past N are 0 (their p is masked to 0)
+                    tl.store(db_base + (start_m // BLOCK_M) * stride_dbk + offs_d, tl.sum(dq, 0) * scale,
+                             mask=mask_d)
             else:
                 tl.store(acc_ptrs, dq, mask=mask_md)
         g_ptrs = offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd
         tl.store(dk_base + g_ptrs, (dk * scale).to(dk_base.dtype.element_ty), mask=mask_nd)
         tl.store(dv_base + g_ptrs, dv.to(dv_base.dtype.element_ty), mask=mask_nd)
+        if HAS_DB:  # keys past N: 0 likewise
+            db_n = db_base + (start_n // BLOCK_N) * stride_dbk + offs_d
+            tl.store(db_n + stride_dbt, tl.sum(dk, 0) * scale, mask=mask_d)
+            tl.store(db_n + 2 * stride_dbt, tl.sum(dv, 0), mask=mask_d)
         tl.debug_barrier()  # this key block's dq partial sums are visible to every thread of the next one
 
 
@@ -270,6 +282,7 @@ def _ragged_attention_bwd_kernel(
     DQ, DK, DV,                             # (B, N, D) out: gradients, allocated alike (one set of strides)
     DQ_ACC,                                 # (B, N, D) fp32 scratch: dq partial sums (when N > BLOCK_N)
     LSE, DELTA,                             # (B, H, N) fp32: forward logsumexp and rowsum(dO * O)
+    DB,                                     # (B, blocks, 3D) fp32 out: column sums of dq | dk | dv blocks (HAS_DB)
     HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD,      # (H,) int32: first column, width, padded width of each kept head
     stride_qb, stride_qn, stride_qd,        # strides of q (b and n ones divided by VEC, as below)
     stride_kb, stride_kn, stride_kd,        # strides of k
@@ -278,14 +291,17 @@ def _ragged_attention_bwd_kernel(
     stride_gb, stride_gn, stride_gd,        # strides of dq, dk and dv
     stride_ab, stride_an,                   # strides of dq_acc (its last dim is contiguous)
     stride_lseb, stride_lseh,               # strides of lse and delta (last dim contiguous)
+    stride_dbb, stride_dbk,                 # strides of DB's dims 0 and 1 (its q | k | v thirds are D apart)
     N,                                      # sequence length
     H,                                      # number of kept heads
+    D,                                      # total width (the distance between DB's thirds)
     scale,                                  # softmax scale applied to q k^T
     BLOCK_M: tl.constexpr,                  # query rows per inner-loop step
     BLOCK_N: tl.constexpr,                  # keys per outer-loop step
     HEAD_D: tl.constexpr,                   # uniform head width, or 0 (see the forward kernel)
     VEC: tl.constexpr,                      # proven alignment of offsets, widths and row strides
     LOG2_DMAX: tl.constexpr,                # log2 of the largest padded head width (>= 4)
+    HAS_DB: tl.constexpr,                   # whether to write DB (the qkv bias gradient's partial sums)
     DOT_PRECISION: tl.constexpr,            # tl.dot input_precision for fp32 inputs ("ieee" or "tf32")
 ):
     # One program per (batch, head): it owns every gradient element of its head, so nothing is shared.
@@ -308,20 +324,22 @@ def _ragged_attention_bwd_kernel(
     acc_base = DQ_ACC + b * stride_ab + col0
     lse_base = LSE + b * stride_lseb + h * stride_lseh
     delta_base = DELTA + b * stride_lseb + h * stride_lseh
+    db_base = DB + b * stride_dbb + col0
     if HEAD_D > 0:
         _attn_bwd_head(q_base, k_base, v_base, do_base, DQ + g_off, DK + g_off, DV + g_off, acc_base, lse_base,
-                       delta_base, width, N, scale, qk_scale,
+                       delta_base, db_base, width, N, scale, qk_scale,
                        stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
-                       stride_gn, stride_gd, stride_an, BLOCK_M, BLOCK_N, 2 ** LOG2_DMAX, DOT_PRECISION)
+                       stride_gn, stride_gd, stride_an, stride_dbk, D, BLOCK_M, BLOCK_N, 2 ** LOG2_DMAX, HAS_DB,
+                       DOT_PRECISION)
     else:
         # (2 ** LOG2_D is written out, not assigned: the interpreter turns assigned ints into tensors.)
         for LOG2_D in tl.static_range(4, LOG2_DMAX + 1):
             if pad == 2 ** LOG2_D:
                 _attn_bwd_head(q_base, k_base, v_base, do_base, DQ + g_off, DK + g_off, DV + g_off, acc_base,
-                               lse_base, delta_base, width, N, scale, qk_scale,
+                               lse_base, delta_base, db_base, width, N, scale, qk_scale,
                                stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don,
-                               stride_dod, stride_gn, stride_gd, stride_an, BLOCK_M, BLOCK_N, 2 ** LOG2_D,
-                               DOT_PRECISION)
+                               stride_dod, stride_gn, stride_gd, stride_an, stride_dbk, D, BLOCK_M, BLOCK_N, 2 ** LOG2_D,
+                               HAS_DB, DOT_PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -437,7 +455,8 @@ def _fwd_config(interpret: bool, dtype: torch.dtype) -> tuple[dict, dict]:
     return dict(BLOCK_M=64, BLOCK_N=64), dict(num_warps=4, num_stages=2)
 
 
-def _bwd_config(interpret: bool, dtype: torch.dtype, aligned: bool, arch: int = 90) -> tuple[dict, dict]:
+def _bwd_config(interpret: bool, dtype: torch.dtype, aligned: bool, arch: int = 90, bias_sum: bool = False
+                ) -> tuple[dict, dict]:
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=16), {}
     # Not yet measured on a GPU; from the compiled code as above. 64 keys held (k, v, dk, dv) against query
@@ -450,6 +469,10 @@ def _bwd_config(interpret: bool, dtype: torch.dtype, aligned: bool, arch: int = 
         return dict(BLOCK_M=16, BLOCK_N=32), launch
     if not aligned:
         # Scalar loads need an address register each: 32-row steps spilled 16 B on sm_80; 16-row ones do not.
+        return dict(BLOCK_M=16, BLOCK_N=64), dict(num_warps=4, num_stages=2)
+    if bias_sum and arch < 90:
+        # sm_80 has no room for the bias sums at 32-row steps: 255 registers already, and with them it spilled
+        # 24-32 B per thread (DeiT-S search and slim plans, compile_only); 16-row steps do not spill.
         return dict(BLOCK_M=16, BLOCK_N=64), dict(num_warps=4, num_stages=2)
     # bf16/fp16, aligned: 218-233 registers on sm_90, 255 on sm_80, no spills.
     return dict(BLOCK_M=32, BLOCK_N=64), dict(num_warps=4, num_stages=2)
@@ -486,36 +509,38 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[
 
 def _bwd_reference(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                    lse: torch.Tensor, head_dims: Sequence[int], scale: float,
-                   out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, bias_sum: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """What _bwd computes, in plain PyTorch (ragged_attention_bwd_ref), written into `out` when given."""
     grads = ragged_attention_bwd_ref(do, q, k, v, o, lse, head_dims, scale)
-    if out is None:
-        return grads
-    for buffer, g in zip(out, grads):
-        buffer.copy_(g)
-    return out
+    dbias = torch.cat([g.sum((0, 1), dtype=torch.float32) for g in grads]) if bias_sum else None
+    if out is not None:
+        for buffer, g in zip(out, grads):
+            buffer.copy_(g)
+        grads = out
+    return (*grads, dbias)
 
 
 @fail_safe("ragged_attention_bwd", _bwd_reference)
 def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
          lse: torch.Tensor, head_dims: Sequence[int], scale: float,
-         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), written into `out` when given: three (B, N, D) tensors with one set of strides (the views
-    of one (B, N, 3D) buffer: the packed op's dqkv, which the qkv projection's backward reads without a cat)."""
+         out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, bias_sum: bool = False
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dq, dk, dv, dbias), the gradients written into `out` when given: three (B, N, D) tensors with one set of
+    strides (the views of one (B, N, 3D) buffer: the packed op's dqkv, which the qkv projection's backward reads
+    without a cat). With bias_sum, dbias is the (3D,) fp32 sum of dq | dk | dv over B and N, the gradient of a
+    bias added to q | k | v, summed by the kernel as it writes them (else None)."""
     if _reference_on(q):
-        return _bwd_reference(do, q, k, v, o, lse, head_dims, scale, out)
+        return _bwd_reference(do, q, k, v, o, lse, head_dims, scale, out, bias_sum)
     B, N, D = q.shape
     dims = tuple(int(w) for w in head_dims)
     table = _head_table(dims, q.device)
     H = table.shape[1]
     dq, dk, dv = out if out is not None else tuple(_alloc((B, N, D), q) for _ in range(3))
     if B * N * H == 0:
-        if out is not None:
-            for buffer in out:
-                buffer.zero_()
-        return dq, dk, dv
+        for buffer in out or ():
+            buffer.zero_()
+        return dq, dk, dv, q.new_zeros((3 * D,), dtype=torch.float32) if bias_sum else None
     _check_device(q)
     lse = lse.contiguous()  # its strides are given for dims 0 and 1 only; delta shares them
     delta = _alloc((B, H, N), q, torch.float32)
@@ -530,18 +555,23 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
         N, H, BLOCK_M=fwd_blocks["BLOCK_M"], BLOCK_D=2 ** log2_dmax, HEAD_D=head_d, VEC=vec)
     vec = _alignment(dims, (q, k, v, do, dq))
     blocks, launch = _bwd_config(_INTERPRETED, q.dtype, aligned=vec * q.element_size() == 16,
-                                 arch=90 if _INTERPRETED else arch(q.device))
+                                 arch=90 if _INTERPRETED else arch(q.device), bias_sum=bias_sum)
     # dq partial sums between key blocks, fp32; one key block needs none (a 1-element stand-in is passed).
     dq_acc = _alloc((B, N, D) if N > blocks["BLOCK_N"] else (1, 1, 1), q, torch.float32)
+    # Bias sums, fp32, per image and block of rows: the q third per query block, k and v per key block (zeroed:
+    # a third has fewer blocks than the buffer when BLOCK_M < BLOCK_N). DeiT-S batch 256: (256, 7, 1152), 8 MB.
+    db = (torch.zeros((B, triton.cdiv(N, blocks["BLOCK_M"]), 3 * D), dtype=torch.float32, device=q.device)
+          if bias_sum else None)
     wrap_triton(_ragged_attention_bwd_kernel)[(B * H,)](
-        q, k, v, do, dq, dk, dv, dq_acc, lse, delta, table[0], table[1], table[2],
+        q, k, v, do, dq, dk, dv, dq_acc, lse, delta, db if db is not None else delta, table[0], table[1], table[2],
         *_strides(q, vec), *_strides(k, vec), *_strides(v, vec), *_strides(do, vec), *_strides(dq, vec),
         dq_acc.stride(0), dq_acc.stride(1),
-        lse.stride(0), lse.stride(1),
-        N, H, scale,
-        HEAD_D=head_d, VEC=vec, LOG2_DMAX=log2_dmax,
+        lse.stride(0), lse.stride(1), *(db.stride()[:2] if db is not None else (0, 0)),
+        N, H, D, scale,
+        HEAD_D=head_d, VEC=vec, LOG2_DMAX=log2_dmax, HAS_DB=db is not None,
         DOT_PRECISION=_dot_precision(q), **blocks, **launch)
-    return dq, dk, dv
+    # One fixed-order sum (no atomics) over images and blocks.
+    return dq, dk, dv, db.sum((0, 1)) if db is not None else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -564,7 +594,7 @@ def _ragged_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                           lse: torch.Tensor, head_dims: list[int], scale: float
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), each (B, N, D) like q."""
-    return _bwd(do, q, k, v, o, lse, head_dims, scale)
+    return _bwd(do, q, k, v, o, lse, head_dims, scale)[:3]
 
 
 def _ragged_attention_bwd_fake(do, q, k, v, o, lse, head_dims, scale):
@@ -640,21 +670,31 @@ def _ragged_attention_qkv_fwd_fake(qkv, head_dims, scale):
 
 
 def _ragged_attention_qkv_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                              head_dims: list[int], scale: float) -> torch.Tensor:
-    """dqkv (B, N, 3D) like qkv."""
+                              head_dims: list[int], scale: float, bias_grad: bool
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dqkv (B, N, 3D) like qkv, dbias): with bias_grad, dbias is the (3D,) fp32 sum of dqkv over B and N (the
+    gradient of a bias added to qkv), summed by the kernel as it writes dqkv, so no pass reads dqkv for it;
+    otherwise an empty (0,) tensor."""
     dqkv = _alloc(qkv.shape, qkv)
-    _bwd(do, *_split_qkv(qkv), o, lse, head_dims, scale, out=_split_qkv(dqkv))
-    return dqkv
+    *_, dbias = _bwd(do, *_split_qkv(qkv), o, lse, head_dims, scale, out=_split_qkv(dqkv), bias_sum=bias_grad)
+    return dqkv, dbias if bias_grad else qkv.new_empty((0,), dtype=torch.float32)
 
 
-def _ragged_attention_qkv_bwd_fake(do, qkv, o, lse, head_dims, scale):
-    return qkv.new_empty(qkv.shape)
+def _ragged_attention_qkv_bwd_fake(do, qkv, o, lse, head_dims, scale, bias_grad):
+    return qkv.new_empty(qkv.shape), qkv.new_empty((qkv.shape[2] if bias_grad else 0,), dtype=torch.float32)
 
 
 def ragged_attention_qkv_bwd_ref(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                                 head_dims: Sequence[int], scale: float) -> torch.Tensor:
-    """The packed backward in plain PyTorch: ragged_attention_bwd_ref on the thirds, concatenated."""
-    return torch.cat(ragged_attention_bwd_ref(do, *_split_qkv(qkv), o, lse, head_dims, scale), dim=-1)
+                                 head_dims: Sequence[int], scale: float, bias_grad: bool = False
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed backward in plain PyTorch: ragged_attention_bwd_ref on the thirds, concatenated, and with
+    bias_grad their column sums (in fp32, or fp64 for fp64 inputs), else an empty (0,) tensor."""
+    grads = ragged_attention_bwd_ref(do, *_split_qkv(qkv), o, lse, head_dims, scale)
+    dqkv = torch.cat(grads, dim=-1)
+    sum_dtype = torch.promote_types(dqkv.dtype, torch.float32)
+    if not bias_grad:
+        return dqkv, dqkv.new_empty((0,), dtype=sum_dtype)
+    return dqkv, torch.cat([g.sum((0, 1), dtype=sum_dtype) for g in grads])
 
 
 def _qkv_fwd_ref(qkv, head_dims, scale):
@@ -679,8 +719,8 @@ def _qkv_fwd_backward(ctx, do, dlse):
     qkv, o, lse = ctx.saved_tensors
     if do is None and dlse is None:
         return None, None, None
-    dqkv = torch.ops.vitslim.ragged_attention_qkv_bwd(do if do is not None else torch.zeros_like(o), qkv, o, lse,
-                                                      ctx.head_dims, ctx.scale)
+    dqkv, _ = torch.ops.vitslim.ragged_attention_qkv_bwd(do if do is not None else torch.zeros_like(o), qkv, o,
+                                                         lse, ctx.head_dims, ctx.scale, False)
     if dlse is not None:  # as in _fwd_backward: only a double backward or a direct caller gives lse a gradient
         dqkv = dqkv + formula_vjp(_qkv_fwd_ref, (qkv, ctx.head_dims, ctx.scale), (None, dlse),
                                   ctx.needs_input_grad)[0]
@@ -689,13 +729,13 @@ def _qkv_fwd_backward(ctx, do, dlse):
 
 def _qkv_bwd_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:4])
-    ctx.head_dims, ctx.scale = list(inputs[4]), inputs[5]
+    ctx.head_dims, ctx.scale, ctx.bias_grad = list(inputs[4]), inputs[5], inputs[6]
     ctx.set_materialize_grads(False)
 
 
-def _qkv_bwd_backward(ctx, ddqkv):
-    args = (*ctx.saved_tensors, ctx.head_dims, ctx.scale)
-    return formula_vjp(ragged_attention_qkv_bwd_ref, args, (ddqkv,), ctx.needs_input_grad)
+def _qkv_bwd_backward(ctx, ddqkv, ddbias):
+    args = (*ctx.saved_tensors, ctx.head_dims, ctx.scale, ctx.bias_grad)
+    return formula_vjp(ragged_attention_qkv_bwd_ref, args, (ddqkv, ddbias), ctx.needs_input_grad)
 
 
 ragged_attention_qkv_fwd.register_autograd(_qkv_fwd_backward, setup_context=_qkv_fwd_setup_context)
