@@ -86,18 +86,21 @@ def _ragged(implementation: str, dtype: torch.dtype, device: torch.device, grad:
     return _with_grads(ragged_attention(q, k, v, _WIDTHS, 64 ** -0.5, implementation=implementation), [q, k, v])
 
 
-def _ragged_packed(implementation: str, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """The search path's layout: one (B, N, 3D) qkv, every head the same width (a compile-time width)."""
+def _qkv_attention(implementation: str, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """The search path: the gated qkv projection and the attention as one op (every head the same width, a
+    compile-time width; the qkv bias gradient summed by the attention kernel)."""
+    from .ops.gated_linear import gated_linear_ref
     from .ops.ragged_attention import ragged_attention_ref
-    widths = (32, 32, 32)
-    (qkv,) = _inputs((2, _N, 3 * sum(widths)), dtype=dtype, device=device)
+    widths, C = (32, 32, 32), 48
+    D = sum(widths)
+    x, weight, bias, gate = _inputs((2, _N, C), (3 * D, C), (3 * D,), (D,), dtype=dtype, device=device, scale=0.5)
     if implementation == "reference":
-        q, k, v = qkv.split(sum(widths), dim=-1)
+        q, k, v = gated_linear_ref(x, weight, bias, gate).split(D, dim=-1)
         out = ragged_attention_ref(q, k, v, widths, 32 ** -0.5)
     else:
-        from .triton.ragged_attention import ragged_attention_qkv_triton
-        out = ragged_attention_qkv_triton(qkv, widths, 32 ** -0.5)
-    return _with_grads(out, [qkv])
+        from .triton.qkv_attention import qkv_attention_triton
+        out = qkv_attention_triton(x, weight, bias, gate, widths, 32 ** -0.5)
+    return _with_grads(out, [x, weight, bias, gate])
 
 
 def _layernorm(implementation: str, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
@@ -130,7 +133,8 @@ CASES: tuple[tuple[str, str, str, Callable], ...] = (
     ("gated_linear (triton)", "gated_linear_fwd/bwd (the fold)", "triton", _gated_linear),
     ("gated_gelu_linear (triton)", "gated_gelu_linear_fwd/bwd", "triton", _gated_gelu_linear),
     ("ragged_attention (triton)", "ragged_attention_fwd, _bwd_preprocess, _bwd", "triton", _ragged),
-    ("ragged_attention packed qkv (triton)", "ragged_attention_fwd/bwd, uniform width", "triton", _ragged_packed),
+    ("qkv_attention (triton)", "gated_linear_fwd/bwd, ragged_attention_fwd/bwd (uniform width, bias sums)",
+     "triton", _qkv_attention),
     ("ragged_attention (cuda)", "csrc ragged_attention_fwd", "cuda",
      lambda impl, dtype, device: _ragged(impl, dtype, device, grad=False)),
 )
@@ -193,7 +197,8 @@ def run(device: torch.device, dtypes: list[torch.dtype] | None = None,
         for dtype in dtypes or _dtypes(device):
             if implementation == "cuda" and _unavailable("cuda", device, dtype) is not None:
                 continue
-            if device.type == "cpu" and dtype == torch.bfloat16 and name.startswith("ragged_attention"):
+            attention = name.startswith(("ragged_attention", "qkv_attention"))
+            if device.type == "cpu" and dtype == torch.bfloat16 and attention:
                 check = Check(name, kernels, "bfloat16", True, None, None, 0.0, skipped=_INTERPRETER_BF16_DOT)
             else:
                 check = _check(name, kernels, implementation, fn, dtype, device)

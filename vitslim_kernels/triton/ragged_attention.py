@@ -13,12 +13,14 @@ Kernels:
 - `_ragged_attention_fwd_kernel`: one program per (query block, batch*head); online softmax over key blocks,
   fp32 accumulation, writes o and the natural logsumexp of each query row (B, H, N) for the backward.
 - `_ragged_attention_bwd_preprocess_kernel`: delta = rowsum(dO * O) per head, (B, H, N) fp32.
-- `_ragged_attention_bwd_kernel`: one launch, two kinds of program per batch*head: one per key block
-  accumulating dk and dv over all query blocks, one per query block accumulating dq over all key blocks. Every
-  gradient element is written by exactly one program, summed in a fixed order: deterministic, no atomics.
+- `_ragged_attention_bwd_kernel`: one program per batch*head, FlashAttention-2's loop (dk, dv in registers per
+  key block, dq summed across key blocks in an fp32 buffer only that program touches). Every gradient element
+  is written by exactly one program, summed in a fixed order: deterministic, no atomics. Optionally it also
+  writes per-block column sums of dq, dk, dv: the qkv bias gradient (vitslim::qkv_attention).
 
 Ops (torch.library, with fake implementations and register_autograd): vitslim::ragged_attention_fwd -> (o, lse)
-and vitslim::ragged_attention_bwd -> (dq, dk, dv). On CPU tensors without the interpreter they compute the
+and vitslim::ragged_attention_bwd -> (dq, dk, dv); the packed ones on one (B, N, 3D) qkv,
+vitslim::ragged_attention_qkv_fwd -> (o, lse) and vitslim::ragged_attention_qkv_bwd -> (dqkv, dbias). On CPU tensors without the interpreter they compute the
 reference math of ops/ragged_attention.py instead of launching kernels, so the op runs (and torch.export of a
 fused model traces it) on CPU too.
 
@@ -338,8 +340,8 @@ def _ragged_attention_bwd_kernel(
                 _attn_bwd_head(q_base, k_base, v_base, do_base, DQ + g_off, DK + g_off, DV + g_off, acc_base,
                                lse_base, delta_base, db_base, width, N, scale, qk_scale,
                                stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don,
-                               stride_dod, stride_gn, stride_gd, stride_an, stride_dbk, D, BLOCK_M, BLOCK_N, 2 ** LOG2_D,
-                               HAS_DB, DOT_PRECISION)
+                               stride_dod, stride_gn, stride_gd, stride_an, stride_dbk, D, BLOCK_M, BLOCK_N,
+                               2 ** LOG2_D, HAS_DB, DOT_PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------------------
