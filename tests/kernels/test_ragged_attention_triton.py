@@ -110,6 +110,42 @@ def test_matches_reference_fp16(poisoned):
     _check_against_reference((17, 0, 41, 1), 17, B=2, dtype=torch.float16, layout="split")
 
 
+@pytest.mark.parametrize("head_dims, N, split", [
+    ((40, 80, 8), 17, (48, 80, 16)),     # aligned ragged: tiles 32 + 16 and 64 + 16 beside a single 16
+    ((48, 0, 48), 50, (48, 48)),         # aligned uniform width, 32 + 16
+])
+def test_backward_takes_split_tiles_on_aligned_fp16(head_dims, N, split, monkeypatch, kernels, poisoned):
+    """16-bit heads on 16-byte-aligned columns run the backward in split tiles (41 -> 32 + 16, not 64); within
+    the kernel spec of the float64 reference."""
+    launches = []
+    wrap = kernels.wrap_triton
+
+    def recording(kernel):
+        def at(grid):
+            def launch(*args, **kwargs):
+                launches.append((kernel, args, kwargs))
+                return wrap(kernel)[grid](*args, **kwargs)
+            return launch
+        return _Indexable(at)
+    monkeypatch.setattr(kernels, "wrap_triton", recording)
+    _check_against_reference(head_dims, N, B=2, dtype=torch.float16, layout="split")
+    (bwd,) = [(args, kw) for kernel, args, kw in launches if kernel is kernels._ragged_attention_bwd_kernel]
+    args, kw = bwd
+    assert kw["SPLIT_D"] and kw["VEC"] == 8
+    if kw["HEAD_D"]:
+        assert (kw["UNIFORM_A"], kw["UNIFORM_B"]) == (32, 16)
+    else:
+        assert args[13].tolist() == list(split)  # the tile column of the head table
+
+
+class _Indexable:
+    def __init__(self, at):
+        self._at = at
+
+    def __getitem__(self, grid):
+        return self._at(grid)
+
+
 def test_alignment_is_proven_from_offsets_widths_and_strides(kernels):
     def vec(head_dims, dtype=torch.bfloat16, layout="split"):
         D = sum(head_dims)

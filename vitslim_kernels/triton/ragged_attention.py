@@ -2,10 +2,11 @@
 
 q, k, v, o: (B, N, D) with D = sum(head_dims) and head h in columns [offset_h, offset_h + w_h).
 
-How raggedness is handled: the host keeps a (3, H) int32 table (column offset, width, padded width) of the
+How raggedness is handled: the host keeps a (3, H) int32 table (column offset, width, split tile) of the
 heads with w_h > 0 (zero-width heads own no column, so they are simply left out). Every program works on one
 (batch, head) pair; it reads its head's row of the table and runs the flash-attention loop in the branch
-compiled for its padded width (16, 32, 64, ... : the power of two >= max(w_h, 16) that tl.dot needs). All
+compiled for its tile: one or two power-of-two column slices (tl.dot needs >= 16) covering w_h rounded up to 16
+(16, 32, 48 = 32 + 16, 64, 80 = 64 + 16, ...), in the forward and the backward alike. All
 loads and stores are masked to the w_h real columns, so nothing padded is ever materialised in memory and the
 register work of a head scales with its own width, not the widest one.
 
@@ -43,14 +44,14 @@ _MIN_BLOCK_D = 16  # tl.dot needs every dimension >= 16 on NVIDIA GPUs
 
 
 @triton.jit
-def _head_columns(HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD, h, HEAD_D: tl.constexpr, VEC: tl.constexpr):
-    """(first column, width, padded width) of kept head h: from the table, or h * HEAD_D when uniform."""
+def _head_columns(HEAD_OFFSET, HEAD_WIDTH, HEAD_SPLIT, h, HEAD_D: tl.constexpr, VEC: tl.constexpr):
+    """(first column, width, split tile width) of kept head h: from the table, or h * HEAD_D when uniform."""
     if HEAD_D > 0:
         return h * HEAD_D, HEAD_D, 0
     else:
         # The host proved every offset and width a multiple of VEC (_alignment): 16-byte vector loads.
         return (tl.multiple_of(tl.load(HEAD_OFFSET + h), VEC), tl.multiple_of(tl.load(HEAD_WIDTH + h), VEC),
-                tl.load(HEAD_PAD + h))
+                tl.load(HEAD_SPLIT + h))
 
 
 @triton.jit
@@ -179,7 +180,7 @@ def _ragged_attention_fwd_kernel(
 def _ragged_attention_bwd_preprocess_kernel(
     O, DO,                                  # (B, N, D) forward output and its gradient
     DELTA,                                  # (B, H, N) fp32 out: rowsum(dO * O) per head
-    HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD,      # (H,) int32: first column, width, padded width of each kept head
+    HEAD_OFFSET, HEAD_WIDTH, HEAD_SPLIT,    # (H,) int32: first column, width, split tile width of each head
     stride_ob, stride_on, stride_od,        # strides of o (b and n ones divided by VEC)
     stride_dob, stride_don, stride_dod,     # strides of do (b and n ones divided by VEC)
     stride_deltab, stride_deltah,           # strides of delta (its last dim is contiguous)
@@ -196,7 +197,7 @@ def _ragged_attention_bwd_preprocess_kernel(
     pid_bh = pid // num_m_blocks
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
-    col0, width, pad = _head_columns(HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD, h, HEAD_D, VEC)
+    col0, width, pad = _head_columns(HEAD_OFFSET, HEAD_WIDTH, HEAD_SPLIT, h, HEAD_D, VEC)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < N)[:, None] & (offs_d < width)[None, :]
@@ -214,7 +215,7 @@ def _attn_bwd_head(q_base, k_base, v_base, do_base, dq_base, dk_base, dv_base, a
                    db_base, width, N, scale, qk_scale,
                    stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
                    stride_gn, stride_gd, stride_an, stride_dbk, stride_dbt,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr,
                    HAS_DB: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dq, dk, dv of one head over all N rows, FlashAttention-2's five matmuls per tile, in a fixed order.
 
@@ -223,58 +224,110 @@ def _attn_bwd_head(q_base, k_base, v_base, do_base, dq_base, dk_base, dv_base, a
     write in key-block order, a CTA barrier between key blocks): FlashAttention-2's dq without its atomics,
     so the sums are deterministic. The last key block writes dq itself.
 
+    The head's columns are two power-of-two slices [0, D_A) and [D_A, D_A + D_B) (D_B = 0: one), as in the
+    forward: a 41-wide head computes over 32 + 16 columns, not 64. Each of the five matmuls then runs once per
+    slice (the two contractions over the width add their slices' products).
+
     HAS_DB: also write the column sums of each block of dq, dk and dv (fp32, before rounding) at db_base +
     block * stride_dbk (+ stride_dbt for dk, + 2 * stride_dbt for dv): this image's share of the qkv bias
     gradient, so the projection's backward need not read dqkv once more for it. Stored per block, not carried
     across the loops: three loop-carried sums made the sm_80 bf16 kernel spill (80 B per thread, compile_only).
     """
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < width
+    offs_a = tl.arange(0, D_A)
+    mask_a = offs_a < width
+    if D_B > 0:
+        offs_b = D_A + tl.arange(0, D_B)
+        mask_b = offs_b < width
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        mask_nd = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=mask_nd, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=mask_nd, other=0.0)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        mask_na = mask_n[:, None] & mask_a[None, :]
+        k_a = tl.load(k_base + offs_n[:, None] * stride_kn + offs_a[None, :] * stride_kd, mask=mask_na, other=0.0)
+        v_a = tl.load(v_base + offs_n[:, None] * stride_vn + offs_a[None, :] * stride_vd, mask=mask_na, other=0.0)
+        dk_a = tl.zeros([BLOCK_N, D_A], tl.float32)
+        dv_a = tl.zeros([BLOCK_N, D_A], tl.float32)
+        if D_B > 0:
+            mask_nb = mask_n[:, None] & mask_b[None, :]
+            k_b = tl.load(k_base + offs_n[:, None] * stride_kn + offs_b[None, :] * stride_kd, mask=mask_nb,
+                          other=0.0)
+            v_b = tl.load(v_base + offs_n[:, None] * stride_vn + offs_b[None, :] * stride_vd, mask=mask_nb,
+                          other=0.0)
+            dk_b = tl.zeros([BLOCK_N, D_B], tl.float32)
+            dv_b = tl.zeros([BLOCK_N, D_B], tl.float32)
+        last_key_block = start_n + BLOCK_N >= N
         for start_m in range(0, N, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < N
-            mask_md = mask_m[:, None] & mask_d[None, :]
-            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                        mask=mask_md, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                         mask=mask_md, other=0.0)
+            mask_ma = mask_m[:, None] & mask_a[None, :]
+            q_a = tl.load(q_base + offs_m[:, None] * stride_qn + offs_a[None, :] * stride_qd, mask=mask_ma,
+                          other=0.0)
+            do_a = tl.load(do_base + offs_m[:, None] * stride_don + offs_a[None, :] * stride_dod, mask=mask_ma,
+                           other=0.0)
+            st = tl.dot(k_a, tl.trans(q_a), input_precision=DOT_PRECISION)                     # (BLOCK_N, BLOCK_M)
+            if D_B > 0:
+                mask_mb = mask_m[:, None] & mask_b[None, :]
+                q_b = tl.load(q_base + offs_m[:, None] * stride_qn + offs_b[None, :] * stride_qd, mask=mask_mb,
+                              other=0.0)
+                do_b = tl.load(do_base + offs_m[:, None] * stride_don + offs_b[None, :] * stride_dod,
+                               mask=mask_mb, other=0.0)
+                st += tl.dot(k_b, tl.trans(q_b), input_precision=DOT_PRECISION)
             lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
-            st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale             # (BLOCK_N, BLOCK_M)
-            pt = tl.exp2(st - lse[None, :] * 1.4426950408889634)
+            pt = tl.exp2(st * qk_scale - lse[None, :] * 1.4426950408889634)
             pt = tl.where(mask_n[:, None] & mask_m[None, :], pt, 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            dst = (pt * (dpt - delta[None, :])).to(q.dtype)
-            dk += tl.dot(dst, q, input_precision=DOT_PRECISION)
-            dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION)                       # (BLOCK_M, BLOCK_D)
-            acc_ptrs = acc_base + offs_m[:, None] * stride_an + offs_d[None, :]
-            if start_n > 0:
-                dq += tl.load(acc_ptrs, mask=mask_md, other=0.0)
-            if start_n + BLOCK_N >= N:
-                tl.store(dq_base + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd,
-                         (dq * scale).to(dq_base.dtype.element_ty), mask=mask_md)
-                if HAS_DB:  # rows past N are 0 (their p is masked to 0)
-                    tl.store(db_base + (start_m // BLOCK_M) * stride_dbk + offs_d, tl.sum(dq, 0) * scale,
-                             mask=mask_d)
-            else:
-                tl.store(acc_ptrs, dq, mask=mask_md)
-        g_ptrs = offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd
-        tl.store(dk_base + g_ptrs, (dk * scale).to(dk_base.dtype.element_ty), mask=mask_nd)
-        tl.store(dv_base + g_ptrs, dv.to(dv_base.dtype.element_ty), mask=mask_nd)
-        if HAS_DB:  # keys past N: 0 likewise
-            db_n = db_base + (start_n // BLOCK_N) * stride_dbk + offs_d
-            tl.store(db_n + stride_dbt, tl.sum(dk, 0) * scale, mask=mask_d)
-            tl.store(db_n + 2 * stride_dbt, tl.sum(dv, 0), mask=mask_d)
+            dv_a += tl.dot(pt.to(do_a.dtype), do_a, input_precision=DOT_PRECISION)
+            dpt = tl.dot(v_a, tl.trans(do_a), input_precision=DOT_PRECISION)
+            if D_B > 0:
+                dv_b += tl.dot(pt.to(do_b.dtype), do_b, input_precision=DOT_PRECISION)
+                dpt += tl.dot(v_b, tl.trans(do_b), input_precision=DOT_PRECISION)
+            dst = (pt * (dpt - delta[None, :])).to(q_a.dtype)
+            dk_a += tl.dot(dst, q_a, input_precision=DOT_PRECISION)
+            db_m = db_base + (start_m // BLOCK_M) * stride_dbk
+            _bwd_dq_slice(dst, k_a, acc_base, dq_base, db_m, offs_m, offs_a, mask_m, mask_a, start_n,
+                          last_key_block, scale, stride_an, stride_gn, stride_gd, HAS_DB, DOT_PRECISION)
+            if D_B > 0:
+                dk_b += tl.dot(dst, q_b, input_precision=DOT_PRECISION)
+                _bwd_dq_slice(dst, k_b, acc_base, dq_base, db_m, offs_m, offs_b, mask_m, mask_b, start_n,
+                              last_key_block, scale, stride_an, stride_gn, stride_gd, HAS_DB, DOT_PRECISION)
+        db_n = db_base + (start_n // BLOCK_N) * stride_dbk
+        _bwd_store_kv_slice(dk_a, dv_a, dk_base, dv_base, db_n, offs_n, offs_a, mask_n, mask_a, scale, stride_gn,
+                            stride_gd, stride_dbt, HAS_DB)
+        if D_B > 0:
+            _bwd_store_kv_slice(dk_b, dv_b, dk_base, dv_base, db_n, offs_n, offs_b, mask_n, mask_b, scale,
+                                stride_gn, stride_gd, stride_dbt, HAS_DB)
         tl.debug_barrier()  # this key block's dq partial sums are visible to every thread of the next one
+
+
+@triton.jit
+def _bwd_dq_slice(dst, k, acc_base, dq_base, db_ptr, offs_m, offs_d, mask_m, mask_d, start_n, last_key_block,
+                  scale, stride_an, stride_gn, stride_gd, HAS_DB: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One column slice of dq for a block of query rows: this key block's dst^T @ k, added to the fp32 partial
+    sums of the earlier key blocks; the last key block writes dq itself (and, HAS_DB, its column sums)."""
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION)                               # (BLOCK_M, D)
+    acc_ptrs = acc_base + offs_m[:, None] * stride_an + offs_d[None, :]
+    if start_n > 0:
+        dq += tl.load(acc_ptrs, mask=mask_md, other=0.0)
+    if last_key_block:
+        tl.store(dq_base + offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd,
+                 (dq * scale).to(dq_base.dtype.element_ty), mask=mask_md)
+        if HAS_DB:  # rows past N are 0 (their p is masked to 0)
+            tl.store(db_ptr + offs_d, tl.sum(dq, 0) * scale, mask=mask_d)
+    else:
+        tl.store(acc_ptrs, dq, mask=mask_md)
+
+
+@triton.jit
+def _bwd_store_kv_slice(dk, dv, dk_base, dv_base, db_ptr, offs_n, offs_d, mask_n, mask_d, scale, stride_gn,
+                        stride_gd, stride_dbt, HAS_DB: tl.constexpr):
+    """Write one column slice of dk (scaled) and dv for a key block, and with HAS_DB their column sums."""
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    g_ptrs = offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd
+    tl.store(dk_base + g_ptrs, (dk * scale).to(dk_base.dtype.element_ty), mask=mask_nd)
+    tl.store(dv_base + g_ptrs, dv.to(dv_base.dtype.element_ty), mask=mask_nd)
+    if HAS_DB:  # keys past N: 0 likewise
+        tl.store(db_ptr + stride_dbt + offs_d, tl.sum(dk, 0) * scale, mask=mask_d)
+        tl.store(db_ptr + 2 * stride_dbt + offs_d, tl.sum(dv, 0), mask=mask_d)
 
 
 @triton.jit
@@ -285,7 +338,7 @@ def _ragged_attention_bwd_kernel(
     DQ_ACC,                                 # (B, N, D) fp32 scratch: dq partial sums (when N > BLOCK_N)
     LSE, DELTA,                             # (B, H, N) fp32: forward logsumexp and rowsum(dO * O)
     DB,                                     # (B, blocks, 3D) fp32 out: column sums of dq | dk | dv blocks (HAS_DB)
-    HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD,      # (H,) int32: first column, width, padded width of each kept head
+    HEAD_OFFSET, HEAD_WIDTH, HEAD_TILE,     # (H,) int32: first column, width, tile width (SPLIT_D's) of each head
     stride_qb, stride_qn, stride_qd,        # strides of q (b and n ones divided by VEC, as below)
     stride_kb, stride_kn, stride_kd,        # strides of k
     stride_vb, stride_vn, stride_vd,        # strides of v
@@ -301,8 +354,11 @@ def _ragged_attention_bwd_kernel(
     BLOCK_M: tl.constexpr,                  # query rows per inner-loop step
     BLOCK_N: tl.constexpr,                  # keys per outer-loop step
     HEAD_D: tl.constexpr,                   # uniform head width, or 0 (see the forward kernel)
+    UNIFORM_A: tl.constexpr,                # with HEAD_D: its tile slices (see _attn_bwd_head; B may be 0)
+    UNIFORM_B: tl.constexpr,
     VEC: tl.constexpr,                      # proven alignment of offsets, widths and row strides
-    LOG2_DMAX: tl.constexpr,                # log2 of the largest padded head width (>= 4)
+    LOG2_DMAX: tl.constexpr,                # log2 of the largest power-of-two tile (>= 4)
+    SPLIT_D: tl.constexpr,                  # whether ragged heads take split tiles (else powers of two)
     HAS_DB: tl.constexpr,                   # whether to write DB (the qkv bias gradient's partial sums)
     DOT_PRECISION: tl.constexpr,            # tl.dot input_precision for fp32 inputs ("ieee" or "tf32")
 ):
@@ -310,7 +366,7 @@ def _ragged_attention_bwd_kernel(
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
-    col0, width, pad = _head_columns(HEAD_OFFSET, HEAD_WIDTH, HEAD_PAD, h, HEAD_D, VEC)
+    col0, width, pad = _head_columns(HEAD_OFFSET, HEAD_WIDTH, HEAD_TILE, h, HEAD_D, VEC)
     qk_scale = scale * 1.4426950408889634
     # Batch and row strides of q, k, v, do and the gradients arrive divided by VEC (see the forward kernel).
     stride_qb, stride_qn = stride_qb * VEC, stride_qn * VEC
@@ -331,17 +387,26 @@ def _ragged_attention_bwd_kernel(
         _attn_bwd_head(q_base, k_base, v_base, do_base, DQ + g_off, DK + g_off, DV + g_off, acc_base, lse_base,
                        delta_base, db_base, width, N, scale, qk_scale,
                        stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
-                       stride_gn, stride_gd, stride_an, stride_dbk, D, BLOCK_M, BLOCK_N, 2 ** LOG2_DMAX, HAS_DB,
-                       DOT_PRECISION)
+                       stride_gn, stride_gd, stride_an, stride_dbk, D, BLOCK_M, BLOCK_N, UNIFORM_A, UNIFORM_B,
+                       HAS_DB, DOT_PRECISION)
     else:
-        # (2 ** LOG2_D is written out, not assigned: the interpreter turns assigned ints into tensors.)
-        for LOG2_D in tl.static_range(4, LOG2_DMAX + 1):
-            if pad == 2 ** LOG2_D:
+        # One branch per tile class 2^A or 2^A + 2^B (B < A), as in the forward; a program takes its head's.
+        # (2 ** LOG2_A is written out, not assigned: the interpreter turns assigned ints into tensors.)
+        for LOG2_A in tl.static_range(4, LOG2_DMAX + 1):
+            if pad == 2 ** LOG2_A:
                 _attn_bwd_head(q_base, k_base, v_base, do_base, DQ + g_off, DK + g_off, DV + g_off, acc_base,
                                lse_base, delta_base, db_base, width, N, scale, qk_scale,
                                stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don,
                                stride_dod, stride_gn, stride_gd, stride_an, stride_dbk, D, BLOCK_M, BLOCK_N,
-                               2 ** LOG2_D, HAS_DB, DOT_PRECISION)
+                               2 ** LOG2_A, 0, HAS_DB, DOT_PRECISION)
+            for LOG2_B in tl.static_range(4, LOG2_A):
+                if SPLIT_D and 2 ** LOG2_A + 2 ** LOG2_B <= 2 ** LOG2_DMAX:
+                    if pad == 2 ** LOG2_A + 2 ** LOG2_B:
+                        _attn_bwd_head(q_base, k_base, v_base, do_base, DQ + g_off, DK + g_off, DV + g_off,
+                                       acc_base, lse_base, delta_base, db_base, width, N, scale, qk_scale,
+                                       stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                                       stride_don, stride_dod, stride_gn, stride_gd, stride_an, stride_dbk, D,
+                                       BLOCK_M, BLOCK_N, 2 ** LOG2_A, 2 ** LOG2_B, HAS_DB, DOT_PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -349,7 +414,7 @@ def _ragged_attention_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------
 
 def _head_table(head_dims: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """(4, H) int32 on `device`: column offset, width, power-of-two tile and split tile (the forward's) of every
+    """(4, H) int32 on `device`: column offset, width, split tile (_tile_slices) and power-of-two tile of every
     head with width > 0."""
     if tracing():  # a tensor made under torch.compile's tracing must not enter the eager cache
         return _build_head_table(head_dims, device)
@@ -368,8 +433,8 @@ def _build_head_table(head_dims: tuple[int, ...], device: torch.device) -> torch
         if w > 0:
             rows[0].append(offset)
             rows[1].append(w)
-            rows[2].append(max(_MIN_BLOCK_D, triton.next_power_of_2(w)))  # the backward's tile
-            rows[3].append(sum(_tile_slices(w)))                           # the forward's split tile
+            rows[2].append(sum(_tile_slices(w)))                           # the split tile
+            rows[3].append(max(_MIN_BLOCK_D, triton.next_power_of_2(w)))  # the power-of-two tile
         offset += w
     return torch.tensor(rows, dtype=torch.int32, device=device)
 
@@ -468,6 +533,8 @@ def _bwd_config(interpret: bool, dtype: torch.dtype, aligned: bool, arch: int = 
         # ptxas stopped at 168 registers and spilled 8 B for a 41/63/64-wide slim plan; allowed 255 (maxnreg)
         # it spills nothing there (and on sm_90 the cap made unaligned heads spill, so it is sm_80 only).
         launch = dict(num_warps=4, num_stages=2, **(dict(maxnreg=255) if arch < 90 else {}))
+        if bias_sum and arch < 90:
+            return dict(BLOCK_M=16, BLOCK_N=16), launch  # with the bias sums 32 keys spilled 8 B on sm_80
         return dict(BLOCK_M=16, BLOCK_N=32), launch
     if not aligned:
         # Scalar loads need an address register each: 32-row steps spilled 16 B on sm_80; 16-row ones do not.
@@ -500,7 +567,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[
     head_d = _uniform_width(dims)
     uniform_a, uniform_b = _tile_slices(head_d) if head_d else (0, 0)
     wrap_triton(_ragged_attention_fwd_kernel)[grid](
-        q, k, v, o, lse, table[0], table[1], table[3],
+        q, k, v, o, lse, table[0], table[1], table[2],
         *_strides(q, vec), *_strides(k, vec), *_strides(v, vec), *_strides(o, vec),
         lse.stride(0), lse.stride(1),
         N, H, scale,
@@ -564,13 +631,22 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
     # a third has fewer blocks than the buffer when BLOCK_M < BLOCK_N). DeiT-S batch 256: (256, 7, 1152), 8 MB.
     db = (torch.zeros((B, triton.cdiv(N, blocks["BLOCK_M"]), 3 * D), dtype=torch.float32, device=q.device)
           if bias_sum else None)
+    # Split tiles (a 41-wide head over 32 + 16 columns, not 64) for 16-bit aligned heads only: with fp32 or
+    # unaligned (scalar) loads the extra branches spilled 8-48 B per thread on sm_90/sm_80 (compile_only, slim
+    # plan 0/1/17/41/63/64 and the unaligned direct call), so those keep power-of-two tiles, uniform widths too.
+    split_d = q.dtype != torch.float32 and vec * q.element_size() == 16
+    uniform_a, uniform_b = _tile_slices(head_d) if head_d else (0, 0)
+    if head_d and not split_d:
+        uniform_a, uniform_b = max(_MIN_BLOCK_D, triton.next_power_of_2(head_d)), 0
     wrap_triton(_ragged_attention_bwd_kernel)[(B * H,)](
-        q, k, v, do, dq, dk, dv, dq_acc, lse, delta, db if db is not None else delta, table[0], table[1], table[2],
+        q, k, v, do, dq, dk, dv, dq_acc, lse, delta, db if db is not None else delta, table[0], table[1],
+        table[2] if split_d else table[3],
         *_strides(q, vec), *_strides(k, vec), *_strides(v, vec), *_strides(do, vec), *_strides(dq, vec),
         dq_acc.stride(0), dq_acc.stride(1),
         lse.stride(0), lse.stride(1), *(db.stride()[:2] if db is not None else (0, 0)),
         N, H, D, scale,
-        HEAD_D=head_d, VEC=vec, LOG2_DMAX=log2_dmax, HAS_DB=db is not None,
+        HEAD_D=head_d, UNIFORM_A=uniform_a, UNIFORM_B=uniform_b, VEC=vec, LOG2_DMAX=log2_dmax, SPLIT_D=split_d,
+        HAS_DB=db is not None,
         DOT_PRECISION=_dot_precision(q), **blocks, **launch)
     # One fixed-order sum (no atomics) over images and blocks.
     return dq, dk, dv, db.sum((0, 1)) if db is not None else None
