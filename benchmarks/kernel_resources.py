@@ -149,10 +149,12 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
 ]}
 
 
-def compile_workload(workload: Workload, target: str) -> list[tuple[Launch, dict]]:
-    """The distinct kernels `workload` compiles for `target`, each with its resources as a dict."""
+def compile_workload(workload: Workload, target: str, all_candidates: bool = True) -> list[tuple[Launch, dict]]:
+    """The distinct kernels `workload` compiles for `target`, each with its resources as a dict; with
+    all_candidates, every config of the autotune lists (VITSLIM_AUTOTUNE=1 may launch any of them on a GPU),
+    not only the defaults."""
     torch.manual_seed(0)
-    with compile_only(target) as launches:
+    with compile_only(target, all_candidates=all_candidates) as launches:
         workload.run(_DTYPES[workload.dtype])
     return [(launch, resources(launch).to_dict()) for launch in distinct(launches)]
 

@@ -216,11 +216,13 @@ def target_named(name: str) -> Target:
 
 
 @contextlib.contextmanager
-def compile_only(target: str | Target = "sm_90") -> Iterator[list[Launch]]:
+def compile_only(target: str | Target = "sm_90", all_candidates: bool = False) -> Iterator[list[Launch]]:
     """Within the block, Triton launches compile for `target` and record a Launch instead of running.
 
     Args:
         target: a Target or a name in TARGETS ("sm_90", "sm_80").
+        all_candidates: also compile (and record) every other config of the autotuned kernels' lists, as
+            VITSLIM_AUTOTUNE=1 would try them on a GPU; the default config is launched last.
     Yields:
         the list the launches are appended to, in launch order.
     Raises:
@@ -241,10 +243,12 @@ def compile_only(target: str | Target = "sm_90") -> Iterator[list[Launch]]:
     _drop_compiled(kernels)
     driver.set_active(_StandInDriver(target, launches))
     dispatch._COMPILE_ONLY_TARGETS.append(target)
+    dispatch._COMPILE_ALL_CANDIDATES.append(all_candidates)
     try:
         yield launches
     finally:
         dispatch._COMPILE_ONLY_TARGETS.pop()
+        dispatch._COMPILE_ALL_CANDIDATES.pop()
         driver._active = previous
         _drop_compiled(kernels)
 

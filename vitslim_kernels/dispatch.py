@@ -45,6 +45,22 @@ def compile_only_target():
     return _COMPILE_ONLY_TARGETS[-1] if _COMPILE_ONLY_TARGETS else None
 
 
+def compile_only_all_candidates() -> bool:
+    """Whether the active `compile_only` compiles every candidate config of the autotuned kernels (the compile
+    gate: a config the autotuner may pick on a GPU must pass it too), not only the default one."""
+    return bool(_COMPILE_ONLY_TARGETS) and _COMPILE_ALL_CANDIDATES[-1]
+
+
+_COMPILE_ALL_CANDIDATES: list[bool] = []  # pushed and popped with _COMPILE_ONLY_TARGETS
+
+
+def autotune_enabled() -> bool:
+    """VITSLIM_AUTOTUNE=1: the attention kernels time their short config lists once per shape key on the GPU and
+    keep the fastest (vitslim_kernels.triton._common.tuned). Off by default: the tiles set the order of the
+    fp32 sums, so two processes that tuned differently would not be bitwise equal (a resumed run included)."""
+    return os.environ.get("VITSLIM_AUTOTUNE", "0") == "1"
+
+
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -300,3 +300,56 @@ def test_slim_attention_keeps_padded_weights_for_inference_until_they_change():
         kept = fused._aligned._cached
         fused(x)
         assert fused._aligned._cached is kept  # unchanged weights: nothing gathered again
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autotune lists (VITSLIM_AUTOTUNE=1): the selection logic, with a stand-in timer (the timing needs a GPU)
+# ---------------------------------------------------------------------------------------------------------
+
+def test_tuned_picks_the_fastest_candidate_once_per_key(monkeypatch):
+    import triton.testing
+    from vitslim_kernels.triton import _common
+
+    monkeypatch.setattr(_common, "_TUNED", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    times = {"a": 3.0, "b": 1.0, "c": 2.0, "broken": 0.5}
+    benched, launched = [], []
+
+    def do_bench(fn, warmup, rep):
+        fn()
+        return times[launched[-1]]
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+
+    def launch(config):
+        if config == "broken":
+            raise RuntimeError("out of shared memory")  # a config the device cannot run is not chosen
+        launched.append(config)
+        benched.append(config)
+
+    cuda = torch.device("cuda", 0)  # a device object only: nothing runs on it
+    monkeypatch.delenv("VITSLIM_AUTOTUNE", raising=False)
+    assert _common.tuned("k", 1, ["a", "b", "c"], launch, cuda) == "a" and not benched  # off by default
+    monkeypatch.setenv("VITSLIM_AUTOTUNE", "1")
+    assert _common.tuned("k", 1, ["a", "b", "broken", "c"], launch, cuda) == "b"
+    assert benched == ["a", "b", "c"]
+    assert _common.tuned("k", 1, ["a", "b", "broken", "c"], launch, cuda) == "b" and len(benched) == 3  # cached
+    assert _common.tuned("k", 2, ["a", "c"], launch, cuda) == "c" and len(benched) == 5  # another key: timed
+    assert _common.tuned_configs() == {("k", 1): 1, ("k", 2): 1}
+    assert _common.tuned("k", 3, ["a", "b"], launch, torch.device("cpu")) == "a"  # CPU (interpreter): default
+    monkeypatch.setattr(_common, "tracing", lambda: True)
+    assert _common.tuned("k", 4, ["a", "b"], launch, cuda) == "a"  # torch.compile tracing: default, no timing
+    assert len(benched) == 5
+
+
+def test_autotune_candidates_are_short_and_start_with_the_default(kernels):
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        fwd = kernels._fwd_candidates(False, dtype)
+        assert fwd[0] == kernels._fwd_config(False, dtype) and 1 <= len(fwd) <= 3
+        for aligned in (True, False):
+            for arch in (80, 90):
+                for bias_sum in (True, False):
+                    bwd = kernels._bwd_candidates(False, dtype, aligned, arch, bias_sum)
+                    assert bwd[0] == kernels._bwd_config(False, dtype, aligned, arch, bias_sum)
+                    assert 1 <= len(bwd) <= 3 and len({str(c) for c in bwd}) == len(bwd)
+    assert kernels._fwd_candidates(True, torch.float16) == [kernels._fwd_config(True, torch.float16)]
+    assert len(kernels._bwd_candidates(True, torch.float16, True)) == 1  # one config under the interpreter

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Hashable, Sequence
+from typing import TypeVar
 
 import torch
 import triton.language as tl
 
-from ..dispatch import compile_only_target, tracing  # noqa: F401 (tracing: used by the ops)
+from ..dispatch import autotune_enabled, compile_only_all_candidates, compile_only_target, tracing
 
 
 def alloc(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -127,3 +129,52 @@ def formula_vjp(formula, args: tuple, cotangents: tuple, needs_input_grad: tuple
     for i, g in zip(wrt, pullback(cotangents[0] if single else cotangents)):
         grads[i] = g
     return tuple(grads)
+
+
+Config = TypeVar("Config")
+
+_TUNED: dict[tuple[str, Hashable], int] = {}  # (kernel, key) -> index of the fastest candidate, per process
+
+
+def tuned(kernel: str, key: Hashable, candidates: Sequence[Config], launch: Callable[[Config], None],
+          device: torch.device) -> Config:
+    """The config to launch `kernel` with for this shape `key` (e.g. (N, widest head, dtype, alignment, arch)).
+
+    candidates[0] is the default, chosen from the compiled code (benchmarks.kernel_resources). With
+    VITSLIM_AUTOTUNE=1 on a GPU (not while tracing or capturing a CUDA graph) each candidate is launched on the
+    real arguments, timed with triton.testing.do_bench (warm-up 5 ms, 20 ms of repetitions), once per (kernel,
+    key) in the process, and the fastest is kept; a candidate that fails to compile or launch there (shared
+    memory, registers) is skipped. `launch(config)` must overwrite everything it writes: it runs several times.
+    Under compile_only(all_candidates=True) every candidate is compiled (the gate checks them all). Returns the
+    config; the caller launches it.
+    """
+    if len(candidates) > 1 and compile_only_all_candidates():
+        for config in candidates[1:]:
+            launch(config)  # compile-only: recorded, not run
+        return candidates[0]
+    if (len(candidates) == 1 or not autotune_enabled() or device.type != "cuda" or tracing()
+            or torch.cuda.is_current_stream_capturing()):
+        return candidates[0]
+    index = _TUNED.get((kernel, key))
+    if index is None:
+        index = _TUNED[(kernel, key)] = _fastest(candidates, launch)
+    return candidates[index]
+
+
+def _fastest(candidates: Sequence[Config], launch: Callable[[Config], None]) -> int:
+    from triton.testing import do_bench
+
+    times = []
+    for config in candidates:
+        try:
+            times.append(do_bench(lambda: launch(config), warmup=5, rep=20))
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:  # noqa: BLE001 (a config this device cannot run is simply not chosen)
+            times.append(float("inf"))
+    return min(range(len(candidates)), key=times.__getitem__)
+
+
+def tuned_configs() -> dict[tuple[str, Hashable], int]:
+    """What VITSLIM_AUTOTUNE=1 chose in this process: (kernel, key) -> index into that kernel's candidate list."""
+    return dict(_TUNED)

@@ -36,7 +36,8 @@ import triton.language as tl
 
 from ..dispatch import compile_only_target, fail_safe
 from ._common import alloc as _alloc
-from ._common import arch, check_device, define_op, formula_vjp, interpreter_agrees, kernel_wrapper, tracing
+from ._common import (arch, check_device, define_op, formula_vjp, interpreter_agrees, kernel_wrapper, tracing,
+                      tuned)
 
 from ..ops.ragged_attention import check_ragged_args, ragged_attention_bwd_ref, ragged_attention_fwd_ref
 
@@ -547,6 +548,31 @@ def _bwd_config(interpret: bool, dtype: torch.dtype, aligned: bool, arch: int = 
     return dict(BLOCK_M=32, BLOCK_N=64), dict(num_warps=4, num_stages=2)
 
 
+def _fwd_candidates(interpret: bool, dtype: torch.dtype) -> list[tuple[dict, dict]]:
+    """The forward's autotune list (VITSLIM_AUTOTUNE=1), the default first. Short, as CONVENTIONS.md asks, and
+    every entry passes the compile gate (kernel_resources compiles them all): for 16-bit, the default 64 x 64,
+    FlashAttention-2's 128-row tile for head widths <= 64 with 8 warps, and 64 x 32 with 3 stages. One config
+    under the interpreter and for fp32 (FMA code, tiles bounded by spills)."""
+    default = _fwd_config(interpret, dtype)
+    if interpret or dtype == torch.float32:
+        return [default]
+    return [default, (dict(BLOCK_M=128, BLOCK_N=64), dict(num_warps=8, num_stages=2)),
+            (dict(BLOCK_M=64, BLOCK_N=32), dict(num_warps=4, num_stages=3))]
+
+
+def _bwd_candidates(interpret: bool, dtype: torch.dtype, aligned: bool, arch: int = 90, bias_sum: bool = False
+                    ) -> list[tuple[dict, dict]]:
+    """The backward's autotune list, the default first: 16-bit aligned heads also try 16-row query steps (and on
+    sm_80 32-key blocks); everything else (interpreter, fp32, scalar loads) has one config, set by spills. Left
+    out, from the compiled code: 16 x 32 on sm_90 (no wgmma: the tile is below its 64-row warpgroup shape) and
+    32 x 32 on sm_80 (spilled 32 B per thread for the slim plan)."""
+    default = _bwd_config(interpret, dtype, aligned, arch, bias_sum)
+    if interpret or dtype == torch.float32 or not aligned:
+        return [default]
+    others = [dict(BLOCK_M=16, BLOCK_N=64)] + ([dict(BLOCK_M=16, BLOCK_N=32)] if arch < 90 else [])
+    return [default] + [(blocks, default[1]) for blocks in others if blocks != default[0]]
+
+
 @fail_safe("ragged_attention_fwd", ragged_attention_fwd_ref)
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int], scale: float
          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -561,18 +587,24 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[
     if B * N * H == 0:
         return o, lse
     _check_device(q)
-    blocks, launch = _fwd_config(_INTERPRETED, q.dtype)
-    grid = (triton.cdiv(N, blocks["BLOCK_M"]) * B * H,)
     vec = _alignment(dims, (q, k, v, o))
-    head_d = _uniform_width(dims)
+    head_d, log2_dmax = _uniform_width(dims), _log2_dmax(dims)
     uniform_a, uniform_b = _tile_slices(head_d) if head_d else (0, 0)
-    wrap_triton(_ragged_attention_fwd_kernel)[grid](
-        q, k, v, o, lse, table[0], table[1], table[2],
-        *_strides(q, vec), *_strides(k, vec), *_strides(v, vec), *_strides(o, vec),
-        lse.stride(0), lse.stride(1),
-        N, H, scale,
-        HEAD_D=head_d, UNIFORM_A=uniform_a, UNIFORM_B=uniform_b, VEC=vec, LOG2_DMAX=_log2_dmax(dims),
-        DOT_PRECISION=_dot_precision(q), **blocks, **launch)
+
+    def run(config: tuple[dict, dict]) -> None:
+        blocks, launch = config
+        grid = (triton.cdiv(N, blocks["BLOCK_M"]) * B * H,)
+        wrap_triton(_ragged_attention_fwd_kernel)[grid](
+            q, k, v, o, lse, table[0], table[1], table[2],
+            *_strides(q, vec), *_strides(k, vec), *_strides(v, vec), *_strides(o, vec),
+            lse.stride(0), lse.stride(1),
+            N, H, scale,
+            HEAD_D=head_d, UNIFORM_A=uniform_a, UNIFORM_B=uniform_b, VEC=vec, LOG2_DMAX=log2_dmax,
+            DOT_PRECISION=_dot_precision(q), **blocks, **launch)
+
+    # Autotune key: (N, widest head, dtype) and what else changes the compiled kernel.
+    key = (N, log2_dmax, head_d, q.dtype, vec, _dot_precision(q), q.device)
+    run(tuned("ragged_attention_fwd", key, _fwd_candidates(_INTERPRETED, q.dtype), run, q.device))
     return o, lse
 
 
@@ -623,14 +655,15 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
         delta.stride(0), delta.stride(1),
         N, H, BLOCK_M=fwd_blocks["BLOCK_M"], BLOCK_D=2 ** log2_dmax, HEAD_D=head_d, VEC=vec)
     vec = _alignment(dims, (q, k, v, do, dq))
-    blocks, launch = _bwd_config(_INTERPRETED, q.dtype, aligned=vec * q.element_size() == 16,
+    candidates = _bwd_candidates(_INTERPRETED, q.dtype, aligned=vec * q.element_size() == 16,
                                  arch=90 if _INTERPRETED else arch(q.device), bias_sum=bias_sum)
+    min_m = min(blocks["BLOCK_M"] for blocks, _ in candidates)
+    min_n = min(blocks["BLOCK_N"] for blocks, _ in candidates)
     # dq partial sums between key blocks, fp32; one key block needs none (a 1-element stand-in is passed).
-    dq_acc = _alloc((B, N, D) if N > blocks["BLOCK_N"] else (1, 1, 1), q, torch.float32)
+    dq_acc = _alloc((B, N, D) if N > min_n else (1, 1, 1), q, torch.float32)
     # Bias sums, fp32, per image and block of rows: the q third per query block, k and v per key block (zeroed:
     # a third has fewer blocks than the buffer when BLOCK_M < BLOCK_N). DeiT-S batch 256: (256, 7, 1152), 8 MB.
-    db = (torch.zeros((B, triton.cdiv(N, blocks["BLOCK_M"]), 3 * D), dtype=torch.float32, device=q.device)
-          if bias_sum else None)
+    db = torch.empty((B, triton.cdiv(N, min_m), 3 * D), dtype=torch.float32, device=q.device) if bias_sum else None
     # Split tiles (a 41-wide head over 32 + 16 columns, not 64) for 16-bit aligned heads only: with fp32 or
     # unaligned (scalar) loads the extra branches spilled 8-48 B per thread on sm_90/sm_80 (compile_only, slim
     # plan 0/1/17/41/63/64 and the unaligned direct call), so those keep power-of-two tiles, uniform widths too.
@@ -638,16 +671,23 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
     uniform_a, uniform_b = _tile_slices(head_d) if head_d else (0, 0)
     if head_d and not split_d:
         uniform_a, uniform_b = max(_MIN_BLOCK_D, triton.next_power_of_2(head_d)), 0
-    wrap_triton(_ragged_attention_bwd_kernel)[(B * H,)](
-        q, k, v, do, dq, dk, dv, dq_acc, lse, delta, db if db is not None else delta, table[0], table[1],
-        table[2] if split_d else table[3],
-        *_strides(q, vec), *_strides(k, vec), *_strides(v, vec), *_strides(do, vec), *_strides(dq, vec),
-        dq_acc.stride(0), dq_acc.stride(1),
-        lse.stride(0), lse.stride(1), *(db.stride()[:2] if db is not None else (0, 0)),
-        N, H, D, scale,
-        HEAD_D=head_d, UNIFORM_A=uniform_a, UNIFORM_B=uniform_b, VEC=vec, LOG2_DMAX=log2_dmax, SPLIT_D=split_d,
-        HAS_DB=db is not None,
-        DOT_PRECISION=_dot_precision(q), **blocks, **launch)
+
+    def run(config: tuple[dict, dict]) -> None:
+        blocks, launch = config
+        if db is not None:
+            db.zero_()  # candidates fill different block slots: none may keep another's sums
+        wrap_triton(_ragged_attention_bwd_kernel)[(B * H,)](
+            q, k, v, do, dq, dk, dv, dq_acc, lse, delta, db if db is not None else delta, table[0], table[1],
+            table[2] if split_d else table[3],
+            *_strides(q, vec), *_strides(k, vec), *_strides(v, vec), *_strides(do, vec), *_strides(dq, vec),
+            dq_acc.stride(0), dq_acc.stride(1),
+            lse.stride(0), lse.stride(1), *(db.stride()[:2] if db is not None else (0, 0)),
+            N, H, D, scale,
+            HEAD_D=head_d, UNIFORM_A=uniform_a, UNIFORM_B=uniform_b, VEC=vec, LOG2_DMAX=log2_dmax,
+            SPLIT_D=split_d, HAS_DB=db is not None, DOT_PRECISION=_dot_precision(q), **blocks, **launch)
+
+    key = (N, log2_dmax, head_d, q.dtype, vec, _dot_precision(q), bias_sum, q.device)
+    run(tuned("ragged_attention_bwd", key, candidates, run, q.device))
     # One fixed-order sum (no atomics) over images and blocks.
     return dq, dk, dv, db.sum((0, 1)) if db is not None else None
 
