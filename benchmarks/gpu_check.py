@@ -72,6 +72,7 @@ PARTS = (
     Part("sanitizer", "compute-sanitizer memcheck on the selftest", 45, 10, "sanitizer.json", True),
     Part("P1", "search step", 100, 75, "search_step.json", False),
     Part("P2", "ragged attention", 35, 40, "ragged_attention.json", False),
+    Part("autotune", "P2's Triton cases again with VITSLIM_AUTOTUNE=1", 30, 25, "ragged_attention_tuned.json", False),
     Part("P3", "slim inference", 25, 40, "slim_inference.json", False),
     Part("P4", "retrain step", 25, 40, "retrain_step.json", False),
     Part("loader", "input pipeline: loader workers on this machine's cores, --loader gpu's device half", 60, 40,
@@ -277,6 +278,21 @@ def part_p2(ctx: PartContext) -> str:
     return _slim_part(ctx, "ragged_attention", slim.bench_ragged_attention)
 
 
+def part_autotune(ctx: PartContext) -> str:
+    """P2's Triton ragged-attention cases with VITSLIM_AUTOTUNE=1 (set in this part's environment): each shape
+    key times its candidate tiles once, then the usual timing; the choices go into the results file."""
+    from benchmarks import run_slim_benchmarks as slim
+    from vitslim_kernels.triton._common import tuned_configs
+
+    progress = _benchmark_progress(ctx, "ragged_attention_tuned")
+    slim.bench_ragged_attention(slim.DRY_RUN_SETUP if ctx.dry_run else slim.GPU_SETUP, progress,
+                                implementations=("triton",))
+    chosen = [{"kernel": kernel, "key": repr(key), "candidate": index}
+              for (kernel, key), index in tuned_configs().items()]
+    ctx.write("ragged_attention_tuned", progress.rows, complete=True, not_run=progress.not_run, tuned=chosen)
+    return "ok"
+
+
 def part_p3(ctx: PartContext) -> str:
     from benchmarks import run_slim_benchmarks as slim
     return _slim_part(ctx, "slim_inference", slim.bench_slim_inference)
@@ -307,7 +323,7 @@ def part_loader(ctx: PartContext) -> str:
 
 PART_FUNCTIONS: dict[str, Callable[[PartContext], str]] = {
     "build": part_build, "tests": part_tests, "selftest": part_selftest, "sanitizer": part_sanitizer,
-    "P1": part_p1, "P2": part_p2, "P3": part_p3, "P4": part_p4, "loader": part_loader}
+    "P1": part_p1, "P2": part_p2, "autotune": part_autotune, "P3": part_p3, "P4": part_p4, "loader": part_loader}
 
 
 def run_part(name: str, ctx: PartContext) -> int:
@@ -325,8 +341,10 @@ def run_part(name: str, ctx: PartContext) -> int:
 # -- the orchestration ----------------------------------------------------------------------------------
 def _child_env(part: Part, dry_run: bool) -> dict:
     env = dict(os.environ, VITSLIM_STRICT_KERNELS="1", PYTHONUNBUFFERED="1")
-    if dry_run and part.name in ("selftest", "P1", "P2", "P3", "P4"):
+    if dry_run and part.name in ("selftest", "P1", "P2", "autotune", "P3", "P4"):
         env["TRITON_INTERPRET"] = "1"  # the CPU runs the Triton kernels in the interpreter
+    if part.name == "autotune":
+        env["VITSLIM_AUTOTUNE"] = "1"
     return env
 
 
@@ -594,6 +612,8 @@ def summarise(results_dir: Path, record: dict) -> str:
                      f"{r['first_calls_s']:.1f} s, left out of its median ({r['median_ms']:.2f} ms).")
     if not_run:
         lines += ["", "Not run:", ""] + [f"- {n}" for n in not_run]
+    lines += (["", "## Autotuned attention tiles (VITSLIM_AUTOTUNE=1 against the defaults)", ""]
+              + autotune_lines(results_dir))
     lines += ["", "## Input pipeline (benchmarks.loader, synthetic ImageNet-like JPEGs)", ""] + loader_lines(results_dir)
     kernels = kernel_rows(results_dir)
     lines += ["", "## Measured vs the roofline model (our Triton kernels, ms per step)", ""]
@@ -608,6 +628,29 @@ def summarise(results_dir: Path, record: dict) -> str:
     else:
         lines.append("No roofline model in benchmarks/results/roofline.json (python -m benchmarks.roofline).")
     return "\n".join(lines) + "\n"
+
+
+def autotune_lines(results_dir: Path) -> list[str]:
+    """Per P2 Triton case: the default tiles' median, the tuned one's, their ratio; and what was chosen."""
+    tuned, default = _load(results_dir, "ragged_attention_tuned"), _load(results_dir, "ragged_attention")
+    if not tuned or not tuned.get("rows"):
+        return ["Not run."]
+
+    def case(r: dict) -> tuple:
+        return r["model"], r["batch"], r["mode"]
+    defaults = {case(r): r["median_ms"] for r in (default or {}).get("rows", [])
+                if r.get("variant") == "ragged" and r.get("implementation") == "triton"}
+    lines = ["| model | batch | mode | default tiles (ms) | tuned (ms) | tuned / default |",
+             "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for r in tuned["rows"]:
+        before = defaults.get(case(r))
+        ratio = r["median_ms"] / before if before else None
+        lines.append(f"| {r['model']} | {r['batch']} | {r['mode']} | {_fmt(before, '.3f')} | {r['median_ms']:.3f} | "
+                     f"{_fmt(ratio)} |")
+    picks = [f"{t['kernel']} candidate {t['candidate']}" for t in tuned.get("tuned", [])]
+    lines += ["", "Chosen (index into the kernel's list; 0 = the default): "
+              + (", ".join(picks) or "nothing tuned (no GPU)")]
+    return lines
 
 
 def loader_lines(results_dir: Path) -> list[str]:

@@ -214,7 +214,10 @@ def ragged_implementations(device: torch.device, dtype: torch.dtype, grad: bool,
     return found
 
 
-def bench_ragged_attention(setup: Setup, progress: Progress | None = None) -> list[dict]:
+def bench_ragged_attention(setup: Setup, progress: Progress | None = None,
+                           implementations: tuple[str, ...] | None = None) -> list[dict]:
+    """P2: ragged attention against padded and grouped SDPA; with `implementations`, only those ragged
+    implementations and no baseline (gpu_check's autotune part)."""
     dtype = torch.bfloat16
     progress = progress or Progress()
     for config in setup.attention_models:
@@ -231,8 +234,10 @@ def bench_ragged_attention(setup: Setup, progress: Progress | None = None) -> li
                 bytes_moved = io_bytes * (2.5 if grad else 1.0)  # + dO read, dq dk dv written
                 widest_block = (B, N, max(sum(d) for d in dims))
                 cases = [("ragged", name, fn, default)
-                         for name, fn, default in ragged_implementations(setup.device, dtype, grad, widest_block)]
-                cases += [("padded_sdpa", None, None, None), ("grouped_sdpa", None, None, None)]
+                         for name, fn, default in ragged_implementations(setup.device, dtype, grad, widest_block)
+                         if implementations is None or name in implementations]
+                if implementations is None:
+                    cases += [("padded_sdpa", None, None, None), ("grouped_sdpa", None, None, None)]
                 for variant, name, fn, default in cases:
                     if not progress.starts(f"P2 {config.label} B={B} {mode} {variant} {name or ''}".rstrip()):
                         continue
