@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.common import provenance
 from vitslim.saving import atomic_write
@@ -149,12 +150,30 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
 ]}
 
 
+class _NoMatmulMath(TorchDispatchMode):
+    """Matrix products return uninitialised tensors of the shape, dtype and strides the real op gives (from its
+    meta implementation) instead of computing on the CPU. Under compile_only the values are garbage anyway (the
+    Triton kernels only compile), and the CPU's bf16 matmuls were most of the gate's time: DeiT-B's search
+    step took 75 s per target with them."""
+
+    _OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+            torch.ops.aten.baddbmm.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in self._OPS:
+            return func(*args, **kwargs)
+        meta = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+        out = func(*meta[0], **meta[1])
+        return torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=args[0].device)
+
+
 def compile_workload(workload: Workload, target: str, all_candidates: bool = True) -> list[tuple[Launch, dict]]:
     """The distinct kernels `workload` compiles for `target`, each with its resources as a dict; with
     all_candidates, every config of the autotune lists (VITSLIM_AUTOTUNE=1 may launch any of them on a GPU),
     not only the defaults."""
     torch.manual_seed(0)
-    with compile_only(target, all_candidates=all_candidates) as launches:
+    with compile_only(target, all_candidates=all_candidates) as launches, _NoMatmulMath():
         workload.run(_DTYPES[workload.dtype])
     return [(launch, resources(launch).to_dict()) for launch in distinct(launches)]
 
