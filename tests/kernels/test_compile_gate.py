@@ -81,3 +81,20 @@ def test_compile_only_restores_dispatch_and_the_driver():
     with pytest.raises(ValueError, match="unknown compile target 'sm_75'"):
         with compile_only("sm_75"):
             pass
+
+
+def test_matrix_products_skip_their_arithmetic_but_keep_shape_dtype_and_strides():
+    import torch
+
+    from benchmarks.kernel_resources import _NoMatmulMath
+    a, b = torch.randn(5, 3, dtype=torch.bfloat16), torch.randn(4, 3, dtype=torch.bfloat16)
+    bias = torch.randn(4, dtype=torch.bfloat16)
+    cases = [lambda: torch.mm(a, b.t()), lambda: torch.addmm(bias, a, b.t()),
+             lambda: torch.bmm(a[None], b.t()[None]), lambda: torch.nn.functional.linear(a, b, bias)]
+    for case in cases:
+        real = case()
+        with _NoMatmulMath():
+            skipped = case()
+            added = skipped + 1  # other ops still compute
+        assert (skipped.shape, skipped.stride(), skipped.dtype) == (real.shape, real.stride(), real.dtype)
+        assert added.shape == real.shape
