@@ -1,6 +1,7 @@
 """Triton ragged attention against the reference: outputs and dq, dk, dv, run by Triton's interpreter on CPU
 (in a fresh process when this one imported triton compiled: see tests/kernels/interpreter.py)."""
 import importlib
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -347,9 +348,9 @@ def test_autotune_candidates_are_short_and_start_with_the_default(kernels):
         assert fwd[0] == kernels._fwd_config(False, dtype) and 1 <= len(fwd) <= 3
         for aligned in (True, False):
             for arch in (80, 90):
-                for bias_sum in (True, False):
-                    bwd = kernels._bwd_candidates(False, dtype, aligned, arch, bias_sum)
-                    assert bwd[0] == kernels._bwd_config(False, dtype, aligned, arch, bias_sum)
+                for bias_sum, ragged in itertools.product((True, False), (True, False)):
+                    bwd = kernels._bwd_candidates(False, dtype, aligned, arch, bias_sum, ragged)
+                    assert bwd[0] == kernels._bwd_config(False, dtype, aligned, arch, bias_sum, ragged)
                     assert 1 <= len(bwd) <= 3 and len({str(c) for c in bwd}) == len(bwd)
     assert kernels._fwd_candidates(True, torch.float16) == [kernels._fwd_config(True, torch.float16)]
     assert len(kernels._bwd_candidates(True, torch.float16, True)) == 1  # one config under the interpreter

@@ -161,6 +161,12 @@ def tuned(kernel: str, key: Hashable, candidates: Sequence[Config], launch: Call
     return candidates[index]
 
 
+def tuning_possible() -> bool:
+    """Whether `tuned` may launch a candidate other than the default (VITSLIM_AUTOTUNE=1, or compile_only compiling
+    every candidate): buffers whose size depends on the tile are then sized for all candidates."""
+    return autotune_enabled() or compile_only_all_candidates()
+
+
 def _fastest(candidates: Sequence[Config], launch: Callable[[Config], None]) -> int:
     from triton.testing import do_bench
 

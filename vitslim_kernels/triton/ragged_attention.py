@@ -37,7 +37,7 @@ import triton.language as tl
 from ..dispatch import compile_only_target, fail_safe
 from ._common import alloc as _alloc
 from ._common import (arch, check_device, define_op, formula_vjp, interpreter_agrees, kernel_wrapper, tracing,
-                      tuned)
+                      tuned, tuning_possible)
 
 from ..ops.ragged_attention import check_ragged_args, ragged_attention_bwd_ref, ragged_attention_fwd_ref
 
@@ -523,8 +523,8 @@ def _fwd_config(interpret: bool, dtype: torch.dtype) -> tuple[dict, dict]:
     return dict(BLOCK_M=64, BLOCK_N=64), dict(num_warps=4, num_stages=2)
 
 
-def _bwd_config(interpret: bool, dtype: torch.dtype, aligned: bool, arch: int = 90, bias_sum: bool = False
-                ) -> tuple[dict, dict]:
+def _bwd_config(interpret: bool, dtype: torch.dtype, aligned: bool, arch: int = 90, bias_sum: bool = False,
+                ragged: bool = False) -> tuple[dict, dict]:
     if interpret:
         return dict(BLOCK_M=16, BLOCK_N=16), {}
     # Not yet measured on a GPU; from the compiled code as above. 64 keys held (k, v, dk, dv) against query
@@ -544,6 +544,10 @@ def _bwd_config(interpret: bool, dtype: torch.dtype, aligned: bool, arch: int = 
         # sm_80 has no room for the bias sums at 32-row steps: 255 registers already, and with them it spilled
         # 24-32 B per thread (DeiT-S search and slim plans, compile_only); 16-row steps do not spill.
         return dict(BLOCK_M=16, BLOCK_N=64), dict(num_warps=4, num_stages=2)
+    if ragged:
+        # Ragged heads in split tiles (one branch per tile class): 32-row steps fit triton 3.8 (248-252 registers
+        # on sm_90) but spilled 96-204 B per thread with triton 3.6, the GPU image's; 16-row steps spill on neither.
+        return dict(BLOCK_M=16, BLOCK_N=64), dict(num_warps=4, num_stages=2)
     # bf16/fp16, aligned: 218-233 registers on sm_90, 255 on sm_80, no spills.
     return dict(BLOCK_M=32, BLOCK_N=64), dict(num_warps=4, num_stages=2)
 
@@ -560,14 +564,15 @@ def _fwd_candidates(interpret: bool, dtype: torch.dtype) -> list[tuple[dict, dic
             (dict(BLOCK_M=64, BLOCK_N=32), dict(num_warps=4, num_stages=3))]
 
 
-def _bwd_candidates(interpret: bool, dtype: torch.dtype, aligned: bool, arch: int = 90, bias_sum: bool = False
-                    ) -> list[tuple[dict, dict]]:
+def _bwd_candidates(interpret: bool, dtype: torch.dtype, aligned: bool, arch: int = 90, bias_sum: bool = False,
+                    ragged: bool = False) -> list[tuple[dict, dict]]:
     """The backward's autotune list, the default first: 16-bit aligned heads also try 16-row query steps (and on
     sm_80 32-key blocks); everything else (interpreter, fp32, scalar loads) has one config, set by spills. Left
     out, from the compiled code: 16 x 32 on sm_90 (no wgmma: the tile is below its 64-row warpgroup shape) and
-    32 x 32 on sm_80 (spilled 32 B per thread for the slim plan)."""
-    default = _bwd_config(interpret, dtype, aligned, arch, bias_sum)
-    if interpret or dtype == torch.float32 or not aligned:
+    32 x 32 on sm_80 (spilled 32 B per thread for the slim plan); for ragged split tiles, every alternative to
+    16 x 64 (with triton 3.6: 32 x 64 spilled 96-204 B on sm_90, 16 x 32 24 B on sm_80)."""
+    default = _bwd_config(interpret, dtype, aligned, arch, bias_sum, ragged)
+    if interpret or dtype == torch.float32 or not aligned or ragged:
         return [default]
     others = [dict(BLOCK_M=16, BLOCK_N=64)] + ([dict(BLOCK_M=16, BLOCK_N=32)] if arch < 90 else [])
     return [default] + [(blocks, default[1]) for blocks in others if blocks != default[0]]
@@ -655,19 +660,23 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
         delta.stride(0), delta.stride(1),
         N, H, BLOCK_M=fwd_blocks["BLOCK_M"], BLOCK_D=2 ** log2_dmax, HEAD_D=head_d, VEC=vec)
     vec = _alignment(dims, (q, k, v, do, dq))
+    # Split tiles (a 41-wide head over 32 + 16 columns, not 64) for 16-bit aligned heads only: with fp32 or
+    # unaligned (scalar) loads the extra branches spilled 8-48 B per thread on sm_90/sm_80 (compile_only, slim
+    # plan 0/1/17/41/63/64 and the unaligned direct call), so those keep power-of-two tiles, uniform widths too.
+    split_d = q.dtype != torch.float32 and vec * q.element_size() == 16
     candidates = _bwd_candidates(_INTERPRETED, q.dtype, aligned=vec * q.element_size() == 16,
-                                 arch=90 if _INTERPRETED else arch(q.device), bias_sum=bias_sum)
-    min_m = min(blocks["BLOCK_M"] for blocks, _ in candidates)
-    min_n = min(blocks["BLOCK_N"] for blocks, _ in candidates)
+                                 arch=90 if _INTERPRETED else arch(q.device), bias_sum=bias_sum,
+                                 ragged=split_d and not head_d)
+    # Buffers sized for every candidate only where another may launch (tuning, or the gate compiling them all):
+    # else for the default, so the lists cost nothing when autotuning is off.
+    sized_for = candidates if tuning_possible() else candidates[:1]
+    min_m = min(blocks["BLOCK_M"] for blocks, _ in sized_for)
+    min_n = min(blocks["BLOCK_N"] for blocks, _ in sized_for)
     # dq partial sums between key blocks, fp32; one key block needs none (a 1-element stand-in is passed).
     dq_acc = _alloc((B, N, D) if N > min_n else (1, 1, 1), q, torch.float32)
     # Bias sums, fp32, per image and block of rows: the q third per query block, k and v per key block (zeroed:
     # a third has fewer blocks than the buffer when BLOCK_M < BLOCK_N). DeiT-S batch 256: (256, 7, 1152), 8 MB.
     db = torch.empty((B, triton.cdiv(N, min_m), 3 * D), dtype=torch.float32, device=q.device) if bias_sum else None
-    # Split tiles (a 41-wide head over 32 + 16 columns, not 64) for 16-bit aligned heads only: with fp32 or
-    # unaligned (scalar) loads the extra branches spilled 8-48 B per thread on sm_90/sm_80 (compile_only, slim
-    # plan 0/1/17/41/63/64 and the unaligned direct call), so those keep power-of-two tiles, uniform widths too.
-    split_d = q.dtype != torch.float32 and vec * q.element_size() == 16
     uniform_a, uniform_b = _tile_slices(head_d) if head_d else (0, 0)
     if head_d and not split_d:
         uniform_a, uniform_b = max(_MIN_BLOCK_D, triton.next_power_of_2(head_d)), 0
