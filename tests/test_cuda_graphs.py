@@ -1,5 +1,7 @@
 """CUDA-graph replay of slim-model inference (vitslim.cuda_graphs): a pass-through everywhere it cannot replay,
 and equal to the eager forward where it does (GPU tests)."""
+import contextlib
+
 import pytest
 import torch
 
@@ -47,6 +49,36 @@ def test_cuda_graphs_replay_only_inference_without_autograd():
     assert not graphed.forward.replays(x)  # autograd on: the ordinary forward
 
 
+def test_capture_runs_under_the_callers_autocast_with_its_weight_cache_off(monkeypatch):
+    """With autocast's weight-cast cache on, a graph captured inside the caller's autocast would read cast weights
+    that autocast frees when that autocast exits (torch's make_graphed_callables refuses the case). The CUDA
+    calls are stand-ins here: what is checked is the autocast state every warm-up and the capture run under."""
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: contextlib.nullcontext())
+    seen = []
+
+    def forward(x):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                     torch.is_autocast_cache_enabled()))
+        return x * 2
+    graphed = GraphedForward(torch.nn.Identity(), forward)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.is_autocast_cache_enabled()
+        graphed._capture(torch.ones(2))
+        assert torch.is_autocast_cache_enabled()  # the caller's cache setting is back
+    assert seen == [(True, torch.bfloat16, False)] * 3  # two warm-up calls and the capture
+    seen.clear()
+    graphed._capture(torch.ones(2))  # no autocast: none during capture either
+    assert [s[0] for s in seen] == [False] * 3 and not any(s[2] for s in seen)
+
+
 def test_load_slim_takes_the_option(tmp_path):
     graphed, _ = _slim_model(cuda_graphs=False)
     vitslim.save_slim(graphed, tmp_path / "slim")
@@ -71,5 +103,14 @@ def test_cuda_graph_replay_equals_eager_on_gpu(batch):
                 x = torch.randn(batch, 3, 224, 224, device="cuda")
                 assert graphed.forward.replays(x)
                 torch.testing.assert_close(graphed(x), eager(x), rtol=0, atol=0)
+    # Replays after the caller's autocast has exited and the allocator has returned its free memory (and the
+    # memory is reused by other tensors): the graphs must not read cast weights autocast freed.
+    torch.cuda.empty_cache()
+    filler = [torch.full((1 << 20,), float("nan"), device="cuda") for _ in range(64)]
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            x = torch.randn(batch, 3, 224, 224, device="cuda")
+            torch.testing.assert_close(graphed(x), eager(x), rtol=0, atol=0)
+    del filler
     graphed.forward.reset()
     assert not graphed.forward._graphs

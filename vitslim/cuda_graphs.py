@@ -10,6 +10,11 @@ Only inference on CUDA inputs is replayed (eval mode, autograd off); anything el
 enabled) runs the ordinary forward, so the option is safe to leave on. A graph reads the weights where they were
 when it was captured: after changing them (load_state_dict, an optimizer step, .to()) call
 `model.forward.reset()`, which drops the graphs; they are captured again on the next call.
+
+Capture runs under the caller's autocast (enabled, dtype) with autocast's weight-cast cache off: with the cache on,
+the graph would read the cached low-precision copies of the weights, which autocast frees when the caller's
+outermost autocast exits, so later replays would read freed memory (torch's make_graphed_callables refuses that
+case; here the casts are recorded into the graph and redone by every replay instead).
 """
 from __future__ import annotations
 
@@ -65,16 +70,24 @@ class GraphedForward:
         static_in = x.clone()
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):  # warm-up: lazy caches (head tables, padded weights, autotune) fill here
-            for _ in range(WARMUP_CALLS):
-                self._forward(static_in)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            static_out = self._forward(static_in)
+        with autocast_without_cache(x.device.type):
+            with torch.cuda.stream(side):  # warm-up: lazy caches (head tables, padded weights, autotune) fill here
+                for _ in range(WARMUP_CALLS):
+                    self._forward(static_in)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                static_out = self._forward(static_in)
         return graph, static_in, static_out
+
+
+def autocast_without_cache(device_type: str) -> torch.autocast:
+    """The caller's autocast state on device_type (enabled or not, its dtype) with the weight-cast cache off: what
+    a CUDA graph is captured under (module docstring)."""
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
+                          enabled=torch.is_autocast_enabled(device_type), cache_enabled=False)
 
 
 def use_cuda_graphs(model: nn.Module, enabled: bool = True) -> nn.Module:
