@@ -1,6 +1,7 @@
 """The compiled extension vitslim_kernels._C: built and importable wherever it should be (CI included), clear
 reasons where it is not, and `python -m vitslim_kernels.info`. None of these needs a GPU."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,10 +23,29 @@ def expected_build_missing() -> str | None:
         return "it was installed with VITSLIM_SKIP_CUDA_BUILD set"
     if torch.version.cuda is None:
         return f"torch {torch.__version__} has no CUDA"
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    if shutil.which("nvcc") is None and not any(h and Path(h, "bin", "nvcc").exists() for h in homes):
+    nvcc = _nvcc()
+    if nvcc is None:
         return "no nvcc on this machine"
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    match = re.search(r"release (\d+)\.", version)
+    if match is None:
+        return f"{nvcc} does not run"
+    if match.group(1) != torch.version.cuda.split(".")[0]:
+        return (f"nvcc {match.group(1)}.x ({nvcc}) and torch's CUDA {torch.version.cuda} differ in major version "
+                f"(setup.py builds only when they agree)")
     return None
+
+
+def _nvcc() -> str | None:
+    """The nvcc setup.py would use: $CUDA_HOME's, $CUDA_PATH's, the one on PATH, /usr/local/cuda's."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidate = Path(os.environ[var], "bin", "nvcc")
+            return str(candidate) if candidate.exists() else None
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    return "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None
 
 
 @pytest.fixture
