@@ -42,12 +42,16 @@ import vitslim  # noqa: E402
 from vitslim.gates import SparsityWeights  # noqa: E402
 
 from benchmarks.common import (Progress, achieved, autocast_dtype, kernel_times_ms, peak_memory_bytes,  # noqa: E402
-                               time_ms, write_results)
+                               sdpa_flash_where_possible, time_ms, write_results)
 
 VARIANTS = ("paper_eager", "folded_sdpa", "folded_sdpa_compile", "fused")
 IMPLEMENTATION = {"paper_eager": "eager", "folded_sdpa": "folded", "folded_sdpa_compile": "folded",
                   "fused": "fused"}
 BASELINES = ("paper_eager", "folded_sdpa", "folded_sdpa_compile")
+SDPA_VARIANTS = ("folded_sdpa", "folded_sdpa_compile")  # the variants whose attention is SDPA (flash forced)
+# Wall seconds a cold inductor compile of the DeiT-S search step (fwd + bwd) is expected to take on the GPU
+# machine's 16 cores: a compiled variant starts only when this much of the part's time is left.
+COMPILE_NEEDS_S = {"deit_small_patch16_224": 90.0, "deit_base_patch16_224": 100.0}
 # DESIGN.md section 6, P1: fused speedup over each baseline, and fused peak memory / paper_eager's.
 TARGETS = {"speedup_vs_paper_eager": 3.0, "speedup_vs_folded_sdpa": 1.25, "speedup_vs_folded_sdpa_compile": 1.05,
            "peak_mem_ratio_vs_paper_eager": 0.5}
@@ -269,26 +273,24 @@ def bench_variant(config: ModelConfig, variant: str, device: torch.device, it: I
 
     step = make_search_step(model, config, variant, device)
     fused_kernels = not fused_fell_back(step) if variant == "fused" else None
-    warmup_s = first_calls_s(step, device)
+    step, backend, warmup_s = with_sdpa_backend(step, variant, device)
     ms = time_ms(step, device, it.step_warmup, it.step_iters)
     step_flops = 3 * 2 * vitslim.count_flops(model, batch_size=config.batch)
     rows.append({"bench": "search_step", **base, "median_ms": ms, "peak_mem_bytes": peak_mem(step, device),
-                 "first_calls_s": warmup_s, "fused_kernels": fused_kernels,
+                 "first_calls_s": warmup_s, "fused_kernels": fused_kernels, "sdpa_backend": backend,
                  "fused_impl": selected_implementation("gated_attention_branch", device) if fused_kernels else None,
                  "flops": step_flops, **achieved(step_flops, None, ms)})
-    if variant == "fused" and device.type == "cuda":
-        rows[-1]["kernel_ms"] = kernel_times_ms(step)  # per kernel, for the roofline's measured / predicted
     del step
     release_memory(device)
 
     block = vitslim.searchable.searchable_blocks(model)[0]
     for kind in ("attn", "mlp"):
         fn, fused_impl = make_branch_step(block, kind, variant, config, device)
-        warmup_s = first_calls_s(fn, device)
+        fn, backend, warmup_s = with_sdpa_backend(fn, variant if kind == "attn" else "", device)
         ms = time_ms(fn, device, it.block_warmup, it.block_iters)
         flops, traffic = branch_counts(block, kind, config.batch)
         rows.append({"bench": f"{kind}_block", **base, "median_ms": ms, "peak_mem_bytes": peak_mem(fn, device),
-                     "first_calls_s": warmup_s, "fused_impl": fused_impl,
+                     "first_calls_s": warmup_s, "fused_impl": fused_impl, "sdpa_backend": backend,
                      "fused_kernels": fused_impl not in (None, "reference") if variant == "fused" else None,
                      "flops": flops, "bytes": traffic, **achieved(flops, traffic, ms)})
         del fn
@@ -298,6 +300,27 @@ def bench_variant(config: ModelConfig, variant: str, device: torch.device, it: I
         torch._dynamo.reset()
     release_memory(device)
     return rows
+
+
+def with_sdpa_backend(fn: Callable[[], None], variant: str, device: torch.device
+                      ) -> tuple[Callable[[], None], str | None, float]:
+    """(fn to time, the SDPA backend it runs or None, wall seconds of its first two calls): the SDPA variants are
+    forced onto flash where their shapes allow (common.sdpa_flash_where_possible); the others use no SDPA."""
+    if variant not in SDPA_VARIANTS:
+        return fn, None, first_calls_s(fn, device)
+    chosen, backend, probe_s = sdpa_flash_where_possible(fn)
+    return chosen, backend, probe_s + first_calls_s(chosen, device, calls=1)
+
+
+def profile_fused(config: ModelConfig, device: torch.device) -> dict[str, dict]:
+    """Per-kernel device times of the fused search step (common.kernel_times_ms): run after every timing."""
+    model = build_search_model(config, "fused", device)
+    step = make_search_step(model, config, "fused", device)
+    try:
+        return kernel_times_ms(step)
+    finally:
+        del step, model
+        release_memory(device)
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -328,23 +351,35 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def run(models: tuple[ModelConfig, ...], variants: tuple[str, ...], device: torch.device, it: Iterations,
-        log: Callable[[str], None] = print, progress: Progress | None = None) -> list[dict]:
-    """Every variant of every model (in the order given), then the summary rows. With a `progress`, a variant
-    starts only before its deadline and each finished one is reported (rows so far + their summary)."""
+        log: Callable[[str], None] = print, progress: Progress | None = None,
+        earlier: list[dict] = ()) -> list[dict]:
+    """Every variant of every model (in the order given), then the summary rows (with `earlier` rows of this run
+    to compare with, e.g. the fused rows when only the compiled baseline runs here). With a `progress`, a variant
+    starts only before its deadline (a compiled one only with its compile time left) and each finished one is
+    reported (rows so far + their summary). Last, on a GPU, the fused step's per-kernel times are profiled (after
+    every timing: see common.kernel_times_ms)."""
     progress = progress or Progress()
     measured: list[dict] = []
+    earlier = [r for r in earlier if r.get("bench") != "summary"]
     for config in models:
         for variant in variants:
-            if not progress.starts(f"P1 {config.label} bs{config.batch} {variant}"):
+            needs_s = COMPILE_NEEDS_S.get(config.name, 90.0) if "compile" in variant and device.type == "cuda" else 0
+            if not progress.starts(f"P1 {config.label} bs{config.batch} {variant}", needs_s):
                 continue
             start = time.perf_counter()
             new = bench_variant(config, variant, device, it)
             measured.extend(new)
-            progress.rows = measured + summarise(measured)
+            progress.rows = measured + summarise(earlier + measured)
             progress.update()
             times = ", ".join(f"{r['bench']} {r['median_ms']:.2f} ms" for r in new)
             log(f"{config.label} bs{config.batch} {variant}: {times} ({time.perf_counter() - start:.0f} s)")
-    return measured + summarise(measured)
+    fused = next((r for r in measured if r["bench"] == "search_step" and r["variant"] == "fused"), None)
+    if fused is not None and device.type == "cuda" and progress.starts(f"P1 {fused['model']} profile"):
+        config = next(c for c in models if c.label == fused["model"] and c.batch == fused["batch"])
+        fused["kernel_ms"] = profile_fused(config, device)  # for the roofline's measured / predicted
+    progress.rows = measured + summarise(earlier + measured)
+    progress.update()
+    return progress.rows
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,11 +50,15 @@ import torch.nn.functional as F  # noqa: E402
 import vitslim  # noqa: E402
 import vitslim_kernels  # noqa: E402
 from vitslim.cuda_graphs import use_cuda_graphs  # noqa: E402
-from benchmarks.common import Progress, achieved, kernel_times_ms, write_results  # noqa: E402
+from benchmarks.common import (Progress, achieved, kernel_times_ms, sdpa_flash_where_possible,  # noqa: E402
+                               write_results)
 from benchmarks.common import time_ms as common_time_ms  # noqa: E402
 
 BUDGET = 0.7
 PLAN_SEED = 0
+# Wall seconds a cold inductor compile of DeiT-S is expected to take on the GPU machine's 16 cores (inference;
+# training fwd + bwd): a torch.compile'd dense baseline starts only when this much of the part's time is left.
+COMPILE_NEEDS_S = {"inference": 60.0, "training": 90.0}
 
 
 @dataclass(frozen=True)
@@ -139,15 +143,13 @@ class AttentionWorkload:
     blocks: list                   # per block: the variant's tensors
     head_dims: list[tuple[int, ...]]
     scale: float
-    kernel: Callable | None = None  # ragged: the implementation's callable (q, k, v, head_dims, scale)
+    kernel: Callable | None = None  # ragged: the implementation on a packed qkv (qkv, head_dims, scale)
 
     def run(self, grad: bool) -> Callable[[], None]:
         if self.variant == "ragged":
             def block(inputs, dims):
                 qkv, gout = inputs
-                D = sum(dims)
-                q, k, v = qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:]
-                o = self.kernel(q, k, v, dims, self.scale)
+                o = self.kernel(qkv, dims, self.scale)
                 if grad:
                     torch.autograd.grad(o, qkv, gout)
         else:
@@ -193,10 +195,20 @@ def attention_workload(variant: str, head_dims: list[tuple[int, ...]], B: int, N
     return AttentionWorkload(variant, blocks, head_dims, scale, kernel)
 
 
+def _on_packed(fn: Callable) -> Callable:
+    """An implementation taking q, k, v as one taking the packed qkv (B, N, 3D), q, k, v its column thirds."""
+    def packed(qkv: torch.Tensor, dims: tuple[int, ...], scale: float) -> torch.Tensor:
+        D = sum(dims)
+        return fn(qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:], dims, scale)
+    return packed
+
+
 def ragged_implementations(device: torch.device, dtype: torch.dtype, grad: bool, shape: tuple[int, int, int]
                            ) -> list[tuple[str, Callable, bool]]:
-    """(name, callable, is dispatch's pick for q of `shape`) for each kernel (not the reference) that runs on
-    this device and dtype at all; only the reference where none does (the CPU dry run)."""
+    """(name, callable on a packed qkv, is dispatch's pick for q of `shape`) for each kernel (not the reference)
+    that runs on this device and dtype at all; only the reference where none does (the CPU dry run). With grad,
+    Triton is the packed op training runs (its backward writes one dqkv, vitslim_kernels' ragged_attention_qkv);
+    the others slice qkv into q, k, v (views: no copy)."""
     small = torch.empty(1, 1, 1, device=device, dtype=dtype, requires_grad=grad)
     full = torch.empty(shape, device=device, dtype=dtype, requires_grad=grad)
     found = []
@@ -205,12 +217,16 @@ def ragged_implementations(device: torch.device, dtype: torch.dtype, grad: bool,
         names = [name for name, _ in vitslim_kernels.explain("ragged_attention", small)]
         for name in [n for n in names if n != "reference"]:
             try:
-                found.append((name, vitslim_kernels.select("ragged_attention", small, forced=name), name == pick))
+                fn = _on_packed(vitslim_kernels.select("ragged_attention", small, forced=name))
             except RuntimeError:  # cannot run on this device or dtype at all
-                pass
+                continue
+            if grad and name == "triton":
+                from vitslim_kernels.triton.ragged_attention import ragged_attention_qkv_triton
+                fn = ragged_attention_qkv_triton
+            found.append((name, fn, name == pick))
         if not found:
-            found.append(("reference", vitslim_kernels.select("ragged_attention", small, forced="reference"),
-                          pick == "reference"))
+            found.append(("reference", _on_packed(vitslim_kernels.select("ragged_attention", small,
+                                                                          forced="reference")), pick == "reference"))
     return found
 
 
@@ -242,11 +258,15 @@ def bench_ragged_attention(setup: Setup, progress: Progress | None = None,
                     if not progress.starts(f"P2 {config.label} B={B} {mode} {variant} {name or ''}".rstrip()):
                         continue
                     work = attention_workload(variant, dims, B, N, scale, setup.device, dtype, grad, fn)
-                    ms = time_ms(work.run(grad), setup)
+                    call, backend = work.run(grad), None
+                    if variant != "ragged":
+                        call, backend, _ = sdpa_flash_where_possible(call)
+                    ms = time_ms(call, setup)
                     row = {"mode": mode, "variant": variant, "model": config.label, "median_ms": ms, "batch": B,
-                           "tokens": N, "head_dims": [list(d) for d in dims]}
+                           "tokens": N, "head_dims": [list(d) for d in dims], "sdpa_backend": backend}
                     if variant == "ragged":
-                        row.update(implementation=name, dispatch_default=default)
+                        row.update(implementation=name, dispatch_default=default,
+                                   packed_qkv=grad and name == "triton")
                     row.update(achieved(flops, bytes_moved, ms))
                     progress.add(row)
                     print(f"ragged_attention {config.label:16s} B={B:<4d} {mode:8s} {variant:13s} {name or '':9s} "
@@ -261,10 +281,19 @@ def slim_from_plan(searchable: torch.nn.Module, plan: vitslim.SlimPlan, device: 
     return vitslim.slim(searchable, plan, fused=True).to(device)
 
 
+def _compile_backend(device: torch.device) -> str:
+    # As benchmarks.run_search_benchmarks: the CPU dry run checks that dynamo traces the model (aot_eager), not
+    # inductor's C++ code generation (minutes on 2 cores); on the GPU it is inductor.
+    return "inductor" if device.type == "cuda" else "aot_eager"
+
+
 def bench_slim_inference(setup: Setup, progress: Progress | None = None) -> list[dict]:
-    """Dense (timm, SDPA) and slim, each also replayed from CUDA graphs where there is a GPU (vitslim.cuda_graphs:
-    at batch 1 the launches set the latency). speedup_vs_dense compares each slim row with the dense row of the
-    same mode (graphs or not), and best_speedup_vs_dense the best slim with the best dense."""
+    """Dense (timm, SDPA with flash forced where it applies) and slim, each also replayed from CUDA graphs where
+    there is a GPU (vitslim.cuda_graphs: at batch 1 the launches set the latency), and last the torch.compile'd
+    dense model at the largest batch (its compilation timed apart). speedup_vs_dense compares each slim row with
+    the dense row of the same mode (graphs or not); best_speedup_vs_dense the best slim with the best dense, eager
+    or graphs (DESIGN.md's baseline); speedup_vs_dense_compile the best slim with the compiled dense. The slim
+    model's per-kernel times are profiled after every timing (common.kernel_times_ms)."""
     progress = progress or Progress()
     config = setup.slim_model
     searchable, plan = plan_for(config)
@@ -280,40 +309,60 @@ def bench_slim_inference(setup: Setup, progress: Progress | None = None) -> list
                     .to(setup.device).eval())]
     else:
         progress.not_run.append("P3 dense_cuda_graphs, slim_cuda_graphs: not run: CUDA graphs need a GPU")
+    models.append(("dense_compile", torch.compile(dense, backend=_compile_backend(setup.device), dynamic=False)))
+    needs_s = COMPILE_NEEDS_S["inference"] if setup.device.type == "cuda" else 0.0
     h, w = dense.patch_embed.img_size
+    tokens = dense.patch_embed.num_patches + dense.num_prefix_tokens
     for batch in setup.inference_batches:
         images = torch.randn(batch, 3, h, w, device=setup.device)
         timings = {}
         for variant, model in models:
-            if not progress.starts(f"P3 batch {batch} {variant}"):
+            if variant == "dense_compile" and batch != max(setup.inference_batches):
+                continue  # compiled at the throughput batch only (a cold compile per batch size; bs 1: CUDA graphs)
+            if not progress.starts(f"P3 batch {batch} {variant}", needs_s if variant.endswith("compile") else 0.0):
                 continue
 
             def forward(model=model) -> None:
                 with torch.no_grad(), torch.autocast(setup.device.type, dtype=torch.bfloat16):
                     model(images)
+            backend, first_s = None, None
+            if variant.startswith("dense"):
+                forward, backend, first_s = sdpa_flash_where_possible(forward)
             ms = time_ms(forward, setup)
-            macs = vitslim.count_flops(model, batch)
+            macs = vitslim.count_flops(dense if variant == "dense_compile" else model, batch)
             timings[variant] = (ms, macs)
             row = {"batch": batch, "variant": variant, "median_ms": ms, "flops": macs, "flop_unit": "MAC",
-                   **achieved(2 * macs, None, ms)}
+                   "sdpa_backend": backend, **achieved(2 * macs, None, ms)}
+            if variant == "dense_compile":
+                row["first_call_s"] = first_s  # the compilation (per input shape), left out of the median
             if variant.startswith("slim"):
                 base = timings.get(variant.replace("slim", "dense"))
-                tokens = dense.patch_embed.num_patches + dense.num_prefix_tokens
                 row.update(ragged_attention_implementation=_dispatched(  # (its first block's attention)
                     setup.device, False, (batch, tokens, slim.blocks[0].attn.width)))
                 if base is not None:
                     row.update(speedup_vs_dense=base[0] / ms, flops_ratio_vs_dense=base[1] / macs)
-                if variant == "slim" and setup.device.type == "cuda" and batch == max(setup.inference_batches):
-                    row["kernel_ms"] = kernel_times_ms(forward)
             progress.add(row)
             print(f"slim_inference   batch {batch:4d} {variant:17s} {ms:9.3f} ms", flush=True)
-        dense_best = min((t for v, t in timings.items() if v.startswith("dense")), default=None)
+        dense_best = min((t for v, t in timings.items() if v in ("dense", "dense_cuda_graphs")), default=None)
         slim_best = min((t for v, t in timings.items() if v.startswith("slim")), default=None)
         if dense_best and slim_best:
-            progress.add({"batch": batch, "variant": "summary", "best_speedup_vs_dense": dense_best[0] / slim_best[0],
-                          "flops_ratio_vs_dense": dense_best[1] / slim_best[1]})
+            summary = {"batch": batch, "variant": "summary", "best_speedup_vs_dense": dense_best[0] / slim_best[0],
+                       "flops_ratio_vs_dense": dense_best[1] / slim_best[1]}
+            if "dense_compile" in timings:
+                summary["speedup_vs_dense_compile"] = timings["dense_compile"][0] / slim_best[0]
+            progress.add(summary)
         del images
         release_memory()
+    batch = max(setup.inference_batches)
+    slim_row = next((r for r in progress.rows if r["variant"] == "slim" and r["batch"] == batch), None)
+    if slim_row is not None and setup.device.type == "cuda" and progress.starts(f"P3 batch {batch} slim profile"):
+        images = torch.randn(batch, 3, h, w, device=setup.device)
+
+        def forward() -> None:
+            with torch.no_grad(), torch.autocast(setup.device.type, dtype=torch.bfloat16):
+                slim(images)
+        slim_row["kernel_ms"] = kernel_times_ms(forward)
+        progress.update()
     return progress.rows
 
 
@@ -343,7 +392,10 @@ def mask_gates_to_plan(searchable: torch.nn.Module, plan: vitslim.SlimPlan) -> t
     return vitslim.set_implementation(searchable, "eager")
 
 
-def training_step(model: torch.nn.Module, batch: int, device: torch.device) -> Callable[[], None]:
+def training_step(model: torch.nn.Module, batch: int, device: torch.device,
+                  compiled: Callable | None = None) -> Callable[[], None]:
+    """One step of model (forward through `compiled` when given: torch.compile(model))."""
+    forward = compiled if compiled is not None else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=device.type == "cuda")
     h, w = model.patch_embed.img_size
@@ -354,21 +406,25 @@ def training_step(model: torch.nn.Module, batch: int, device: torch.device) -> C
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(images), labels)
+            loss = F.cross_entropy(forward(images), labels)
         loss.backward()
         optimizer.step()
     return step
 
 
 def bench_retrain_step(setup: Setup, progress: Progress | None = None) -> list[dict]:
+    """One training step of the dense model (SDPA, flash forced where it applies), the slim model, the paper's
+    masked retraining, and last the torch.compile'd dense model (its compilation timed apart)."""
     progress = progress or Progress()
     config = setup.slim_model
     timed = {}
-    for variant in ("dense", "slim", "paper_masked"):
-        if not progress.starts(f"P4 {variant}"):
+    for variant in ("dense", "slim", "paper_masked", "dense_compile"):
+        compiled = variant == "dense_compile"
+        needs_s = COMPILE_NEEDS_S["training"] if compiled and setup.device.type == "cuda" else 0.0
+        if not progress.starts(f"P4 {variant}", needs_s):
             continue
         searchable, plan = plan_for(config)
-        if variant == "dense":
+        if variant in ("dense", "dense_compile"):
             torch.manual_seed(PLAN_SEED)
             model = timm.create_model(config.name, pretrained=False, **config.overrides)
         elif variant == "slim":
@@ -377,16 +433,25 @@ def bench_retrain_step(setup: Setup, progress: Progress | None = None) -> list[d
             model = mask_gates_to_plan(searchable, plan)
         model = model.to(setup.device).train()
         macs = vitslim.count_flops(model, setup.train_batch)  # paper_masked: the full model's, all computed
-        ms = time_ms(training_step(model, setup.train_batch, setup.device), setup)
+        step = training_step(model, setup.train_batch, setup.device,
+                             torch.compile(model, backend=_compile_backend(setup.device)) if compiled else None)
+        backend, first_s = None, None
+        if variant.startswith("dense"):
+            step, backend, first_s = sdpa_flash_where_possible(step)
+        ms = time_ms(step, setup)
         row = {"variant": variant, "median_ms": ms, "flops": 3 * macs, "flop_unit": "MAC", "batch": setup.train_batch,
-               **achieved(2 * 3 * macs, None, ms)}
+               "sdpa_backend": backend, **achieved(2 * 3 * macs, None, ms)}
+        if compiled:
+            row["first_call_s"] = first_s  # the compilation, left out of the median
         if variant == "slim":
             row["ragged_attention_implementation"] = _dispatched(setup.device, True)
         timed[variant] = progress.add(row)
         print(f"retrain_step     {variant:12s} {ms:9.3f} ms", flush=True)
-        del model, searchable
+        del model, searchable, step
+        if compiled:
+            torch._dynamo.reset()
         release_memory()
-    dense, slim_row, masked = (timed.get(v) for v in ("dense", "slim", "paper_masked"))
+    dense, slim_row, masked, compiled = (timed.get(v) for v in ("dense", "slim", "paper_masked", "dense_compile"))
     for row in (slim_row, masked):
         if row is not None and dense is not None:
             row["speedup_vs_dense"] = dense["median_ms"] / row["median_ms"]
@@ -394,6 +459,8 @@ def bench_retrain_step(setup: Setup, progress: Progress | None = None) -> list[d
         slim_row["flops_ratio_vs_dense"] = dense["flops"] / slim_row["flops"]
     if slim_row is not None and masked is not None:
         slim_row["speedup_vs_paper_masked"] = masked["median_ms"] / slim_row["median_ms"]
+    if slim_row is not None and compiled is not None:
+        slim_row["speedup_vs_dense_compile"] = compiled["median_ms"] / slim_row["median_ms"]
     progress.update()
     return progress.rows
 
