@@ -52,10 +52,11 @@ test-compat: $(COMPAT_STAMP)
 		--no-build-isolation -e ".[test]"
 	cd $(COMPAT)/src && ../venv/bin/python -m pytest -q -p no:cacheprovider
 
-# Everything the project must show on a GPU in one call that fits a lent machine's time (benchmarks/gpu_check.py):
-# build, GPU tests, selftest, compute-sanitizer, benchmarks P1-P4, SUMMARY.md and the README's GPU table.
-# On the GPU machine (its python3 has torch, triton, timm): `make gpu-check`. Anywhere else, the same
-# orchestration on the CPU: `make gpu-check GPU_CHECK_ARGS="--dry-run --results-dir /tmp/gpu-check"`.
+# Everything the project must show on a GPU in one call that fits a lent machine (benchmarks/gpu_check.py):
+# device limits, build, selftest, GPU tests, compute-sanitizer, benchmarks P1-P4, the compiled baselines, autotune,
+# the loader; SUMMARY.md, gpu_check.json and gpu_check.tgz in $OUT. On the GPU machine (its python3 has torch,
+# triton, timm): `make gpu-check GPU_CHECK_ARGS="--commit COMMIT"`. Anywhere else, the same orchestration on the
+# CPU: `make gpu-check GPU_CHECK_ARGS="--dry-run"`.
 GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 gpu-check:
 	$(GPU_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)

@@ -185,6 +185,7 @@ def test_opcheck(cuda_ext):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # a cold inductor compile: not in gpu-check's tests slice
 def test_torch_compile_fullgraph(cuda_ext):
     q, k, v = torch.randn(2, 50, 3 * 58, device="cuda", dtype=torch.bfloat16).split(58, dim=-1)
     fn = torch.compile(lambda q, k, v: ragged_attention(q, k, v, (41, 17), SCALE) * 2, fullgraph=True)
