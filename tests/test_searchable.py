@@ -123,3 +123,32 @@ def test_bad_arguments():
     model = searchable_copy(make_vit())
     with pytest.raises(ValueError, match=r"expected input \(B, 17, C\)"):
         model.blocks[0](torch.zeros(1, 9, 48, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_every_module_vitslim_builds_takes_the_mode_of_what_it_replaces(training, tmp_path):
+    """With dropout and drop path on, a module left in training mode in an eval model changes its output from call
+    to call: make_searchable, slim and set_fused keep the model's mode in every module; load_slim gives eval."""
+    from vitslim.slim import set_fused
+    model = make_vit(attn_drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.1).train(training)
+
+    def modes(m):
+        return {name or "(model)": sub.training for name, sub in m.named_modules() if sub.training != training}
+    vitslim.make_searchable(model)
+    assert modes(model) == {}
+    randomize_gates(model)
+    x = images_for(model)
+    if not training:
+        with torch.no_grad():
+            assert torch.equal(model(x), model(x))
+    plan = vitslim.threshold(model, budget_attn=0.7, budget_mlp=0.7, budget_tokens=0.7)
+    for fold_gates in (False, True):
+        slim = vitslim.slim(model, plan, fold_gates=fold_gates)
+        assert modes(slim) == {}
+        assert modes(set_fused(slim, True)) == {}
+        if not training:
+            with torch.no_grad():
+                assert torch.equal(slim(x), slim(x))
+    vitslim.save_slim(slim, tmp_path / "slim")
+    loaded = vitslim.load_slim(tmp_path / "slim")
+    assert not any(m.training for m in loaded.modules())

@@ -261,7 +261,7 @@ def make_searchable(model: nn.Module, search: str = "dims", fused: bool = False)
     implementation = "fused" if fused else "folded"
     for i, block in enumerate(model.blocks):
         model.blocks[i] = SearchableBlock(block, search, arch.num_prefix_tokens, arch.num_patches,
-                                          implementation)
+                                          implementation).train(block.training)  # a new module starts in train
     model.register_load_state_dict_post_hook(_sync_token_inputs_after_load)
     install_checked_forward_intermediates(model)  # drop_tokens shortens later blocks
     return model
