@@ -90,6 +90,13 @@ def test_retrain_writes_slim_model_and_report(searched, tmp_path, capsys):
     loaded = vitslim.load_slim(out / "slim")
     assert vitslim.count_flops(loaded) == report["slim"]["flops"]
     assert loaded.slim_plan == vitslim.SlimPlan.from_json((out / "plan.json").read_text())
+    # The preprocessing the model was trained with (16 px digits, their mean / std), not timm's 224 px ImageNet.
+    from vitslim.digits import DIGITS_MEAN, DIGITS_STD
+    data_cfg = timm.data.resolve_data_config(model=loaded)
+    assert data_cfg["input_size"] == (3, 16, 16) and data_cfg["crop_pct"] == 1.0
+    assert data_cfg["mean"] == (DIGITS_MEAN,) * 3 and data_cfg["std"] == (DIGITS_STD,) * 3
+    for checkpoint in (searched / "checkpoint.pt", out / "checkpoint.pt"):
+        assert tuple(read_checkpoint(checkpoint)["pretrained_cfg"]["input_size"]) == (3, 16, 16), checkpoint
 
 
 def _state(path):

@@ -214,6 +214,16 @@ def test_retrain_refuses_data_whose_class_folders_were_renamed(photos, tmp_path,
         "'class0' in the search" in err, err
 
 
+def test_a_search_on_image_folders_records_the_data_config_it_trained_with(straight):
+    """Real data: the model's size (16 px), the mean / std the run normalised with, the evaluation's bicubic
+    resize and 0.875 crop; what load_search (and so every slim model of this search) carries."""
+    from vitslim.digits import DIGITS_MEAN
+    cfg = straight["ckpt"]["pretrained_cfg"]
+    assert tuple(cfg["input_size"]) == (3, 16, 16) and cfg["num_classes"] == 3
+    assert cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.875
+    assert tuple(cfg["mean"]) == (DIGITS_MEAN,) * 3
+
+
 def test_resume_is_exact_with_normalisation_and_erasing_on_the_device(photos, tmp_path, capsys, monkeypatch):
     """The GPU's input path (uint8 batches, DeviceInput) forced on the CPU: a SIGTERM mid-epoch and --resume
     give the weights of an uninterrupted run of that path, bit for bit."""

@@ -3,7 +3,7 @@ or the embedded digits; a resumable, distributed, deterministic sampler."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +55,18 @@ class Data:
     description: str
     classes: tuple[str, ...] = ()  # the class names, in label order (ImageFolder: the sorted folder names)
     device_input: "DeviceInput | None" = None  # uint8 batches: normalised and erased on the device
+    preprocess: dict = field(default_factory=dict)  # timm data-config entries of the evaluation transform
+
+    def pretrained_cfg(self, base: dict | None) -> dict:
+        """timm's pretrained_cfg of a model trained on this data: `base` (the model's own) with this data's input
+        size, mean/std, interpolation and crop and its number of classes, so that
+        timm.data.resolve_data_config(model=m) preprocesses as the training's evaluation did."""
+        return {**(base or {}), **self.preprocess, "num_classes": self.num_classes}
+
+
+def _preprocess(img_size: int, mean, std, interpolation: str, crop_pct: float) -> dict:
+    return {"input_size": (3, img_size, img_size), "mean": tuple(mean), "std": tuple(std),
+            "interpolation": interpolation, "crop_pct": crop_pct, "crop_mode": "center"}
 
 
 def posterize_any_pillow(img, bits_to_keep: int, **_):
@@ -266,7 +278,8 @@ def image_folders(data_path: str, img_size: int, mean, std, augment: Augment, no
     return Data(train, val, len(train.classes), img_size, embedded=False,
                 description=f"{root}: {len(train)} train / {len(val)} val images, {len(train.classes)} classes",
                 classes=tuple(train.classes),
-                device_input=DeviceInput(mean, std, augment.remode, decode) if on_device else None)
+                device_input=DeviceInput(mean, std, augment.remode, decode) if on_device else None,
+                preprocess=_preprocess(img_size, mean, std, augment.interpolation, augment.crop_pct))
 
 
 def run_data(args, img_size: int, mean, std, device: torch.device, say: Callable[[str], None]) -> Data:
@@ -287,12 +300,13 @@ def run_data(args, img_size: int, mean, std, device: torch.device, say: Callable
 
 
 def embedded_digits() -> Data:
-    from .digits import DIGITS_CLASSES, DIGITS_IMG_SIZE, digits_split
+    from .digits import DIGITS_CLASSES, DIGITS_IMG_SIZE, DIGITS_MEAN, DIGITS_STD, digits_split
 
     tx, ty, vx, vy = digits_split()
     return Data(TensorDataset(tx, ty), TensorDataset(vx, vy), DIGITS_CLASSES, DIGITS_IMG_SIZE, embedded=True,
                 description=f"embedded digits (scikit-learn): {len(ty)} train / {len(vy)} val images, 16x16",
-                classes=tuple(str(d) for d in range(DIGITS_CLASSES)))
+                classes=tuple(str(d) for d in range(DIGITS_CLASSES)),
+                preprocess=_preprocess(DIGITS_IMG_SIZE, (DIGITS_MEAN,) * 3, (DIGITS_STD,) * 3, "bilinear", 1.0))
 
 
 class EpochSampler(Sampler[int]):

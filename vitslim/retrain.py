@@ -16,11 +16,11 @@ from .arch import ViTArch, build
 from .cli import ArgumentParser, UserError
 from .counting import count_flops
 from .data import add_bad_images_arg, add_loader_arg
-from .saving import save_slim
+from .saving import cfg_from_plain, plain_cfg, save_slim
 from .plan import SlimPlan
 from .plan.command import add_target_args, alignment_of, chosen_target, make_plan
 from .searchable import make_searchable
-from .slim import slim
+from .slim import set_pretrained_cfg, slim
 
 # Recipe flags: (DeiT's default for real data, the default for the embedded digits data).
 DEFAULTS = {
@@ -113,7 +113,17 @@ def load_search(path: Path):
     arch = ViTArch.from_dict(ckpt["arch"])
     model = make_searchable(build(arch), search=ckpt["search"])
     model.load_state_dict(ckpt["model"])
+    set_pretrained_cfg(model, search_data_config(ckpt, arch))
     return model, arch, ckpt
+
+
+def search_data_config(ckpt: dict, arch: ViTArch) -> dict:
+    """The data config (timm's pretrained_cfg) the search trained with; for a checkpoint older than that record,
+    the one its input size and mean/std give."""
+    if ckpt.get("pretrained_cfg"):
+        return cfg_from_plain(ckpt["pretrained_cfg"])
+    mean, std = ckpt.get("mean_std", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    return {"input_size": (3, *arch.img_size), "mean": tuple(mean), "std": tuple(std), "num_classes": arch.num_classes}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                                     args.distillation_tau)
         say(f"distilling from {args.teacher} ({args.distillation_type}, alpha {args.distillation_alpha})")
 
-    extra = {"plan": plan.to_dict(), "fold_gates": args.fold_gates, "searched": str(Path(args.searched).resolve())}
+    extra = {"plan": plan.to_dict(), "fold_gates": args.fold_gates, "searched": str(Path(args.searched).resolve()),
+             "pretrained_cfg": plain_cfg(student.pretrained_cfg)}
     trainer = Trainer(student, recipe, train_loader, val_loader, sampler, dist, out, data.num_classes, loss_fn,
                       checkpoint_extra=extra, progress=args.progress, name="retrain",
                       fingerprint=flags)
@@ -243,6 +254,7 @@ def _dense(arch: ViTArch, ckpt: dict):
     weights = Path(ckpt.get("dense_weights", ""))
     if weights.is_file():
         model.load_state_dict(load_file(str(weights)))
+    set_pretrained_cfg(model, search_data_config(ckpt, arch))
     return model
 
 

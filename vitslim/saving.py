@@ -47,7 +47,7 @@ def atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
-def _json_cfg(cfg: dict) -> dict:
+def plain_cfg(cfg: dict) -> dict:
     """timm's pretrained_cfg as JSON: entries that are not plain data (a state dict, a callable) are left out."""
     def plain(v) -> bool:
         if v is None or isinstance(v, (bool, int, float, str)):
@@ -58,7 +58,7 @@ def _json_cfg(cfg: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if plain(v)}
 
 
-def _cfg_from_json(cfg: dict) -> dict:
+def cfg_from_plain(cfg: dict) -> dict:
     # timm keeps sizes and mean/std as tuples; JSON gave lists back.
     return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
 
@@ -81,7 +81,7 @@ def save_slim(model: nn.Module, path: str | os.PathLike) -> Path:
               "token_scale": token_scale}
     cfg = getattr(model, "pretrained_cfg", None)
     if cfg:
-        config["pretrained_cfg"] = _json_cfg(cfg)
+        config["pretrained_cfg"] = plain_cfg(cfg)
     atomic_write(folder / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
     atomic_write(folder / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1)))
     return folder
@@ -137,6 +137,6 @@ def load_slim(path: str | os.PathLike, device: str | torch.device = "cpu", fused
     if cfg is not None:
         if not isinstance(cfg, dict):
             raise SlimFileError(f"{config_file}: pretrained_cfg must be a JSON object, got {type(cfg).__name__}")
-        set_pretrained_cfg(model, _cfg_from_json(cfg))
+        set_pretrained_cfg(model, cfg_from_plain(cfg))
     model = model.to(device).eval()
     return use_cuda_graphs(model) if cuda_graphs else model

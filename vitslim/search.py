@@ -14,7 +14,9 @@ from .cli import ArgumentParser, UserError
 from .counting import count_flops, count_params
 from .data import add_bad_images_arg, add_loader_arg
 from .gates import SEARCH_MODES, SparsityWeights
+from .saving import plain_cfg
 from .searchable import make_searchable
+from .slim import set_pretrained_cfg
 from .threshold import threshold
 from .token_drop import alive_tokens, drop_tokens
 
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     if data.num_classes != arch.num_classes:
         model.reset_classifier(data.num_classes)
         arch = describe(model)
+    # The data config this run trains with (size, mean/std, crop): saved with the search, carried to the slim model.
+    set_pretrained_cfg(model, data.pretrained_cfg(getattr(model, "pretrained_cfg", None)))
     if not (embedded or args.pretrained or args.checkpoint or args.dense_epochs):
         say("warning: searching from random weights (neither --pretrained nor --checkpoint nor --dense-epochs): "
             "the paper searches a trained model; the gates of an untrained one rank noise")
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
     extra = {"arch": arch.to_dict(), "search": args.search, "model_name": args.model, "dense_eval": dense_eval,
              "dense_weights": str(dense_file.resolve()), "data": data.description, "classes": list(data.classes), "embedded": embedded,
-             "mean_std": [list(mean), list(std)]}
+             "mean_std": [list(mean), list(std)], "pretrained_cfg": plain_cfg(model.pretrained_cfg)}
     trainer = Trainer(model, recipe, train_loader, val_loader, sampler, dist, out, data.num_classes, loss_fn,
                       penalty=weights.penalty, epoch_end=epoch_end, checkpoint_extra=extra,
                       progress=args.progress, name="search",
