@@ -8,7 +8,7 @@ import torch
 
 import vitslim
 from vitslim import latency
-from vitslim.latency import _fit_non_negative, latency_table
+from vitslim.latency import NoisyTableError, _fit_non_negative, latency_table
 from vitslim.targets import TargetError, plan_for
 
 from .tiny_models import make_vit, randomize_gates
@@ -77,7 +77,53 @@ def test_a_latency_target_without_a_table_and_no_measuring_is_one_line(model, tm
         plan_for(model, latency_ms=1.0, measure=False, cache_dir=tmp_path)
 
 
-def test_real_timing_on_this_cpu(small_grid, tmp_path):
+def test_a_noisy_table_is_refused_not_cached_and_remeasure_measures_again(model, small_grid, tmp_path,
+                                                                          monkeypatch):
+    calls = []
+
+    def noisy_ms(net, batch_size, device, **_):  # every other timing 30x slower: another job on the machine
+        calls.append(torch.get_num_threads())
+        return fake_ms(net, batch_size, device) * (30.0 if len(calls) % 2 else 1.0)
+    monkeypatch.setattr(latency, "time_forward_ms", noisy_ms)
+    with pytest.raises(NoisyTableError, match=r"not cached: its fit misses a sample by \d+% \(bound 50%; samples "
+                                              r".*too noisy to trust.*--remeasure"):
+        latency_table(model, torch.device("cpu"), 2, cache_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == [] and len(calls) > 8  # the worst samples were timed a second time
+    assert set(calls) == {torch.get_num_threads()}
+    with pytest.raises(TargetError, match="too noisy to trust"):  # through plan_for: one line, no plan
+        plan_for(model, latency_ms=1.0, batch_size=2, cache_dir=tmp_path)
+    monkeypatch.setattr(latency, "time_forward_ms", fake_ms)
+    table = latency_table(model, torch.device("cpu"), 2, cache_dir=tmp_path, progress=False)
+    assert table.key["threads"] == torch.get_num_threads() and len(list(tmp_path.iterdir())) == 1
+    measured = []
+    monkeypatch.setattr(latency, "time_forward_ms", lambda *a, **k: measured.append(1) or fake_ms(*a, **k))
+    latency_table(model, torch.device("cpu"), 2, cache_dir=tmp_path, progress=False)
+    assert measured == []  # cached
+    latency_table(model, torch.device("cpu"), 2, cache_dir=tmp_path, progress=False, remeasure=True)
+    assert len(measured) == 8
+
+
+def test_a_plan_whose_measured_latency_misses_its_prediction_says_so(model, small_grid, tmp_path, monkeypatch):
+    from vitslim.plan.command import _costs_line
+    monkeypatch.setattr(latency, "time_forward_ms", fake_ms)
+    latency_table(model, torch.device("cpu"), 2, cache_dir=tmp_path, progress=False)  # cached on a quiet machine
+    monkeypatch.setattr(latency, "time_forward_ms", lambda *a, **k: 3 * fake_ms(*a, **k))  # now the machine is busy
+    dense_ms = fake_ms(vitslim.slim(model, vitslim.threshold(model, 1.0, 1.0, 1.0)), 2, None)
+    plan = plan_for(model, latency_ms=0.6 * dense_ms, batch_size=2, cache_dir=tmp_path)
+    assert plan.target["prediction_error"] == pytest.approx(2.0, rel=1e-6)
+    line = _costs_line({"plan": plan, **vitslim.targets.PlanCost(model, plan_arch(model))(plan)},
+                       vitslim.targets.PlanCost(model, plan_arch(model)).dense)
+    assert "warning: the measured latency is 200% off the table's prediction (bound 50%)" in line
+    assert "--remeasure" in line
+
+
+def plan_arch(model):
+    return vitslim.targets.gate_ranking(model).arch
+
+
+def test_real_timing_on_this_cpu(small_grid, tmp_path, monkeypatch):
+    # CI's machine runs other jobs: the fit-error bound is for the tests above, with stand-in timers.
+    monkeypatch.setattr(latency, "MAX_FIT_ERROR", float("inf"))
     # Big enough that the work, not per-layer overhead, sets the time: 64 tokens of width 192, batch 8.
     model = vitslim.make_searchable(make_vit(dtype=torch.float32, img_size=64, embed_dim=192, depth=2,
                                              num_heads=3))

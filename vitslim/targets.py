@@ -180,13 +180,14 @@ def _format(kind: str, value: float) -> str:
 def plan_for(model: nn.Module, *, flops: float | None = None, params: float | None = None,
              latency_ms: float | None = None, mix=(1, 1, 1), align: Alignment | None = None,
              device=None, batch_size: int = 1, fused: bool = False, measure: bool = True,
-             cache_dir=None, progress: bool = False) -> SlimPlan:
+             cache_dir=None, progress: bool = False, remeasure: bool = False) -> SlimPlan:
     """The largest plan of a searchable model that does not exceed one target.
 
     flops: MACs per image (3.1e9) or a fraction of the dense model's (0.67); params: a count or a fraction;
     latency_ms: milliseconds of one forward of `batch_size` images on `device` (default CPU), predicted by the
-    device's latency table (vitslim.latency: measured on first use unless measure=False, then cached); the
-    plan's slim model is then built and timed, and the plan records predicted and measured milliseconds.
+    device's latency table (vitslim.latency: measured on first use unless measure=False, then cached;
+    remeasure=True measures it again); the plan's slim model is then built and timed, and the plan records
+    predicted and measured milliseconds and how far apart they are (prediction_error).
     mix: the ratio of the pruned fractions of (attn, mlp, tokens): (1, 1, 0) prunes attention and MLP alike and
     keeps every token. The budgets move together along the mix in steps of one entry of the finest kind pruned
     hardest; the result is within one such step of the target. align: hardware-aligned widths (align_plan),
@@ -224,7 +225,7 @@ def plan_for(model: nn.Module, *, flops: float | None = None, params: float | No
         device = torch.device(device if device is not None else "cpu")
         try:
             table = latency_table(model, device, batch_size, fused=fused, measure=measure, cache_dir=cache_dir,
-                                  progress=progress)
+                                  progress=progress, remeasure=remeasure)
         except LookupError as e:
             raise TargetError(str(e)) from None
         cost = table.predict_ms
@@ -254,9 +255,11 @@ def plan_for(model: nn.Module, *, flops: float | None = None, params: float | No
               "fraction_of_dense": cost(plan) / dense, "flops": met["flops"], "params": met["params"],
               "mix": [mix[k] for k in KINDS], "step": lo, "steps": steps}
     if kind == "latency_ms":
-        from .latency import time_forward_ms
+        from .latency import fixed_threads, time_forward_ms
         from .slim import slim
-        measured = time_forward_ms(slim(model, plan, fused=fused).to(device), batch_size, device)
+        with fixed_threads(device):
+            measured = time_forward_ms(slim(model, plan, fused=fused).to(device), batch_size, device)
         target.update({"predicted_ms": cost(plan), "measured_ms": measured, "dense_predicted_ms": dense,
+                       "prediction_error": abs(measured - cost(plan)) / cost(plan),
                        "device": table.key["device"], "batch_size": batch_size})
     return dataclasses.replace(plan, target=target)

@@ -16,6 +16,7 @@ import torch
 
 from vitslim import cli
 from vitslim.cli import ArgumentParser, UserError
+from vitslim.latency import MAX_FIT_ERROR
 
 SUFFIXES = {"k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 
@@ -61,6 +62,8 @@ def add_target_args(g, sweep: bool) -> None:
     g.add_argument("--latency-batch-size", type=cli.positive_int("--latency-batch-size"), default=1)
     g.add_argument("--no-measure", action="store_true",
                    help="a latency target only from a cached table; never measure one")
+    g.add_argument("--remeasure", action="store_true",
+                   help="measure the latency table again (replacing the cached one: after a noisy measurement)")
     g.add_argument("--mix", type=mix_type, default=(1.0, 1.0, 1.0), metavar="A,M,T",
                    help="ratio of the pruned fractions of attention, MLP and tokens under a target; 0 keeps that "
                         "kind whole (default: 1,1,1)")
@@ -92,7 +95,7 @@ def make_plan(model, target: tuple[str, float] | None, budgets, mix, alignment, 
             device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
             model.to(device)
             latency = dict(device=device, batch_size=args.latency_batch_size, measure=not args.no_measure,
-                           fused=fused, progress=True)
+                           fused=fused, progress=True, remeasure=args.remeasure)
         return plan_for(model, **{target[0]: target[1]}, mix=mix, align=alignment, **latency)
     plan = threshold(model, *budgets)
     return align_plan(model, plan, alignment) if alignment is not None else plan
@@ -204,6 +207,10 @@ def _costs_line(row: dict, dense: dict) -> str:
         line += (f"\nlatency at batch {t['batch_size']} on {t['device']}: predicted {t['predicted_ms']:.3f} ms "
                  f"(target {t['value']:g} ms, dense model predicted {t['dense_predicted_ms']:.3f} ms), measured "
                  f"{t['measured_ms']:.3f} ms")
+        if t.get("prediction_error", 0.0) > MAX_FIT_ERROR:
+            line += (f"\nwarning: the measured latency is {t['prediction_error']:.0%} off the table's prediction "
+                     f"(bound {MAX_FIT_ERROR:.0%}): the cached table is stale or this machine is busy; measure it "
+                     f"again with --remeasure on a quiet machine")
     if plan.alignment is not None:
         a = plan.alignment
         moved = [f"{kind} {a[kind + '_moved_fraction']:.2%}" for kind in ("attn", "mlp")
