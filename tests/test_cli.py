@@ -259,3 +259,35 @@ def test_an_output_dir_without_permission_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
     with pytest.raises(cli.UserError, match=r"^--output-dir .*/existing is not writable$"):
         cli.check_output_dir(tmp_path / "existing")
+
+
+def _numeric_actions():
+    from vitslim import export
+    from vitslim.plan import command as plan_command
+    for parser in (search.build_parser(), retrain.build_parser(), plan_command.build_parser(), export.build_parser()):
+        for action in parser._actions:
+            if action.type is not None and action.type is not str:
+                yield parser.prog, action
+
+
+def test_every_numeric_flag_states_its_range_and_refuses_nan_and_infinity():
+    import argparse
+    actions = list(_numeric_actions())
+    assert len(actions) > 40
+    for prog, action in actions:
+        assert getattr(action.type, "range", None), f"{prog} {action.option_strings}: no stated range"
+        for bad in ("nan", "inf", "-inf", "-1", "abc"):
+            with pytest.raises(argparse.ArgumentTypeError):
+                action.type(bad)
+
+
+@pytest.mark.parametrize("flag, value, what", [
+    ("--smoothing", "1.5", "in [0, 1)"), ("--smoothing", "1", "in [0, 1)"), ("--reprob", "1.2", "in [0, 1]"),
+    ("--drop-path", "1", "in [0, 1)"), ("--weight-decay", "inf", "a finite number >= 0"),
+])
+def test_out_of_range_flags_are_one_line_before_any_work(flag, value, what, tmp_path, capsys):
+    for main in (search.main, retrain.main):
+        argv = [flag, value, "--output-dir", str(tmp_path / "out")]
+        code, _, err = run_cli(main, argv + (["--searched", "x.pt"] if main is retrain.main else []), capsys)
+        assert code == 2 and f"{flag} must be {what}, got {value!r}" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()

@@ -71,12 +71,16 @@ def budgets_type(text: str) -> tuple[float, float, float]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+budgets_type.range = "'b' or 'attn,mlp,tokens', each in (0, 1]"
+
+
 def budget_type(name: str) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             return check_budget(name, float(text))
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be in (0, 1], got {text!r}") from None
+    parse.range = "in (0, 1]"
     return parse
 
 
@@ -88,17 +92,20 @@ def _number(name: str, text: str) -> float:
 
 
 def _number_where(name: str, ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
-    """A parser of numbers for which ok(value) holds (comparisons refuse nan); the error says `what` is wanted."""
+    """A parser of numbers for which ok(value) holds (comparisons refuse nan); the error says `what` is wanted,
+    and so does its `range` attribute (every numeric flag states its range: tests/test_cli.py checks)."""
     def parse(text: str) -> float:
         value = _number(name, text)
         if not ok(value):
             raise argparse.ArgumentTypeError(f"{name} must be {what}, got {text!r}")
         return value
+    parse.range = what
     return parse
 
 
 def non_negative(name: str) -> Callable[[str], float]:
-    return _number_where(name, lambda v: v >= 0.0, ">= 0")
+    """A finite number >= 0."""
+    return _number_where(name, lambda v: 0.0 <= v < float("inf"), "a finite number >= 0")
 
 
 def positive(name: str) -> Callable[[str], float]:
@@ -127,6 +134,7 @@ def _integer(name: str, minimum: int) -> Callable[[str], int]:
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{name} must be {what}, got {text!r}")
         return value
+    parse.range = what
     return parse
 
 

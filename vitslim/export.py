@@ -53,7 +53,7 @@ def build_parser() -> ArgumentParser:
                    help="the check passes when max |exported - eager| <= TOL x max(1, max |eager|)")
     p.add_argument("--opset", type=cli.positive_int("--opset"), default=None,
                    help=f"ONNX opset, >= {MIN_OPSET} (default: the exporter's)")
-    p.add_argument("--seed", type=int, default=0, help="of the random check images")
+    p.add_argument("--seed", type=cli.non_negative_int("--seed"), default=0, help="of the random check images")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 

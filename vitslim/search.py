@@ -69,10 +69,10 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--w3", type=cli.non_negative("--w3"), default=None, help="token gate l1 weight (1e-4)")
     g.add_argument("--mixup", type=cli.non_negative("--mixup"), default=None)
     g.add_argument("--cutmix", type=cli.non_negative("--cutmix"), default=None)
-    g.add_argument("--smoothing", type=cli.non_negative("--smoothing"), default=None)
+    g.add_argument("--smoothing", type=cli.fraction("--smoothing"), default=None)
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="RandAugment policy (timm syntax)")
-    g.add_argument("--reprob", type=cli.non_negative("--reprob"), default=None, help="random erasing")
-    g.add_argument("--drop-path", type=cli.non_negative("--drop-path"), default=None)
+    g.add_argument("--reprob", type=cli.unit_interval("--reprob"), default=None, help="random erasing")
+    g.add_argument("--drop-path", type=cli.fraction("--drop-path"), default=None)
     g.add_argument("--model-ema-decay", type=cli.fraction("--model-ema-decay"), default=None,
                    help="EMA decay (0 turns the EMA off)")
     g.add_argument("--clip-grad", type=cli.non_negative("--clip-grad"), default=None)

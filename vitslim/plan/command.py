@@ -33,6 +33,7 @@ def target_value(name: str):
         if not 0.0 < value < float("inf"):
             raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text!r}")
         return value
+    parse.range = "a finite number > 0 (a count, 3.1G, or a fraction of the dense model, 0.67)"
     return parse
 
 
@@ -46,6 +47,9 @@ def mix_type(text: str) -> tuple[float, float, float]:
         raise argparse.ArgumentTypeError(f"--mix must be 'attn,mlp,tokens', three numbers >= 0 not all 0, "
                                          f"got {text!r}")
     return values
+
+
+mix_type.range = "'attn,mlp,tokens': three finite numbers >= 0, not all 0"
 
 
 def add_target_args(g, sweep: bool) -> None:
