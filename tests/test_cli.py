@@ -238,6 +238,37 @@ def test_retrain_refuses_a_mismatched_plan(searched, tmp_path, capsys):
     assert code == 2 and "num_heads=8 (model: 4)" in err
 
 
+def test_files_of_the_wrong_kind_are_named_in_one_line(searched, tmp_path, capsys):
+    from vitslim.plan import command as plan_command
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x80\x02not a checkpoint at all" * 10)
+    ckpt = str(searched / "checkpoint.pt")
+    cases = [
+        (plan_command.main, ["--searched", str(garbage)], f"{garbage} is not a vitslim checkpoint (corrupt, or "
+                                                          "another format)"),
+        (plan_command.main, ["--searched", str(tmp_path)], f"{tmp_path} is a folder without a checkpoint.pt"),
+        (retrain.main, ["--searched", ckpt, "--plan", ckpt, "--output-dir", str(tmp_path / "r"), *FAST],
+         f"--plan {ckpt} is not a plan JSON (a binary file"),
+    ]
+    for main, argv, message in cases:
+        code, _, err = run_cli(main, argv, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (argv, err)
+    # A run folder stands for its checkpoint.pt.
+    out = tmp_path / "plan.json"
+    code, _, err = run_cli(plan_command.main, ["--searched", str(searched), "--budgets", "0.7", "-o", str(out)], capsys)
+    assert code == 0 and vitslim.SlimPlan.from_json(out.read_text()), err
+
+
+def test_a_slim_config_without_an_entry_names_it(tmp_path):
+    model = vitslim.make_searchable(timm.create_model("vitslim_digits_vit"))
+    slim_dir = vitslim.save_slim(vitslim.slim(model, vitslim.threshold(model, 0.7, 0.7, 0.7)), tmp_path / "slim")
+    config = json.loads((slim_dir / "config.json").read_text())
+    del config["arch"]
+    (slim_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(vitslim.saving.SlimFileError, match="config.json has no 'arch' entry"):
+        vitslim.load_slim(slim_dir)
+
+
 def test_entry_points_and_debug_traceback(tmp_path):
     cmd = [sys.executable, "-m", "vitslim.search", "--model", "no_such_model", "--output-dir", str(tmp_path)]
     plain = subprocess.run(cmd, capture_output=True, text=True)

@@ -129,10 +129,11 @@ def search_data_config(ckpt: dict, arch: ViTArch) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from .data import loaders, run_data
     from .report import compare_throughput, format_report, kept_tokens, model_row, write_report
-    from .training import (CHECKPOINT, Recipe, Trainer, check_recipe, check_resume_flags, cross_entropy_loss,
-                           read_checkpoint)
+    from .training import (CHECKPOINT, Recipe, Trainer, check_recipe, check_resume_flags, checkpoint_file,
+                           cross_entropy_loss, read_checkpoint)
 
     args = build_parser().parse_args(argv)
+    args.searched = str(checkpoint_file(args.searched))  # a run folder: its checkpoint.pt
     search_model, arch, ckpt = load_search(Path(args.searched))
     embedded = args.data_path is None
     if embedded and not ckpt.get("embedded", False):
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--plan {plan_path} does not exist")
         try:
             plan = SlimPlan.from_json(plan_path.read_text())
+        except UnicodeDecodeError:  # a binary file: a checkpoint.pt, a safetensors
+            raise UserError(f"--plan {plan_path} is not a plan JSON (a binary file; a plan is the plan_*.json a "
+                            f"search writes, or python -m vitslim.plan -o)") from None
         except ValueError as e:
             raise UserError(f"--plan {plan_path}: {e}") from None
         plan.check_fits(arch)

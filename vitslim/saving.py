@@ -113,7 +113,10 @@ def load_slim(path: str | os.PathLike, device: str | torch.device = "cpu", fused
         arch = ViTArch.from_dict(config["arch"])
         plan = SlimPlan.from_dict(config["plan"])
         model = build_slim(arch, plan, token_scale=bool(config["token_scale"]))
-    except (KeyError, TypeError, ValueError) as e:
+    except KeyError as e:
+        raise SlimFileError(f"{config_file} has no {e.args[0]!r} entry (a config.json written by save_slim has "
+                            f"'arch', 'plan' and 'token_scale')") from None
+    except (TypeError, ValueError) as e:
         raise SlimFileError(f"{config_file} is inconsistent: {e}") from None
     try:
         state = load_file(str(weights_file))

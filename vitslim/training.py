@@ -141,13 +141,26 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)  # per-rank augmentation; the sampler shares one permutation
 
 
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """`path`, or the checkpoint.pt inside it when it is a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / CHECKPOINT).is_file():
+            raise UserError(f"{path} is a folder without a {CHECKPOINT}: give the {CHECKPOINT} of a vitslim run")
+        return path / CHECKPOINT
+    return path
+
+
 def read_checkpoint(path: Path) -> dict:
+    """A vitslim training checkpoint (checkpoint.pt of search or retrain); a run folder means its checkpoint.pt.
+    Anything else is a one-line UserError that says what the file is not."""
+    path = checkpoint_file(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unreadable or truncated file
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    except Exception:  # noqa: BLE001 (a truncated file, another format, a pickle with code: torch's text misleads)
+        raise UserError(f"{path} is not a vitslim checkpoint (corrupt, or another format)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a vitslim training checkpoint")
     return ckpt

@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     from vitslim.retrain import load_search
     from vitslim.targets import PlanCost
     from vitslim.threshold import gate_ranking
+    from vitslim.training import checkpoint_file
 
     args = build_parser().parse_args(argv)
     target = chosen_target(args)
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep and args.output:
         raise UserError("-o writes one plan; --sweep writes a table and a figure")
     alignment = alignment_of(args)
+    args.searched = str(checkpoint_file(args.searched))  # a run folder: its checkpoint.pt
     model, arch, ckpt = load_search(Path(args.searched))
     dense = {"flops": count_flops(model), "params": count_params(model)}
     ranking = gate_ranking(model)  # (read once: the gates do not change between the rows)
