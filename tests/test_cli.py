@@ -269,6 +269,59 @@ def test_a_slim_config_without_an_entry_names_it(tmp_path):
         vitslim.load_slim(slim_dir)
 
 
+def _retrain_with_teacher(searched, tmp_path, capsys, *teacher):
+    out = tmp_path / "retrain"
+    code, _, err = run_cli(retrain.main, ["--searched", str(searched / "checkpoint.pt"), "--output-dir", str(out),
+                                          "--epochs", "1", *teacher, *FAST], capsys)
+    assert not out.exists(), "refused after the run started"
+    return code, err
+
+
+def _weights(tmp_path, name, **kwargs):
+    path = tmp_path / f"{name}.pth"
+    torch.save(timm.create_model(name, **kwargs).state_dict(), path)
+    return str(path)
+
+
+def test_a_teacher_for_another_image_size_is_refused_before_training(searched, tmp_path, capsys):
+    weights = _weights(tmp_path, "deit_tiny_patch16_224", num_classes=10)
+    code, err = _retrain_with_teacher(searched, tmp_path, capsys, "--teacher", "deit_tiny_patch16_224",
+                                      "--teacher-checkpoint", weights)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--teacher deit_tiny_patch16_224 cannot take the data's 16x16 images (it is made for 224x224" in err
+
+
+def test_a_teacher_for_other_classes_is_refused_not_used_with_a_random_head(searched, tmp_path, capsys):
+    weights = _weights(tmp_path, "vitslim_digits_vit", num_classes=7)
+    code, err = _retrain_with_teacher(searched, tmp_path, capsys, "--teacher", "vitslim_digits_vit",
+                                      "--teacher-checkpoint", weights)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--teacher vitslim_digits_vit predicts 7 classes, the data has 10" in err
+
+
+def test_a_teacher_without_network_fails_at_once_naming_the_right_flag(searched, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "hub_reachable", lambda timeout_s=3.0: False)
+    code, err = _retrain_with_teacher(searched, tmp_path, capsys, "--teacher", "resnet18")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "no network (huggingface.co unreachable)" in err and "use --teacher-checkpoint PATH" in err
+
+
+def test_the_dense_teacher_of_a_moved_run_folder_is_found_beside_its_checkpoint(searched, tmp_path):
+    import shutil
+    moved = tmp_path / "moved"
+    shutil.copytree(searched, moved)
+    ckpt = read_checkpoint(moved / "checkpoint.pt")
+    ckpt["dense_weights"] = str(tmp_path / "gone" / "dense.safetensors")  # where the search once wrote it
+    torch.save(ckpt, moved / "checkpoint.pt")
+    assert retrain.dense_weights(ckpt, moved / "checkpoint.pt") == moved / "dense.safetensors"
+    args = retrain.build_parser().parse_args(["--searched", str(moved / "checkpoint.pt"), "--teacher", "dense"])
+    arch = vitslim.arch.ViTArch.from_dict(ckpt["arch"])
+    teacher = retrain._teacher(args, arch, ckpt, 10, 16)
+    from safetensors.torch import load_file
+    dense = load_file(str(moved / "dense.safetensors"))
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in dense.items())
+
+
 def test_entry_points_and_debug_traceback(tmp_path):
     cmd = [sys.executable, "-m", "vitslim.search", "--model", "no_such_model", "--output-dir", str(tmp_path)]
     plain = subprocess.run(cmd, capture_output=True, text=True)

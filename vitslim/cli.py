@@ -254,20 +254,47 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
                         f"unexpected {result.unexpected_keys[:4]}")
 
 
-def create_model(name: str, pretrained: bool, checkpoint: str | None, **kwargs) -> nn.Module:
-    """A timm model by name, with timm's pretrained weights or local ones; one-line errors."""
+HUB_HOST = "huggingface.co"  # where timm's pretrained weights come from
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether timm's weight hub answers within timeout_s (a name lookup and a TCP connection)."""
+    import socket
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def create_model(name: str, pretrained: bool, checkpoint: str | None, checkpoint_flag: str = "--checkpoint",
+                 **kwargs) -> nn.Module:
+    """A timm model by name, with timm's pretrained weights or local ones; one-line errors that name the flag
+    for local weights (checkpoint_flag). Without a network, only weights already cached are tried (offline), so
+    a missing download fails at once instead of after the hub's retries."""
+    import contextlib
+    from unittest import mock
+
     import timm
 
     from . import digits  # noqa: F401 - registers the tiny model of the embedded data with timm
 
     if not timm.is_model(name):
-        raise UserError(f"unknown model {name!r}; any timm ViT name is accepted (e.g. deit_small_patch16_224)")
+        raise UserError(f"unknown model {name!r}; any timm model name is accepted (e.g. deit_small_patch16_224)")
+    download = pretrained and checkpoint is None
+    offline = contextlib.nullcontext()
+    if download and not hub_reachable():
+        import huggingface_hub.constants
+        offline = mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     try:
-        model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
-    except (RuntimeError, OSError) as e:
+        with offline:
+            model = timm.create_model(name, pretrained=download, **kwargs)
+    except (RuntimeError, OSError, ValueError) as e:
         if pretrained:
-            raise UserError(f"cannot get timm's pretrained weights for {name} ({str(e).splitlines()[0]}); "
-                            "use --checkpoint PATH for local weights") from None
+            why = (str(e).splitlines()[0] if isinstance(offline, contextlib.nullcontext) else
+                   f"no network ({HUB_HOST} unreachable) and they are not in the local cache")
+            raise UserError(f"cannot get timm's pretrained weights for {name} ({why}); use {checkpoint_flag} PATH "
+                            f"for local weights") from None
         raise
     if checkpoint is not None:
         load_weights(model, checkpoint)

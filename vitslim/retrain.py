@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     budget_given = any(b is not None for b in (args.budget_attn, args.budget_mlp, args.budget_tokens))
     if sum((args.plan is not None, target is not None, budget_given)) > 1:
         raise UserError("give one of --plan, a --target-*, or --budget-* flags")
+    # Checked before any work: the teacher must take the model's images and predict its classes (the data's,
+    # which must be the search's: checked below).
+    teacher = _teacher(args, arch, ckpt, arch.num_classes, arch.img_size[0]) if args.teacher is not None else None
     dist, say, out = cli.start_run(args, [CHECKPOINT], "retrain")
 
     if args.plan is not None:
@@ -196,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     check_recipe(recipe)
 
     loss_fn = cross_entropy_loss(args.smoothing)
-    if args.teacher is not None:
-        teacher = _teacher(args, arch, ckpt).to(dist.device).eval()
+    if teacher is not None:
+        teacher = teacher.to(dist.device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
         if arch.distilled:
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if dist.is_main:
         save_slim(student, out / "slim")
         batch = args.throughput_batch or args.batch_size
-        dense_model = _dense(arch, ckpt).to(dist.device)
+        dense_model = _dense(arch, ckpt, Path(args.searched)).to(dist.device)
         rates = compare_throughput({"dense": dense_model, "slim": student}, arch.img_size, batch, dist.device)
         report = write_report(
             out / "report.json",
@@ -250,26 +253,61 @@ def build_meta(arch: ViTArch):
         return build(arch)
 
 
-def _dense(arch: ViTArch, ckpt: dict):
+def dense_weights(ckpt: dict, searched: Path) -> Path:
+    """The dense weights a search started from: dense.safetensors beside its checkpoint (a run folder moved or
+    copied keeps it there), else the path the search recorded."""
+    beside = searched.parent / "dense.safetensors"
+    return beside if beside.is_file() else Path(ckpt.get("dense_weights", ""))
+
+
+def _dense(arch: ViTArch, ckpt: dict, searched: Path):
     """The dense model the search started from (its saved weights when present)."""
     from safetensors.torch import load_file
 
     model = build(arch)
-    weights = Path(ckpt.get("dense_weights", ""))
+    weights = dense_weights(ckpt, searched)
     if weights.is_file():
         model.load_state_dict(load_file(str(weights)))
     set_pretrained_cfg(model, search_data_config(ckpt, arch))
     return model
 
 
-def _teacher(args, arch: ViTArch, ckpt: dict):
+def _teacher(args, arch: ViTArch, ckpt: dict, num_classes: int, img_size: int):
+    """The distillation teacher, checked before any training: it must take the data's images and predict its
+    classes (a teacher is never trained here, so a classifier for other classes would teach noise)."""
+    searched = Path(args.searched)
     if args.teacher == "dense":
-        weights = Path(ckpt.get("dense_weights", ""))
+        weights = dense_weights(ckpt, searched)
         if not weights.is_file():
-            raise UserError(f"--teacher dense needs the dense weights of the search, {weights} is missing")
-        return _dense(arch, ckpt)
-    return cli.create_model(args.teacher, pretrained=args.teacher_checkpoint is None,
-                            checkpoint=args.teacher_checkpoint, num_classes=arch.num_classes)
+            raise UserError(f"--teacher dense needs the dense weights of the search: neither "
+                            f"{searched.parent / 'dense.safetensors'} nor {ckpt.get('dense_weights')} exists")
+        teacher = _dense(arch, ckpt, searched)
+    else:
+        extra = {}
+        if args.teacher_checkpoint is not None:  # its classifier decides the classes, not timm's default
+            head = cli.read_state_dict(args.teacher_checkpoint).get("head.weight")
+            if head is not None and head.ndim == 2:
+                extra["num_classes"] = head.shape[0]
+        teacher = cli.create_model(args.teacher, pretrained=args.teacher_checkpoint is None,
+                                   checkpoint=args.teacher_checkpoint, checkpoint_flag="--teacher-checkpoint",
+                                   **extra)
+    probe = torch.zeros(1, 3, img_size, img_size)
+    try:
+        with torch.no_grad():
+            logits = teacher.eval()(probe)
+    except (AssertionError, RuntimeError, ValueError) as e:
+        cfg = getattr(teacher, "pretrained_cfg", None) or {}
+        size = "x".join(map(str, cfg.get("input_size", ())[1:])) or "another size"
+        raise UserError(f"--teacher {args.teacher} cannot take the data's {img_size}x{img_size} images (it is made "
+                        f"for {size}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); use "
+                        f"a teacher for {img_size}x{img_size} images, e.g. --teacher dense") from None
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    if logits.shape[-1] != num_classes:
+        raise UserError(f"--teacher {args.teacher} predicts {logits.shape[-1]} classes, the data has {num_classes}: "
+                        f"a teacher is used as it is, never trained here; give one trained on these classes "
+                        f"(--teacher-checkpoint PATH) or --teacher dense")
+    return teacher
 
 
 def set_drop_path(model, rate: float) -> None:
