@@ -116,6 +116,22 @@ def test_resume_continues_exactly(tmp_path, capsys):
     log_a = [json.loads(x) for x in (straight / "log.jsonl").read_text().splitlines()]
     log_b = [json.loads(x) for x in (resumed / "log.jsonl").read_text().splitlines()]
     assert log_a[1]["loss"] == log_b[1]["loss"]
+    # A run already past --epochs is not "resumed" into rewriting its plans from later weights.
+    plans_before = {p.name: p.read_text() for p in resumed.glob("plan_*.json")}
+    code, _, err = run_cli(search.main, ["--output-dir", str(resumed), "--resume", "--epochs", "1",
+                                         "--dense-epochs", "1", *FAST], capsys)
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"error: --resume: the run in {resumed / 'checkpoint.pt'} has trained 2 epochs already, past --epochs 1; "
+        f"give --epochs 2 or more to continue it (or another --output-dir)")
+    assert {p.name: p.read_text() for p in resumed.glob("plan_*.json")} == plans_before
+
+
+def test_resume_of_an_empty_folder_says_there_was_nothing_to_resume(tmp_path, capsys):
+    # (a missing --data-path stops the run right after the note: the note is what is tested)
+    code, _, err = run_cli(search.main, ["--output-dir", str(tmp_path / "new"), "--resume", "--data-path",
+                                         str(tmp_path / "missing"), "--model", "vitslim_digits_vit", *FAST], capsys)
+    assert code == 2 and f"note: --resume: {tmp_path / 'new'} holds no search run to resume; starting a new one" \
+        in err
 
 
 def test_ctrl_c_saves_and_resume_finishes_the_same_run(tmp_path, capsys, monkeypatch):

@@ -320,8 +320,11 @@ def start_run(args, started: list[str], kind: str) -> tuple[Distributed, Callabl
         say("note: --fused needs a CUDA GPU; using the reference PyTorch path")
     seed_everything(args.seed, dist.rank)
     out = Path(args.output_dir)
-    if not args.resume and any((out / name).exists() for name in started):
+    begun = any((out / name).exists() for name in started)
+    if not args.resume and begun:
         raise UserError(f"{out} already holds a {kind} run: pass --resume to continue it, or another --output-dir")
+    if args.resume and not begun:
+        say(f"note: --resume: {out} holds no {kind} run to resume; starting a new one")
     if dist.is_main:
         check_output_dir(out)
     return dist, say, out

@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   args.bad_images)
     flags = cli.fingerprint(args, data.description, *RUN_FLAGS)
     if args.resume:  # a different recipe is refused now, before the teacher or any training
-        check_resume_flags(out / CHECKPOINT, flags)
+        check_resume_flags(out / CHECKPOINT, flags, args.epochs)
     lr = args.lr if args.lr is not None else 5e-4 * args.batch_size * dist.world_size / 512  # DeiT's scaling
     recipe = Recipe(epochs=args.epochs, lr=lr, weight_decay=args.weight_decay, sched="cosine",
                     warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, clip_grad=args.clip_grad,

@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     train_loader, val_loader, sampler = loaders(data, args.batch_size, dist, args.seed, args.workers,
                                                   args.bad_images)
     if args.resume:  # a different recipe is refused now, before the dense weights or any training
-        check_resume_flags(out / "dense" / CHECKPOINT, cli.fingerprint(args, data.description, *RUN_FLAGS[:-6]))
-        check_resume_flags(out / CHECKPOINT, cli.fingerprint(args, data.description, *RUN_FLAGS))
+        check_resume_flags(out / "dense" / CHECKPOINT, cli.fingerprint(args, data.description, *RUN_FLAGS[:-6]),
+                           args.dense_epochs)
+        check_resume_flags(out / CHECKPOINT, cli.fingerprint(args, data.description, *RUN_FLAGS), args.epochs)
     say(f"data: {data.description}")
     say(f"model: {args.model}, {count_params(model) / 1e6:.2f}M params, {count_flops(model) / 1e9:.3f} GMACs; "
         f"{dist.world_size} process(es) x batch {args.batch_size} on {dist.device}")

@@ -290,6 +290,7 @@ class Trainer:
         if ckpt.get("name") != self.name:
             raise UserError(f"checkpoint is from a {ckpt.get('name')!r} run, not {self.name!r}")
         _refuse_differences(self.checkpoint_path, ckpt.get("fingerprint"), self.fingerprint)
+        _refuse_past_epochs(self.checkpoint_path, ckpt, self.recipe.epochs)
         try:
             self.module.load_state_dict(ckpt["model"])
         except RuntimeError as e:
@@ -487,12 +488,19 @@ def _recipe_fingerprint(recipe: Recipe) -> dict:
     return fields
 
 
-def check_resume_flags(path: Path, flags: dict) -> None:
+def check_resume_flags(path: Path, flags: dict, epochs: int | None = None) -> None:
     """Before any long work: UserError in one line if the run checkpointed at `path` (if any) was started with
-    other flags (cli.fingerprint) than `flags`."""
+    other flags (cli.fingerprint) than `flags`, or has trained more than `epochs` epochs already."""
     if path.exists():
-        saved = read_checkpoint(path).get("fingerprint") or {}
-        _refuse_differences(path, saved.get("flags"), flags)
+        ckpt = read_checkpoint(path)
+        _refuse_differences(path, (ckpt.get("fingerprint") or {}).get("flags"), flags)
+        _refuse_past_epochs(path, ckpt, epochs)
+
+
+def _refuse_past_epochs(path: Path, ckpt: dict, epochs: int | None) -> None:
+    if epochs is not None and ckpt.get("epoch", 0) > epochs:
+        raise UserError(f"--resume: the run in {path} has trained {ckpt['epoch']} epochs already, past --epochs "
+                        f"{epochs}; give --epochs {ckpt['epoch']} or more to continue it (or another --output-dir)")
 
 
 def _refuse_differences(path: Path, saved: dict | None, current: dict) -> None:
