@@ -210,16 +210,18 @@ PIPELINES = {"before": ("workers normalise + erase (float32 batches; before)", F
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vitslim.cli import positive_int
     from vitslim.data import Augment, image_folders
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data-path", help="train/ and val/ class folders")
-    source.add_argument("--synthetic", type=int, metavar="N", help="generate N ImageNet-like JPEGs (once)")
+    source.add_argument("--synthetic", type=positive_int("--synthetic"), metavar="N",
+                        help="generate N ImageNet-like JPEGs (once)")
     p.add_argument("--workers", type=int, nargs="+", default=None,
                    help="loader worker counts to time (default: 1, 2, 4, ... up to the cores)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--batches", type=int, default=8, help="timed batches per worker count")
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=64)
+    p.add_argument("--batches", type=positive_int("--batches"), default=8, help="timed batches per worker count")
     p.add_argument("--stage-samples", type=int, default=200, help="images for the per-stage times")
     p.add_argument("--pipelines", nargs="+", choices=tuple(PIPELINES), default=list(PIPELINES),
                    help="which pipelines to time (default: all)")
@@ -240,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     for key in args.pipelines:
         label, on_device, loader = PIPELINES[key]
         data = image_folders(str(root), 224, mean, std, Augment(), on_device=on_device, loader=loader)
+        needed = (args.batches + 1) * args.batch_size  # a warm-up batch, then the timed ones, in one epoch
+        if len(data.train) < needed:
+            p.error(f"{len(data.train)} training images make {len(data.train) // args.batch_size} batches of "
+                    f"{args.batch_size}; the timing takes {args.batches + 1} (a warm-up and --batches "
+                    f"{args.batches}): give at least {needed} images, or fewer --batches or a smaller --batch-size")
         if not summary:
             sizes = [Path(s).stat().st_size for s, _ in data.train.samples[:500]]
             print(f"data: {data.description}; mean JPEG {sum(sizes) / len(sizes) / 1e3:.0f} KB; {cores} cores here")

@@ -88,3 +88,14 @@ def test_the_epoch_time_table_goes_between_the_readme_markers(tmp_path):
     readme.write_text(f"before\n{epoch_time.README_BEGIN}\nold\n{epoch_time.README_END}\nafter\n")
     epoch_time.update_readme("| new |\n", readme)
     assert readme.read_text() == f"before\n{epoch_time.README_BEGIN}\n| new |\n{epoch_time.README_END}\nafter\n"
+
+
+def test_too_few_images_for_the_timed_batches_is_one_line(tmp_path, capsys):
+    import pytest
+    with pytest.raises(SystemExit) as exit_:
+        loader.main(["--synthetic", "8", "--workers", "1", "--batch-size", "4", "--batches", "2",
+                     "--pipelines", "default", "--results-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "8 training images make 2 batches of 4; the timing takes 3 (a warm-up and " \
+        "--batches 2): give at least 12 images" in err
+    assert not (tmp_path / "loader.json").exists()
