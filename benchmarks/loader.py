@@ -232,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cores = available_cores()
     if args.synthetic is not None:
-        root = synthetic_jpegs(Path(tempfile.gettempdir()) / "vitslim-loader-jpegs", args.synthetic)
+        # one folder per count: a folder shared by counts would hold the images of the largest one made so far
+        root = synthetic_jpegs(Path(tempfile.gettempdir()) / f"vitslim-loader-jpegs-{args.synthetic}",
+                               args.synthetic)
     else:
         root = Path(args.data_path)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -93,9 +93,9 @@ def test_the_epoch_time_table_goes_between_the_readme_markers(tmp_path):
 def test_too_few_images_for_the_timed_batches_is_one_line(tmp_path, capsys):
     import pytest
     with pytest.raises(SystemExit) as exit_:
-        loader.main(["--synthetic", "8", "--workers", "1", "--batch-size", "4", "--batches", "2",
+        loader.main(["--synthetic", "12", "--workers", "1", "--batch-size", "8", "--batches", "1",
                      "--pipelines", "default", "--results-dir", str(tmp_path)])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "8 training images make 2 batches of 4; the timing takes 3 (a warm-up and " \
-        "--batches 2): give at least 12 images" in err
+    assert exit_.value.code == 2 and "12 training images make 1 batches of 8; the timing takes 2 (a warm-up and " \
+        "--batches 1): give at least 16 images" in err, err
     assert not (tmp_path / "loader.json").exists()
