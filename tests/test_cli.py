@@ -38,6 +38,18 @@ def searched(tmp_path_factory):
     return out
 
 
+def test_threads_default_to_one_on_the_embedded_data_and_follow_the_flag(tmp_path, capsys):
+    """A tiny model at a small batch only loses to more intra-op threads (the demo: 37 minutes at torch's default
+    on a shared 2-core machine, 2.4 with one thread); --threads sets them; the caller's come back after."""
+    before = torch.get_num_threads()
+    for extra, threads in (([], 1), (["--threads", "2"], 2)):
+        code, _, err = run_cli(search.main, ["--output-dir", str(tmp_path / f"t{threads}"), "--epochs", "1",
+                                             "--dense-epochs", "0", "--batch-size", "900", *extra, *FAST], capsys)
+        assert code == 0, err
+        assert f"x batch 900 on cpu ({threads} threads)" in err, err
+        assert torch.get_num_threads() == before
+
+
 def test_search_writes_checkpoint_log_figures_and_plans(searched):
     names = {p.name for p in searched.iterdir()}
     assert {"checkpoint.pt", "log.jsonl", "dense.safetensors", "plan_0.7_0.7_0.7.json", "plan_0.5_0.6_0.9.json",
@@ -79,11 +91,14 @@ def test_retrain_writes_slim_model_and_report(searched, tmp_path, capsys):
         assert row["img_per_s_min"] <= row["img_per_s"] <= row["img_per_s_max"] and row["repeats"] == 7
     lo, hi = report["ratios"]["speedup_range"]
     assert lo <= report["ratios"]["speedup"] <= hi
+    # One consistent figure: the speedup printed is the ratio of the img/s printed beside it.
+    assert report["ratios"]["speedup"] == pytest.approx(report["slim"]["img_per_s"] / report["dense"]["img_per_s"])
+    assert f"{report['ratios']['speedup']:.2f}x (slim img/s / dense img/s; per-turn ratios" in stdout
     plan = vitslim.SlimPlan.from_json((out / "plan.json").read_text())
     tokens = report["kept_tokens"]
     assert tokens["per_block"] == [len(b.tokens) / plan.num_patches for b in plan.blocks]
     assert tokens["overall"] == pytest.approx(sum(tokens["per_block"]) / plan.depth)
-    assert "kept tokens per block: " in stdout and "(range " in stdout
+    assert "kept tokens per block: " in stdout
     assert report["budgets"] == {"attn": 0.7, "mlp": 0.7, "tokens": 0.7}
     assert report["slim"]["flops"] < 0.7 * report["dense"]["flops"]
     assert "dense" in stdout and "slim" in stdout  # the printed table

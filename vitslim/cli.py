@@ -40,6 +40,7 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     debug = "--debug" in args
     outcomes = ((USER_ERRORS, "error", EXIT_USAGE), (NonFiniteLossError, "error", EXIT_FAILED),
                 (Interrupted, "stopped", EXIT_INTERRUPTED))
+    threads = torch.get_num_threads()  # --threads sets them for the run: a caller in this process gets its own back
     try:
         code = main(args)
     except (*USER_ERRORS, NonFiniteLossError, Interrupted) as e:
@@ -49,6 +50,7 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         code = getattr(e, "exit_code", code)  # Interrupted: 130 (SIGINT) or 143 (SIGTERM)
         print(f"{prefix}: {e}", file=sys.stderr)
     finally:
+        torch.set_num_threads(threads)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     sys.exit(code or 0)
@@ -316,6 +318,8 @@ def start_run(args, started: list[str], kind: str) -> tuple[Distributed, Callabl
 
     dist = setup_distributed(args.device)
     say = (lambda *a: print(*a, file=sys.stderr)) if dist.is_main else (lambda *a: None)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     if args.fused and dist.device.type != "cuda":
         say("note: --fused needs a CUDA GPU; using the reference PyTorch path")
     seed_everything(args.seed, dist.rank)

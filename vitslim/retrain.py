@@ -27,6 +27,7 @@ DEFAULTS = {
     "epochs": (300, 30), "batch_size": (128, 64), "mixup": (0.8, 0.0), "cutmix": (1.0, 0.0),
     "smoothing": (0.1, 0.0), "reprob": (0.25, 0.0), "drop_path": (0.1, 0.0), "warmup_epochs": (5, 2),
     "model_ema_decay": (None, None), "lr": (None, 1e-3),  # None: 5e-4 x global batch / 512
+    "threads": (None, 1),  # None: torch's default
 }
 
 # Flags a resumed retrain must share with the run it continues (beyond the recipe): they change its result.
@@ -48,6 +49,9 @@ def build_parser() -> ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="train/ and val/ class folders (default: the data the "
                    "search used, if it was the embedded digits)")
+    g.add_argument("--threads", type=cli.positive_int("--threads"), default=None,
+                   help="torch's intra-op threads (CPU work); default: 1 on the embedded data (a tiny model at a "
+                        "small batch only loses to more threads), else torch's default (the cores)")
     g.add_argument("--workers", type=cli.non_negative_int("--workers"), default=4)
     g = p.add_argument_group("recipe (defaults: DeiT's; lighter ones on the embedded data)")
     add_bad_images_arg(g)
@@ -221,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer.resume(saved)
     dense_flops = count_flops(build_meta(arch))
     say(f"retraining the slim model ({count_flops(student) / dense_flops:.1%} of the dense FLOPs) for "
-        f"{args.epochs} epochs, lr {lr:g}, {dist.world_size} process(es) x batch {args.batch_size}")
+        f"{args.epochs} epochs, lr {lr:g}, {dist.world_size} process(es) x batch {args.batch_size}"
+        + (f" ({torch.get_num_threads()} threads)" if dist.device.type == "cpu" else ""))
     record = trainer.fit()
 
     if arch.distilled:

@@ -6,7 +6,7 @@ the retrain report), and plan_<attn>_<mlp>_<tokens>.json for each of --budgets a
 """
 from __future__ import annotations
 
-
+import torch
 
 from . import cli
 from .arch import describe
@@ -26,7 +26,7 @@ DEFAULTS = {
     "lr": (5e-4, 1e-3),
     "mixup": (0.8, 0.0), "cutmix": (1.0, 0.0), "smoothing": (0.1, 0.0), "reprob": (0.25, 0.0),
     "drop_path": (0.1, 0.0), "model_ema_decay": (0.99996, None),
-    "w1": (2e-4, 2e-3), "w2": (5e-5, 5e-4), "w3": (1e-4, 1e-3),
+    "w1": (2e-4, 2e-3), "w2": (5e-5, 5e-4), "w3": (1e-4, 1e-3), "threads": (None, 1),
 }
 EMBEDDED_MODEL = "vitslim_digits_vit"
 # Flags a resumed run must share with the run it continues (beyond the recipe): they change its result. The
@@ -50,6 +50,9 @@ def build_parser() -> ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help="folder with train/ and val/ class folders "
                    "(default: the embedded digits data)")
+    g.add_argument("--threads", type=cli.positive_int("--threads"), default=None,
+                   help="torch's intra-op threads (CPU work); default: 1 on the embedded data (a tiny model at a "
+                        "small batch only loses to more threads), else torch's default (the cores)")
     g.add_argument("--workers", type=cli.non_negative_int("--workers"), default=4,
                    help="data loading processes per rank (default: 4)")
     g = p.add_argument_group("recipe (defaults: the paper's; lighter ones on the embedded data)")
@@ -139,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         check_resume_flags(out / CHECKPOINT, cli.fingerprint(args, data.description, *RUN_FLAGS), args.epochs)
     say(f"data: {data.description}")
     say(f"model: {args.model}, {count_params(model) / 1e6:.2f}M params, {count_flops(model) / 1e9:.3f} GMACs; "
-        f"{dist.world_size} process(es) x batch {args.batch_size} on {dist.device}")
+        f"{dist.world_size} process(es) x batch {args.batch_size} on {dist.device}"
+        + (f" ({torch.get_num_threads()} threads)" if dist.device.type == "cpu" else ""))
     weights = SparsityWeights(args.w1, args.w2, args.w3)
     common = dict(mixup=args.mixup, cutmix=args.cutmix, smoothing=args.smoothing, clip_grad=args.clip_grad,
                   ema_decay=args.model_ema_decay, log_interval=args.log_interval)
