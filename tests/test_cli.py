@@ -50,6 +50,20 @@ def test_threads_default_to_one_on_the_embedded_data_and_follow_the_flag(tmp_pat
         assert torch.get_num_threads() == before
 
 
+def test_fused_on_a_cpu_is_said_once_and_an_early_error_leaves_no_empty_folders(tmp_path, capsys):
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:  # (a command's warning is a raw line with its source)
+        warnings.simplefilter("always")
+        code, _, err = run_cli(search.main, ["--output-dir", str(tmp_path / "run"), "--epochs", "1",
+                                             "--dense-epochs", "0", "--batch-size", "900", "--fused", *FAST], capsys)
+    assert code == 0 and err.count("--fused") == 1, err
+    assert not [w for w in caught if "fused" in str(w.message)], [str(w.message) for w in caught]
+    assert (tmp_path / "run" / "figures").is_dir()
+    code, _, err = run_cli(search.main, ["--output-dir", str(tmp_path / "early"), "--data-path",
+                                         str(tmp_path / "missing"), "--model", "vitslim_digits_vit", *FAST], capsys)
+    assert code == 2 and not (tmp_path / "early" / "figures").exists()
+
+
 def test_search_writes_checkpoint_log_figures_and_plans(searched):
     names = {p.name for p in searched.iterdir()}
     assert {"checkpoint.pt", "log.jsonl", "dense.safetensors", "plan_0.7_0.7_0.7.json", "plan_0.5_0.6_0.9.json",

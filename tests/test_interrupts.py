@@ -123,6 +123,21 @@ def test_sigint_during_the_evaluation_keeps_the_trained_epoch(photos, straight, 
     assert_same_run(tmp_path, straight)
 
 
+def test_a_second_ctrl_c_before_the_first_checkpoint_offers_no_resume(photos, tmp_path, capsys, monkeypatch):
+    original = SparsityWeights.penalty
+
+    def penalty(self, model):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        return original(self, model)
+    monkeypatch.setattr(SparsityWeights, "penalty", penalty)
+    code, _, err = run_cli(search.main, flags(photos, tmp_path, 0), capsys)
+    assert code == 130 and err.strip().splitlines()[-1] == (
+        "stopped: interrupted twice before the first checkpoint; nothing saved, nothing to resume: start the run "
+        "again"), err
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
 def test_a_second_ctrl_c_stops_at_once_and_says_the_last_checkpoint_stands(photos, tmp_path, capsys, monkeypatch):
     calls = {"n": 0}
     original = SparsityWeights.penalty

@@ -114,8 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     embedded = args.data_path is None
     resolve_defaults(args, embedded)
     dist, say, out = cli.start_run(args, [CHECKPOINT, "dense.safetensors", f"dense/{CHECKPOINT}"], "search")
-    if dist.is_main:
-        (out / "figures").mkdir(exist_ok=True)
 
     model = cli.create_model(args.model, args.pretrained, args.checkpoint, drop_path_rate=args.drop_path,
                              **({"num_classes": 10} if embedded else {}))
@@ -184,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"dense model: top-1 {dense_eval['top1']:.2f}%, top-5 {dense_eval['top5']:.2f}%")
 
     # Phase 2: the search.
-    make_searchable(model, search=args.search, fused=args.fused)
+    # (--fused on a CPU: start_run said so once; the folded path computes the same function, without a warning)
+    make_searchable(model, search=args.search, fused=args.fused and dist.device.type == "cuda")
     model.to(dist.device)
     budgets = args.budgets[0]
 
@@ -197,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         record["kept"] = plan.kept_fractions()
         record["head_widths"] = [list(b.head_dims) for b in plan.blocks]
         if dist.is_main:
+            (out / "figures").mkdir(exist_ok=True)  # here, not at the start: an early error leaves no empty folder
             plot_gate_histograms(model, out / "figures" / f"gates_epoch{epoch:03d}.png", f"gates after epoch {epoch}")
             plot_structure(plan, out / "figures" / f"structure_epoch{epoch:03d}.png",
                            f"epoch {epoch}: structure at budgets {budgets}")

@@ -342,9 +342,11 @@ class Trainer:
                 raise Interrupted(f"{what}; state saved to {self.checkpoint_path} ({where}): resume with --resume",
                                   exit_code=code) from None
             except KeyboardInterrupt:  # a second Ctrl-C, mid-step: there is no consistent state to save now
-                stands = (f"the last checkpoint {self.checkpoint_path} stands" if self.checkpoint_path.exists()
-                          else "no checkpoint was written yet")
-                raise Interrupted(f"interrupted twice; nothing saved now, {stands}: resume with --resume") from None
+                if self.checkpoint_path.exists():
+                    raise Interrupted(f"interrupted twice; nothing saved now, the last checkpoint "
+                                      f"{self.checkpoint_path} stands: resume with --resume") from None
+                raise Interrupted("interrupted twice before the first checkpoint; nothing saved, nothing to resume: "
+                                  "start the run again") from None
         return record
 
     def finish_epoch(self, record: dict) -> dict:
