@@ -131,6 +131,11 @@ class SlimAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self._aligned = _AlignedHeads(self.head_dims)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: one clear line instead of TorchScript's error with an empty first line
+        raise RuntimeError("slim models do not support TorchScript (torch.jit.script); torch.export "
+                           "(python -m vitslim.export --format pt2), ONNX and torch.jit.trace do")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.implementation is None and torch.compiler.is_exporting() and not (self.training and self.attn_drop_p):
             # The same graph whatever the tracing device; vitslim_kernels.onnx translates the op for ONNX.
