@@ -119,3 +119,27 @@ def test_set_input_size_is_refused_unless_it_can_be_honoured():
     assert vitslim.count_flops(slim) == flops
     x = images_for(slim)
     assert slim(x).shape[0] == x.shape[0]  # still works at its size
+
+
+def test_set_input_size_resizes_a_plan_that_keeps_every_token(tmp_path):
+    """No token dropped or scaled: timm's set_input_size (position embedding resampled) and a plan over the new
+    grid; with every budget 1.0 the slim model stays the dense timm model, resized alike."""
+    dense = make_vit("deit_small_distilled_patch16_224")
+    model = searchable_copy(dense)
+    slim = vitslim.slim(model, vitslim.threshold(model, 1.0, 1.0, 1.0)).eval()
+    slim.set_input_size(48)
+    dense.set_input_size(48)
+    assert slim.slim_arch.img_size == (48, 48) and slim.slim_plan.num_patches == 36
+    assert all(b.tokens == tuple(range(36)) for b in slim.slim_plan.blocks)
+    x = images_for(slim)
+    assert x.shape[-1] == 48
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), dense(x), rtol=1e-12, atol=1e-12)
+    pruned = vitslim.slim(model, vitslim.threshold(model, 0.5, 0.6, 1.0)).eval()
+    pruned.set_input_size(48)
+    loaded = vitslim.load_slim(vitslim.save_slim(pruned, tmp_path / "slim"))
+    assert loaded.slim_plan == pruned.slim_plan
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), pruned(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="its token scales .fold_gates. are per position"):
+        vitslim.slim(model, vitslim.threshold(model, 0.5, 0.6, 1.0), fold_gates=True).set_input_size(48)

@@ -7,6 +7,7 @@ remains: every removed weight is gone.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from types import SimpleNamespace
 import warnings
@@ -258,20 +259,44 @@ def build_slim(arch: ViTArch, plan: SlimPlan, token_scale: bool) -> nn.Module:
 
 
 def _set_input_size(model: nn.Module, timm_set_input_size, img_size=None, patch_size=None, **kwargs) -> None:
-    """timm's set_input_size where it can be honoured: the size the plan was made for (nothing changes).
-    Another size or patch size is refused: the plan's kept tokens are positions of the patch grid it was
-    searched on, so a new grid has no plan."""
+    """timm's set_input_size where the plan allows it: the size the plan was made for (nothing changes), or, when
+    the plan keeps every patch of every block and no token scale was folded in, any size of the same patch size
+    (timm resamples the position embedding; the plan then keeps every patch of the new grid). Refused when tokens
+    were dropped or scaled: those are positions of the grid the plan was searched on, which a new grid lacks."""
     from timm.layers import to_2tuple
 
-    arch = model.slim_arch
-    size = to_2tuple(img_size) if img_size is not None else arch.img_size
-    patch = to_2tuple(patch_size) if patch_size is not None else arch.patch_size
-    if (tuple(size), tuple(patch)) == (tuple(arch.img_size), tuple(arch.patch_size)):
+    arch, plan = model.slim_arch, model.slim_plan
+    size = tuple(to_2tuple(img_size)) if img_size is not None else tuple(arch.img_size)
+    patch = tuple(to_2tuple(patch_size)) if patch_size is not None else tuple(arch.patch_size)
+    if (size, patch) == (tuple(arch.img_size), tuple(arch.patch_size)):
         return
-    raise ValueError(f"set_input_size(img_size={img_size}, patch_size={patch_size}): this slim model's plan is for "
-                     f"{arch.img_size[0]}x{arch.img_size[1]} images in {arch.patch_size[0]}x{arch.patch_size[1]} "
-                     f"patches (its kept tokens are positions of that grid); accepted: that size only. To run at "
-                     f"another size, set it on the model before the search and slim the model searched there")
+    why = resize_refusal(model)
+    if patch != tuple(arch.patch_size):
+        why = f"its patches are {arch.patch_size[0]}x{arch.patch_size[1]} (its weights are for that patch size)"
+    if why is not None:
+        raise ValueError(f"set_input_size(img_size={img_size}, patch_size={patch_size}): this slim model's plan is "
+                         f"for {arch.img_size[0]}x{arch.img_size[1]} images in {arch.patch_size[0]}x"
+                         f"{arch.patch_size[1]} patches and {why}; accepted: that size only")
+    timm_set_input_size(img_size=size, **kwargs)
+    patches = model.patch_embed.num_patches
+    model.slim_arch = dataclasses.replace(arch, img_size=size)
+    model.slim_plan = dataclasses.replace(plan, num_patches=patches, blocks=tuple(
+        dataclasses.replace(b, tokens=tuple(range(patches))) for b in plan.blocks))
+    for block in model.blocks:
+        block.num_patches_out = patches
+    cfg = getattr(model, "pretrained_cfg", None)
+    if cfg:
+        set_pretrained_cfg(model, {**cfg, "input_size": (3, *size)})
+
+
+def resize_refusal(model: nn.Module) -> str | None:
+    """Why a slim model cannot take another image size (set_input_size), or None when it can."""
+    plan = model.slim_plan
+    if any(len(b.tokens) != plan.num_patches for b in plan.blocks):
+        return "it drops tokens (kept tokens are positions of that grid)"
+    if any(getattr(b, "token_scale", None) is not None for b in model.blocks):
+        return "its token scales (fold_gates) are per position of that grid"
+    return None
 
 
 def set_pretrained_cfg(model: nn.Module, cfg: dict | None) -> None:
