@@ -289,7 +289,7 @@ def run_data(args, img_size: int, mean, std, device: torch.device, say: Callable
         if args.loader != "cpu":
             say(f"warning: --loader {args.loader} ignored: it applies to --data-path image folders, and the "
                 f"embedded digits are tensors already")
-        return embedded_digits()
+        return embedded_digits(img_size)
     if args.loader == "dali" and device.type != "cuda":
         raise UserError(f"--loader dali decodes on a CUDA device; this run is on {device}: use --loader cpu")
     if args.loader == "gpu" and device.type != "cuda":
@@ -299,14 +299,16 @@ def run_data(args, img_size: int, mean, std, device: torch.device, say: Callable
                          on_device=input_on_device(device) or args.loader != "cpu", loader=args.loader)
 
 
-def embedded_digits() -> Data:
+def embedded_digits(img_size: int | None = None) -> Data:
+    """scikit-learn's digits resized to img_size (default 16)."""
     from .digits import DIGITS_CLASSES, DIGITS_IMG_SIZE, DIGITS_MEAN, DIGITS_STD, digits_split
 
-    tx, ty, vx, vy = digits_split()
-    return Data(TensorDataset(tx, ty), TensorDataset(vx, vy), DIGITS_CLASSES, DIGITS_IMG_SIZE, embedded=True,
-                description=f"embedded digits (scikit-learn): {len(ty)} train / {len(vy)} val images, 16x16",
+    size = img_size or DIGITS_IMG_SIZE
+    tx, ty, vx, vy = digits_split(size)
+    return Data(TensorDataset(tx, ty), TensorDataset(vx, vy), DIGITS_CLASSES, size, embedded=True,
+                description=f"embedded digits (scikit-learn): {len(ty)} train / {len(vy)} val images, {size}x{size}",
                 classes=tuple(str(d) for d in range(DIGITS_CLASSES)),
-                preprocess=_preprocess(DIGITS_IMG_SIZE, (DIGITS_MEAN,) * 3, (DIGITS_STD,) * 3, "bilinear", 1.0))
+                preprocess=_preprocess(size, (DIGITS_MEAN,) * 3, (DIGITS_STD,) * 3, "bilinear", 1.0))
 
 
 class EpochSampler(Sampler[int]):

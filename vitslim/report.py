@@ -60,9 +60,10 @@ def compare_throughput(models: dict[str, nn.Module], img_size: tuple[int, int], 
     return out
 
 
-def model_row(model: nn.Module, accuracy: dict, throughput: dict) -> dict:
-    return {"params": count_params(model), "flops": count_flops(model), "top1": accuracy["top1"],
-            "top5": accuracy["top5"], **throughput}
+def model_row(model: nn.Module, accuracy: dict | None, throughput: dict) -> dict:
+    """accuracy None: not measured on this data (top1 and top5 None)."""
+    return {"params": count_params(model), "flops": count_flops(model), "top1": (accuracy or {}).get("top1"),
+            "top5": (accuracy or {}).get("top5"), **throughput}
 
 
 def kept_tokens(plan) -> dict:
@@ -73,25 +74,37 @@ def kept_tokens(plan) -> dict:
     return {"per_block": per_block, "overall": sum(per_block) / len(per_block)}
 
 
-def write_report(path: Path, dense: dict, slim: dict, budgets: dict, extra: dict) -> dict:
-    report = {"dense": dense, "slim": slim, "budgets": budgets,
-              "ratios": {"params": slim["params"] / dense["params"], "flops": slim["flops"] / dense["flops"],
-                         "speedup": slim["speedup_vs_dense"], "speedup_range": slim["speedup_vs_dense_range"],
-                         "top1_change": slim["top1"] - dense["top1"]},
-              **extra}
+def write_report(path: Path, dense: dict | None, slim: dict, budgets: dict, extra: dict) -> dict:
+    """report.json; dense None (a fine-tuned slim model: no dense model) gives no ratios, a dense row without
+    accuracy (another head) no top-1 change."""
+    ratios = None
+    if dense is not None:
+        ratios = {"params": slim["params"] / dense["params"], "flops": slim["flops"] / dense["flops"],
+                  "speedup": slim["speedup_vs_dense"], "speedup_range": slim["speedup_vs_dense_range"],
+                  "top1_change": None if dense["top1"] is None else slim["top1"] - dense["top1"]}
+    report = {"dense": dense, "slim": slim, "budgets": budgets, "ratios": ratios, **extra}
     path.write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def _pct(x: float | None, width: int) -> str:
+    return f"{'-':>{width + 1}}" if x is None else f"{x:>{width}.2f}%"
 
 
 def format_report(report: dict) -> str:
     d, s, r = report["dense"], report["slim"], report["ratios"]
     lines = [f"{'':>7} {'params':>10} {'GMACs':>9} {'top-1':>8} {'top-5':>8} {'img/s':>10}"]
     for name, row in (("dense", d), ("slim", s)):
-        lines.append(f"{name:>7} {row['params'] / 1e6:>9.3f}M {row['flops'] / 1e9:>9.4f} {row['top1']:>7.2f}% "
-                     f"{row['top5']:>7.2f}% {row['img_per_s']:>10.0f}")
-    lo, hi = r["speedup_range"]
-    lines.append(f"{'slim':>7} {r['params']:>9.1%}  {r['flops']:>8.1%} {r['top1_change']:>+7.2f}pt "
-                 f"{'':>8} {r['speedup']:>9.2f}x (slim img/s / dense img/s; per-turn ratios {lo:.2f}-{hi:.2f}x)")
+        if row is not None:
+            lines.append(f"{name:>7} {row['params'] / 1e6:>9.3f}M {row['flops'] / 1e9:>9.4f} {_pct(row['top1'], 7)} "
+                         f"{_pct(row['top5'], 7)} {row['img_per_s']:>10.0f}")
+    if r is not None:
+        lo, hi = r["speedup_range"]
+        change = f"{'-':>9}" if r["top1_change"] is None else f"{r['top1_change']:>+7.2f}pt"
+        lines.append(f"{'slim':>7} {r['params']:>9.1%}  {r['flops']:>8.1%} {change} "
+                     f"{'':>8} {r['speedup']:>9.2f}x (slim img/s / dense img/s; per-turn ratios {lo:.2f}-{hi:.2f}x)")
+    if d is not None and d["top1"] is None:
+        lines.append("(the dense model's accuracy is the search's, on another head: not measured on this data)")
     b = report["budgets"]
     lines.append(f"budgets: attn {b['attn']}, mlp {b['mlp']}, tokens {b['tokens']}; throughput: median of "
                  f"{s.get('repeats', '?')} alternating windows on {report.get('device', '?')} at batch "

@@ -1,7 +1,9 @@
-"""`python -m vitslim.retrain`: threshold a search, build the physically slim model, retrain it, report.
+"""`python -m vitslim.retrain`: threshold a search, build the physically slim model, retrain it, report; or
+fine-tune a saved slim model (--slim), on its data or on a new dataset (--new-head: a fresh classifier).
 
 Writes to --output-dir: plan.json, checkpoint.pt (each epoch, atomic), log.jsonl, slim/ (save_slim: weights
-in safetensors + config JSON) and report.json (dense vs slim params, FLOPs, top-1/top-5, throughput).
+in safetensors + config JSON) and report.json (dense vs slim params, FLOPs, top-1/top-5, throughput; a fine-tune
+has no dense model to compare with).
 """
 from __future__ import annotations
 
@@ -20,25 +22,36 @@ from .saving import cfg_from_plain, plain_cfg, save_slim
 from .plan import SlimPlan
 from .plan.command import add_target_args, alignment_of, chosen_target, make_plan
 from .searchable import make_searchable
-from .slim import set_pretrained_cfg, slim
+from .slim import resize_refusal, set_pretrained_cfg, slim
 
 # Recipe flags: (DeiT's default for real data, the default for the embedded digits data).
 DEFAULTS = {
     "epochs": (300, 30), "batch_size": (128, 64), "mixup": (0.8, 0.0), "cutmix": (1.0, 0.0),
     "smoothing": (0.1, 0.0), "reprob": (0.25, 0.0), "drop_path": (0.1, 0.0), "warmup_epochs": (5, 2),
-    "model_ema_decay": (None, None), "lr": (None, 1e-3),  # None: 5e-4 x global batch / 512
+    "model_ema_decay": (None, None), "lr": (None, 1e-3),  # None: LR_PER_512 x global batch / 512
     "threads": (None, 1),  # None: torch's default
 }
+# Fine-tuning a saved slim model (--slim) on real data: shorter, gentler (a tenth of DeiT's rate per 512 images,
+# as its transfer runs did), the DeiT augmentation kept; on the embedded data, its light recipe.
+FINETUNE_DEFAULTS = {
+    "epochs": 100, "batch_size": 128, "mixup": 0.8, "cutmix": 1.0, "smoothing": 0.1, "reprob": 0.25,
+    "drop_path": 0.1, "warmup_epochs": 2, "model_ema_decay": None, "lr": None, "threads": None,
+}
+LR_PER_512 = {"retrain": 5e-4, "finetune": 5e-5}  # learning rate per 512 images of global batch, when --lr is unset
 
 # Flags a resumed retrain must share with the run it continues (beyond the recipe): they change its result.
 RUN_FLAGS = ("fold_gates", "fused", "batch_size", "seed", "aa", "reprob", "drop_path", "teacher",
-             "teacher_checkpoint", "distillation_type", "distillation_alpha", "distillation_tau")
+             "teacher_checkpoint", "distillation_type", "distillation_alpha", "distillation_tau", "new_head",
+             "img_size", "slim")
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m vitslim.retrain", description=__doc__.splitlines()[0])
-    g = p.add_argument_group("what to slim")
-    g.add_argument("--searched", required=True, help="checkpoint.pt of a vitslim.search run")
+    g = p.add_argument_group("what to slim (--searched) or fine-tune (--slim)")
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--searched", help="checkpoint.pt of a vitslim.search run (or its folder)")
+    source.add_argument("--slim", metavar="SLIM_DIR", help="a saved slim model (save_slim's folder, e.g. the slim/ "
+                        "of a retrain run) to fine-tune as it is: its plan is fixed")
     g.add_argument("--budget-attn", type=cli.budget_type("--budget-attn"), default=None, help="default 0.7")
     g.add_argument("--budget-mlp", type=cli.budget_type("--budget-mlp"), default=None, help="default 0.7")
     g.add_argument("--budget-tokens", type=cli.budget_type("--budget-tokens"), default=None, help="default 0.7")
@@ -47,6 +60,11 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--fold-gates", action="store_true", help="multiply kept gate values into the weights")
     g.add_argument("--fused", action="store_true", help="ragged-attention kernels (CUDA); else the reference")
     g = p.add_argument_group("data")
+    g.add_argument("--new-head", action="store_true", help="a new classifier for the data's classes (transfer to "
+                   "another dataset), initialised afresh; without it the data must have the model's classes")
+    g.add_argument("--img-size", type=cli.positive_int("--img-size"), default=None, metavar="PX",
+                   help="train and evaluate at this image size (timm's set_input_size; refused when the plan "
+                        "drops tokens, which are positions of the grid it was searched on)")
     g.add_argument("--data-path", default=None, help="train/ and val/ class folders (default: the data the "
                    "search used, if it was the embedded digits)")
     g.add_argument("--threads", type=cli.positive_int("--threads"), default=None,
@@ -137,57 +155,71 @@ def main(argv: list[str] | None = None) -> int:
                            cross_entropy_loss, read_checkpoint)
 
     args = build_parser().parse_args(argv)
-    args.searched = str(checkpoint_file(args.searched))  # a run folder: its checkpoint.pt
-    search_model, arch, ckpt = load_search(Path(args.searched))
     embedded = args.data_path is None
-    if embedded and not ckpt.get("embedded", False):
-        raise UserError("--data-path is needed: the search did not use the embedded data")
-    for name, (paper, light) in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, light if embedded else paper)
     target = chosen_target(args)
     budget_given = any(b is not None for b in (args.budget_attn, args.budget_mlp, args.budget_tokens))
     if sum((args.plan is not None, target is not None, budget_given)) > 1:
         raise UserError("give one of --plan, a --target-*, or --budget-* flags")
-    # Checked before any work: the teacher must take the model's images and predict its classes (the data's,
-    # which must be the search's: checked below).
-    teacher = _teacher(args, arch, ckpt, arch.num_classes, arch.img_size[0]) if args.teacher is not None else None
+    if args.slim is not None:
+        fixed = [flag for flag, given in (("--plan", args.plan is not None), ("a --target-*", target is not None),
+                                          ("--budget-*", budget_given), ("--fold-gates", args.fold_gates)) if given]
+        if fixed:
+            raise UserError(f"--slim fine-tunes a slim model as it is (its plan is fixed): {', '.join(fixed)} "
+                            f"apply to --searched only")
+        if args.teacher == "dense":
+            raise UserError("--teacher dense is the dense model of a search; with --slim give a timm --teacher")
+        student, arch, plan, data_cfg, ckpt = load_finetune_source(Path(args.slim))
+        kind = "finetune"
+        for name, value in FINETUNE_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, DEFAULTS[name][1] if embedded else value)
+    else:
+        args.searched = str(checkpoint_file(args.searched))  # a run folder: its checkpoint.pt
+        search_model, arch, ckpt = load_search(Path(args.searched))
+        if embedded and not ckpt.get("embedded", False):
+            raise UserError("--data-path is needed: the search did not use the embedded data")
+        data_cfg, kind = search_data_config(ckpt, arch), "retrain"
+        for name, (paper, light) in DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, light if embedded else paper)
+    img = args.img_size or arch.img_size[0]
+    # Checked before any work: the teacher must take the model's images and predict its classes (the data's: with
+    # --new-head they are known once the data is read, and it is checked then).
+    teacher = None
+    if args.teacher is not None and not args.new_head:
+        teacher = _teacher(args, arch, ckpt, arch.num_classes, img)
     dist, say, out = cli.start_run(args, [CHECKPOINT], "retrain")
 
-    if args.plan is not None:
-        plan_path = Path(args.plan)
-        if not plan_path.is_file():
-            raise UserError(f"--plan {plan_path} does not exist")
-        try:
-            plan = SlimPlan.from_json(plan_path.read_text())
-        except UnicodeDecodeError:  # a binary file: a checkpoint.pt, a safetensors
-            raise UserError(f"--plan {plan_path} is not a plan JSON (a binary file; a plan is the plan_*.json a "
-                            f"search writes, or python -m vitslim.plan -o)") from None
-        except ValueError as e:
-            raise UserError(f"--plan {plan_path}: {e}") from None
-        plan.check_fits(arch)
-    else:
-        budgets = tuple(0.7 if b is None else b for b in (args.budget_attn, args.budget_mlp, args.budget_tokens))
-        plan = make_plan(search_model, target, budgets, args.mix, alignment_of(args), args, dist.device,
-                         args.fused)
+    if args.slim is None:
+        plan = _retrain_plan(args, search_model, arch, target, dist.device)
+        student = slim(search_model, plan, fold_gates=args.fold_gates, fused=args.fused)
+    if img != arch.img_size[0]:
+        why = resize_refusal(student)
+        if why is not None:
+            raise UserError(f"--img-size {img}: the plan is for {arch.img_size[0]}x{arch.img_size[1]} images and {why}"
+                            f"; train at {arch.img_size[0]}, or search at {img} (search --img-size {img})")
+        student.set_input_size(img)
+        say(f"image size {img}x{img} (the plan's {arch.img_size[0]}x{arch.img_size[1]}: position embedding "
+            f"resampled, every patch kept)")
+    plan = student.slim_plan  # (at --img-size: the plan on the new grid)
     if dist.is_main:
         (out / "plan.json").write_text(plan.to_json(indent=1))
     say(plan.summary())
-
-    student = slim(search_model, plan, fold_gates=args.fold_gates, fused=args.fused)
     set_drop_path(student, args.drop_path)
     student.to(dist.device)
 
-    mean, std = ckpt.get("mean_std", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
-    data = run_data(args, arch.img_size[0], mean, std, dist.device, say)
-    if data.num_classes != arch.num_classes:
-        raise UserError(f"the data has {data.num_classes} classes, the searched model {arch.num_classes}")
-    searched_classes = tuple(ckpt.get("classes") or ())  # (recorded since search checkpoints have them)
-    if searched_classes and searched_classes != data.classes:
-        differ = next(i for i, (a, b) in enumerate(zip(searched_classes, data.classes)) if a != b)
-        raise UserError(f"the class folders differ from the search's: label {differ} is "
-                        f"{data.classes[differ]!r} here, {searched_classes[differ]!r} in the search "
-                        f"({args.searched}); retrain on the data the search used")
+    data = run_data(args, img, data_cfg.get("mean", IMAGENET_MEAN), data_cfg.get("std", IMAGENET_STD), dist.device,
+                    say)
+    known_classes = tuple(ckpt.get("classes") or ()) if ckpt else ()
+    if args.new_head:
+        student.reset_classifier(data.num_classes)
+        say(f"new head: the classifier is initialised afresh for the {data.num_classes} classes of "
+            f"{data.description.split(':')[0]}")
+        if args.teacher is not None:
+            teacher = _teacher(args, arch, ckpt, data.num_classes, img)
+    else:
+        _check_same_classes(data, student.num_classes, known_classes, args.slim or args.searched)
+    set_pretrained_cfg(student, data.pretrained_cfg(getattr(student, "pretrained_cfg", None)))
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise UserError(f"mixup/cutmix need an even --batch-size, got {args.batch_size}")
     train_loader, val_loader, sampler = loaders(data, args.batch_size, dist, args.seed, args.workers,
@@ -195,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     flags = cli.fingerprint(args, data.description, *RUN_FLAGS)
     if args.resume:  # a different recipe is refused now, before the teacher or any training
         check_resume_flags(out / CHECKPOINT, flags, args.epochs)
-    lr = args.lr if args.lr is not None else 5e-4 * args.batch_size * dist.world_size / 512  # DeiT's scaling
+    lr = args.lr if args.lr is not None else LR_PER_512[kind] * args.batch_size * dist.world_size / 512
     recipe = Recipe(epochs=args.epochs, lr=lr, weight_decay=args.weight_decay, sched="cosine",
-                    warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, clip_grad=args.clip_grad,
+                    warmup_epochs=args.warmup_epochs, min_lr=min(args.min_lr, lr), clip_grad=args.clip_grad,
                     ema_decay=args.model_ema_decay, mixup=args.mixup, cutmix=args.cutmix,
                     smoothing=args.smoothing, log_interval=args.log_interval)
     check_recipe(recipe)
@@ -213,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                                     args.distillation_tau)
         say(f"distilling from {args.teacher} ({args.distillation_type}, alpha {args.distillation_alpha})")
 
-    extra = {"plan": plan.to_dict(), "fold_gates": args.fold_gates, "searched": str(Path(args.searched).resolve()),
+    source = ({"finetuned_from": str(Path(args.slim).resolve())} if args.slim else
+              {"searched": str(Path(args.searched).resolve())})
+    extra = {"plan": plan.to_dict(), "fold_gates": args.fold_gates, **source, "classes": list(data.classes),
              "pretrained_cfg": plain_cfg(student.pretrained_cfg)}
     trainer = Trainer(student, recipe, train_loader, val_loader, sampler, dist, out, data.num_classes, loss_fn,
                       checkpoint_extra=extra, progress=args.progress, name="retrain",
@@ -224,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{trainer.checkpoint_path} was retraining another plan; use another --output-dir")
         trainer.resume(saved)
     dense_flops = count_flops(build_meta(arch))
-    say(f"retraining the slim model ({count_flops(student) / dense_flops:.1%} of the dense FLOPs) for "
+    verb = "fine-tuning the slim model" if args.slim else "retraining the slim model"
+    say(f"{verb} ({count_flops(student) / dense_flops:.1%} of the dense FLOPs) for "
         f"{args.epochs} epochs, lr {lr:g}, {dist.world_size} process(es) x batch {args.batch_size}"
         + (f" ({torch.get_num_threads()} threads)" if dist.device.type == "cpu" else ""))
     record = trainer.fit()
@@ -238,19 +273,70 @@ def main(argv: list[str] | None = None) -> int:
     if dist.is_main:
         save_slim(student, out / "slim")
         batch = args.throughput_batch or args.batch_size
-        dense_model = _dense(arch, ckpt, Path(args.searched)).to(dist.device)
-        rates = compare_throughput({"dense": dense_model, "slim": student}, arch.img_size, batch, dist.device)
+        models = {"slim": student}
+        if args.slim is None:  # the dense model the search started from, at this size and with this head
+            dense_model = _dense(arch, ckpt, Path(args.searched))
+            if img != arch.img_size[0]:
+                dense_model.set_input_size(img)
+            if args.new_head:
+                dense_model.reset_classifier(data.num_classes)
+            models = {"dense": dense_model.to(dist.device), "slim": student}
+        rates = compare_throughput(models, (img, img), batch, dist.device)
+        # The dense model's accuracy is the search's, on the search's data and head: not this data's after a new head.
+        dense_eval = ckpt["dense_eval"] if args.slim is None and not args.new_head else None
         report = write_report(
             out / "report.json",
-            dense=model_row(dense_model, ckpt["dense_eval"], rates["dense"]),
+            dense=model_row(models["dense"], dense_eval, rates["dense"]) if "dense" in models else None,
             slim=model_row(student, slim_eval, rates["slim"]),
             budgets=dict(plan.budgets),
             extra={"device": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu",
                    "throughput_batch": batch, "fold_gates": args.fold_gates, "epochs": args.epochs,
-                   "kept_tokens": kept_tokens(plan)})
+                   "kept_tokens": kept_tokens(plan), "new_head": args.new_head, **source})
         print(format_report(report))
         say(f"wrote {out / 'slim'} and {out / 'report.json'}")
     return 0
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _retrain_plan(args, search_model, arch: ViTArch, target, device) -> SlimPlan:
+    """--plan, a --target-*, or the budgets (default 0.7 each)."""
+    if args.plan is None:
+        budgets = tuple(0.7 if b is None else b for b in (args.budget_attn, args.budget_mlp, args.budget_tokens))
+        return make_plan(search_model, target, budgets, args.mix, alignment_of(args), args, device, args.fused)
+    plan_path = Path(args.plan)
+    if not plan_path.is_file():
+        raise UserError(f"--plan {plan_path} does not exist")
+    try:
+        plan = SlimPlan.from_json(plan_path.read_text())
+    except UnicodeDecodeError:  # a binary file: a checkpoint.pt, a safetensors
+        raise UserError(f"--plan {plan_path} is not a plan JSON (a binary file; a plan is the plan_*.json a "
+                        f"search writes, or python -m vitslim.plan -o)") from None
+    except ValueError as e:
+        raise UserError(f"--plan {plan_path}: {e}") from None
+    plan.check_fits(arch)
+    return plan
+
+
+def load_finetune_source(folder: Path):
+    """(slim model in training mode, its arch, plan, data config, None) of a saved slim folder (--slim)."""
+    from .saving import load_slim
+    model = load_slim(folder).train()
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    return model, model.slim_arch, model.slim_plan, cfg, None
+
+
+def _check_same_classes(data, num_classes: int, known: tuple[str, ...], source: str) -> None:
+    """Without --new-head the data must have the model's classes, in the same order when their names are known."""
+    if data.num_classes != num_classes:
+        raise UserError(f"the data has {data.num_classes} classes, the model {num_classes}: for another dataset "
+                        f"add --new-head (a new classifier, initialised afresh)")
+    if known and known != data.classes:
+        differ = next(i for i, (a, b) in enumerate(zip(known, data.classes)) if a != b)
+        raise UserError(f"the class folders differ from the search's: label {differ} is "
+                        f"{data.classes[differ]!r} here, {known[differ]!r} in the search "
+                        f"({source}); retrain on the data the search used, or add --new-head")
 
 
 def build_meta(arch: ViTArch):
@@ -277,11 +363,11 @@ def _dense(arch: ViTArch, ckpt: dict, searched: Path):
     return model
 
 
-def _teacher(args, arch: ViTArch, ckpt: dict, num_classes: int, img_size: int):
+def _teacher(args, arch: ViTArch, ckpt: dict | None, num_classes: int, img_size: int):
     """The distillation teacher, checked before any training: it must take the data's images and predict its
     classes (a teacher is never trained here, so a classifier for other classes would teach noise)."""
-    searched = Path(args.searched)
     if args.teacher == "dense":
+        searched = Path(args.searched)
         weights = dense_weights(ckpt, searched)
         if not weights.is_file():
             raise UserError(f"--teacher dense needs the dense weights of the search: neither "

@@ -31,7 +31,7 @@ DEFAULTS = {
 EMBEDDED_MODEL = "vitslim_digits_vit"
 # Flags a resumed run must share with the run it continues (beyond the recipe): they change its result. The
 # last six are the search's own (the dense phase has the others).
-RUN_FLAGS = ("model", "checkpoint", "pretrained", "batch_size", "seed", "aa", "reprob", "drop_path",
+RUN_FLAGS = ("model", "checkpoint", "pretrained", "img_size", "batch_size", "seed", "aa", "reprob", "drop_path",
              "fused", "search", "w1", "w2", "w3", "drop_tokens_below")
 
 
@@ -48,6 +48,9 @@ def build_parser() -> ArgumentParser:
                    help="after each epoch, remove a patch from a block and all later blocks once its "
                         "|tanh(gate)| is below EPS (default: off)")
     g = p.add_argument_group("data")
+    g.add_argument("--img-size", type=cli.positive_int("--img-size"), default=None, metavar="PX",
+                   help="search at this image size (timm builds the model for it; pretrained position embeddings "
+                        "are resampled); default: the model's (the embedded digits: 16)")
     g.add_argument("--data-path", default=None, help="folder with train/ and val/ class folders "
                    "(default: the embedded digits data)")
     g.add_argument("--threads", type=cli.positive_int("--threads"), default=None,
@@ -116,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     dist, say, out = cli.start_run(args, [CHECKPOINT, "dense.safetensors", f"dense/{CHECKPOINT}"], "search")
 
     model = cli.create_model(args.model, args.pretrained, args.checkpoint, drop_path_rate=args.drop_path,
-                             **({"num_classes": 10} if embedded else {}))
+                             **({"num_classes": 10} if embedded else {}),
+                             **({"img_size": args.img_size} if args.img_size else {}))
     arch = describe(model)  # refuses unsupported models before any data is read
     mean, std = _mean_std(model, embedded)
     data = run_data(args, arch.img_size[0], mean, std, dist.device, say)

@@ -238,7 +238,7 @@ def _accuracy_proxy(args, model, arch, ckpt):
         return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.data_path is None:
-        data = embedded_digits()
+        data = embedded_digits(arch.img_size[0])
     else:
         mean, std = ckpt.get("mean_std", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
         data = image_folders(args.data_path, arch.img_size[0], mean, std, Augment(),
