@@ -19,14 +19,15 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/kernels/*)
 setup: $(STAMP)
 
 # The whole flow on the embedded digits data: dense pre-training + search, a plan for a FLOPs target with
-# aligned widths (runs/demo/plan_flops_0.6.json), then threshold + slim + retrain + report
-# (runs/demo/report.json). Starts afresh each time.
+# aligned widths (runs/demo/plan_flops_0.6.json), then slim + retrain of that plan + report
+# (runs/demo/report.json). Starts afresh each time. (One intra-op thread: the commands' default on this data.)
 demo: $(STAMP)
 	rm -rf runs/demo
 	$(PY) -m vitslim.search --output-dir runs/demo/search --workers 0
 	$(PY) -m vitslim.plan --searched runs/demo/search/checkpoint.pt --target-flops 0.6 --align-heads 4 \
 		--align-mlp 32 -o runs/demo/plan_flops_0.6.json
-	$(PY) -m vitslim.retrain --searched runs/demo/search/checkpoint.pt --output-dir runs/demo --workers 0
+	$(PY) -m vitslim.retrain --searched runs/demo/search/checkpoint.pt --plan runs/demo/plan_flops_0.6.json \
+		--output-dir runs/demo --workers 0
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -46,7 +46,7 @@ def test_threads_default_to_one_on_the_embedded_data_and_follow_the_flag(tmp_pat
         code, _, err = run_cli(search.main, ["--output-dir", str(tmp_path / f"t{threads}"), "--epochs", "1",
                                              "--dense-epochs", "0", "--batch-size", "900", *extra, *FAST], capsys)
         assert code == 0, err
-        assert f"x batch 900 on cpu ({threads} threads)" in err, err
+        assert f"x batch 900 on cpu ({threads} thread{'s' if threads > 1 else ''})" in err, err
         assert torch.get_num_threads() == before
 
 

@@ -148,6 +148,10 @@ def non_negative_int(name: str) -> Callable[[str], int]:
     return _integer(name, 0)
 
 
+def threads_text(n: int) -> str:
+    return f"{n} thread" + ("" if n == 1 else "s")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are one line and exit status 2 (argparse's own default status, kept)."""
 

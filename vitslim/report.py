@@ -106,11 +106,12 @@ def format_report(report: dict) -> str:
     if d is not None and d["top1"] is None:
         lines.append("(the dense model's accuracy is the search's, on another head: not measured on this data)")
     b = report["budgets"]
-    lines.append(f"budgets: attn {b['attn']}, mlp {b['mlp']}, tokens {b['tokens']}; throughput: median of "
+    lines.append(f"budgets: attn {b['attn']:.4g}, mlp {b['mlp']:.4g}, tokens {b['tokens']:.4g}; throughput: median "
+                 f"of "
                  f"{s.get('repeats', '?')} alternating windows on {report.get('device', '?')} at batch "
                  f"{report.get('throughput_batch', '?')}")
     tokens = report.get("kept_tokens")
     if tokens:
         lines.append(f"kept tokens per block: {' '.join(f'{t:.0%}' for t in tokens['per_block'])} "
-                     f"(overall {tokens['overall']:.1%} of the block x patch slots; budget {b['tokens']})")
+                     f"(overall {tokens['overall']:.1%} of the block x patch slots; budget {b['tokens']:.4g})")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import cli
 from .arch import ViTArch, build
-from .cli import ArgumentParser, UserError
+from .cli import ArgumentParser, UserError, threads_text
 from .counting import count_flops
 from .data import add_bad_images_arg, add_loader_arg
 from .saving import cfg_from_plain, plain_cfg, save_slim
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     verb = "fine-tuning the slim model" if args.slim else "retraining the slim model"
     say(f"{verb} ({count_flops(student) / dense_flops:.1%} of the dense FLOPs) for "
         f"{args.epochs} epochs, lr {lr:g}, {dist.world_size} process(es) x batch {args.batch_size}"
-        + (f" ({torch.get_num_threads()} threads)" if dist.device.type == "cpu" else ""))
+        + (f" ({threads_text(torch.get_num_threads())})" if dist.device.type == "cpu" else ""))
     record = trainer.fit()
 
     if arch.distilled:

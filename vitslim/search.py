@@ -10,7 +10,7 @@ import torch
 
 from . import cli
 from .arch import describe
-from .cli import ArgumentParser, UserError
+from .cli import ArgumentParser, UserError, threads_text
 from .counting import count_flops, count_params
 from .data import add_bad_images_arg, add_loader_arg
 from .gates import SEARCH_MODES, SparsityWeights
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"data: {data.description}")
     say(f"model: {args.model}, {count_params(model) / 1e6:.2f}M params, {count_flops(model) / 1e9:.3f} GMACs; "
         f"{dist.world_size} process(es) x batch {args.batch_size} on {dist.device}"
-        + (f" ({torch.get_num_threads()} threads)" if dist.device.type == "cpu" else ""))
+        + (f" ({threads_text(torch.get_num_threads())})" if dist.device.type == "cpu" else ""))
     weights = SparsityWeights(args.w1, args.w2, args.w3)
     common = dict(mixup=args.mixup, cutmix=args.cutmix, smoothing=args.smoothing, clip_grad=args.clip_grad,
                   ema_decay=args.model_ema_decay, log_interval=args.log_interval)
