@@ -1144,9 +1144,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-part", choices=PART_NAMES, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    previous = {}
     if not args.run_part and not args.publish and not args.readme:
-        for sig in STOP_SIGNALS:  # from here on a stop still leaves the three files (orchestrate reads it)
-            signal.signal(sig, _stop_early)
+        # from here on a stop still leaves the three files (orchestrate reads _early_signal first)
+        previous = {sig: signal.signal(sig, _stop_early) for sig in STOP_SIGNALS}
+    try:
+        return _main(parser, args)
+    finally:  # an in-process caller (the tests) gets its own handlers back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _early_signal.clear()
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not args.budget_s > 0:
         parser.error(f"--budget-s must be a positive number of seconds, got {args.budget_s}")
     if args.run_part:

@@ -302,10 +302,12 @@ def test_the_gpu_run_says_there_is_no_gpu(capsys):
     assert exit_.value.code == 2 and "no CUDA GPU visible" in capsys.readouterr().err
 
 
-def test_a_bad_budget_is_one_line(capsys):
+def test_a_bad_budget_is_one_line_and_the_callers_signal_handlers_come_back(capsys):
+    before = {sig: signal.getsignal(sig) for sig in gpu_check.STOP_SIGNALS}
     with pytest.raises(SystemExit):
         gpu_check.main(["--dry-run", "--budget-s", "-3"])
     assert "--budget-s must be a positive number of seconds, got -3.0" in capsys.readouterr().err
+    assert {sig: signal.getsignal(sig) for sig in gpu_check.STOP_SIGNALS} == before
 
 
 def test_a_crashing_part_is_a_failure_and_the_exit_status_says_so(tmp_path, monkeypatch, capsys):
