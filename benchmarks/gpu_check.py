@@ -901,8 +901,8 @@ def limits_lines(results_dir: Path) -> list[str]:
     limits = data["limits"]
     m, spec, earlier = limits["measured"], limits.get("spec_sheet") or {}, limits.get("earlier_reading") or {}
     return ["| limit | measured now | earlier reading here | spec sheet |", "| --- | ---: | ---: | ---: |",
-            f"| bf16 matmul (TFLOP/s) | {m['bf16_matmul_tflops']:.1f} | {_fmt(earlier.get('bf16_matmul_tflops'), '.0f')}"
-            f" | {_fmt(spec.get('bf16_dense_tflops'), '.1f')} |",
+            f"| bf16 matmul (TFLOP/s) | {m['bf16_matmul_tflops']:.1f} | "
+            f"{_fmt(earlier.get('bf16_matmul_tflops'), '.0f')} | {_fmt(spec.get('bf16_dense_tflops'), '.1f')} |",
             f"| device-to-device copy, read + write (TB/s) | {m['copy_tb_per_s']:.3f} | "
             f"{_fmt(earlier.get('copy_tb_per_s'), '.1f')} | {_fmt(spec.get('memory_tb_per_s'), '.2f')} |",
             "", f"{m['how']} on {limits['device']}; every percentage of this run refers to the measured row."]
@@ -913,7 +913,8 @@ def summarise(results_dir: Path, record: dict) -> str:
     dry = record["dry_run"]
     failed = [e["part"] for e in record["rows"] if e["part"] in PARTS_BY_NAME
               and is_correctness_failure(PARTS_BY_NAME[e["part"]], e["status"])]
-    lines = [f"# GPU check{' (DRY RUN: CPU, tiny shapes, interpreter; no number here measures a target)' if dry else ''}",
+    dry_note = " (DRY RUN: CPU, tiny shapes, interpreter; no number here measures a target)" if dry else ""
+    lines = [f"# GPU check{dry_note}",
              "",
              f"Device {record.get('device')} (driver {record.get('driver')}), torch {record.get('torch')}, triton "
              f"{record.get('triton')}, CUDA {record.get('cuda')}, commit {record.get('commit')}, {record.get('date')}. "

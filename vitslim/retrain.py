@@ -31,12 +31,13 @@ DEFAULTS = {
     "model_ema_decay": (None, None), "lr": (None, 1e-3),  # None: LR_PER_512 x global batch / 512
     "threads": (None, 1),  # None: torch's default
 }
-# Fine-tuning a saved slim model (--slim) on real data: shorter, gentler (a tenth of DeiT's rate per 512 images,
-# as its transfer runs did), the DeiT augmentation kept; on the embedded data, its light recipe.
+# Fine-tuning a saved slim model (--slim) on real data: shorter and gentler than a retrain (a tenth of its rate per
+# 512 images: the weights are trained already), the DeiT augmentation kept; on the embedded data, its light recipe.
 FINETUNE_DEFAULTS = {
     "epochs": 100, "batch_size": 128, "mixup": 0.8, "cutmix": 1.0, "smoothing": 0.1, "reprob": 0.25,
     "drop_path": 0.1, "warmup_epochs": 2, "model_ema_decay": None, "lr": None, "threads": None,
 }
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # when a checkpoint records none
 LR_PER_512 = {"retrain": 5e-4, "finetune": 5e-5}  # learning rate per 512 images of global batch, when --lr is unset
 
 # Flags a resumed retrain must share with the run it continues (beyond the recipe): they change its result.
@@ -144,8 +145,9 @@ def search_data_config(ckpt: dict, arch: ViTArch) -> dict:
     the one its input size and mean/std give."""
     if ckpt.get("pretrained_cfg"):
         return cfg_from_plain(ckpt["pretrained_cfg"])
-    mean, std = ckpt.get("mean_std", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
-    return {"input_size": (3, *arch.img_size), "mean": tuple(mean), "std": tuple(std), "num_classes": arch.num_classes}
+    mean, std = ckpt.get("mean_std", (IMAGENET_MEAN, IMAGENET_STD))
+    return {"input_size": (3, *arch.img_size), "mean": tuple(mean), "std": tuple(std),
+            "num_classes": arch.num_classes}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,8 +298,6 @@ def main(argv: list[str] | None = None) -> int:
         say(f"wrote {out / 'slim'} and {out / 'report.json'}")
     return 0
 
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _retrain_plan(args, search_model, arch: ViTArch, target, device) -> SlimPlan:
