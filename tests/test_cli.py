@@ -126,6 +126,9 @@ def test_retrain_writes_slim_model_and_report(searched, tmp_path, capsys):
     assert data_cfg["mean"] == (DIGITS_MEAN,) * 3 and data_cfg["std"] == (DIGITS_STD,) * 3
     for checkpoint in (searched / "checkpoint.pt", out / "checkpoint.pt"):
         assert tuple(read_checkpoint(checkpoint)["pretrained_cfg"]["input_size"]) == (3, 16, 16), checkpoint
+    from safetensors import safe_open
+    with safe_open(str(searched / "dense.safetensors"), "pt") as dense:
+        assert json.loads(dense.metadata()["pretrained_cfg"])["input_size"] == [3, 16, 16]
 
 
 def _state(path):

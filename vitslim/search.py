@@ -6,6 +6,8 @@ the retrain report), and plan_<attn>_<mlp>_<tokens>.json for each of --budgets a
 """
 from __future__ import annotations
 
+import json
+
 import torch
 
 from . import cli
@@ -182,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
 
         from .saving import atomic_write
         dense_state = {k: v.contiguous().cpu() for k, v in model.state_dict().items()}
-        atomic_write(dense_file, lambda tmp: save_file(dense_state, str(tmp)))  # a kill midway: no half file
+        # (a kill midway: no half file) The data config the dense model was trained with rides in the metadata.
+        meta = {"pretrained_cfg": json.dumps(plain_cfg(model.pretrained_cfg))}
+        atomic_write(dense_file, lambda tmp: save_file(dense_state, str(tmp), metadata=meta))
     say(f"dense model: top-1 {dense_eval['top1']:.2f}%, top-5 {dense_eval['top5']:.2f}%")
 
     # Phase 2: the search.
