@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     known_classes = tuple(ckpt.get("classes") or ()) if ckpt else ()
     if args.new_head:
         student.reset_classifier(data.num_classes)
+        student.to(dist.device)  # timm makes the new head on the default device
         say(f"new head: the classifier is initialised afresh for the {data.num_classes} classes of "
             f"{data.description.split(':')[0]}")
         if args.teacher is not None:
