@@ -247,10 +247,6 @@ class Progress:
         self.rows: list[dict] = []
         self.not_run: list[str] = []
 
-    def expired(self) -> bool:
-        import time
-        return self.deadline is not None and time.time() >= self.deadline
-
     def starts(self, what: str, needs_s: float = 0.0) -> bool:
         """True if `what` may start now and, by the estimate `needs_s` (a cold torch.compile, say), finish before
         the deadline; else it is recorded as not run."""

@@ -8,20 +8,18 @@ of timed repeats). A linear model in the terms a block costs,
 
 (T tokens, W attention width, M MLP units of block l; coefficients >= 0), is fitted to the grid and predicts
 any plan. Tables are cached as JSON under $VITSLIM_CACHE (default ~/.cache/vitslim)/latency, one per device,
-versions, thread count (CPU: the timings run with torch's intra-op threads fixed at that count), batch size and
+versions, thread count (CPU: torch's intra-op threads the timings ran with), batch size and
 model shape. A table whose fit misses a sample by more than MAX_FIT_ERROR (after re-timing the worst samples
 once) was measured on a machine too noisy to time: it is refused, never cached, and the error says how to
 measure again (remeasure=True, `--remeasure`).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
 import statistics
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -107,19 +105,6 @@ def _triton_version() -> str | None:
         return None
 
 
-@contextlib.contextmanager
-def fixed_threads(device: torch.device) -> Iterator[int | None]:
-    """On the CPU: torch's intra-op thread count held at its value for the timings (yields it); None on a GPU."""
-    if device.type == "cuda":
-        yield None
-        return
-    threads = torch.get_num_threads()
-    try:
-        yield threads
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _key(arch, device: torch.device, batch_size: int, fused: bool) -> dict:
     return {"device": device_name(device), "threads": None if device.type == "cuda" else torch.get_num_threads(),
             "torch": torch.__version__, "triton": _triton_version(),
@@ -193,14 +178,13 @@ def measure_table(model: nn.Module, device: torch.device, batch_size: int = 1, f
         net = slim(model, plan, fused=fused).to(device)
         return time_forward_ms(net, batch_size, device)
 
-    with fixed_threads(device):
-        ms = [time_plan(plan) for plan in tqdm(plans, desc=f"latency table on {device_name(device)}", leave=False,
-                                               disable=not progress, dynamic_ncols=True)]
+    ms = [time_plan(plan) for plan in tqdm(plans, desc=f"latency table on {device_name(device)}", leave=False,
+                                           disable=not progress, dynamic_ncols=True)]
+    coefficients, errors = _fit(rows, ms)
+    if max(errors) > MAX_FIT_ERROR:  # a transient (another job): the samples far off the fit timed once more
+        for i in [i for i, e in enumerate(errors) if e > MAX_FIT_ERROR / 2]:
+            ms[i] = min(ms[i], time_plan(plans[i]))
         coefficients, errors = _fit(rows, ms)
-        if max(errors) > MAX_FIT_ERROR:  # a transient (another job): the samples far off the fit timed once more
-            for i in [i for i, e in enumerate(errors) if e > MAX_FIT_ERROR / 2]:
-                ms[i] = min(ms[i], time_plan(plans[i]))
-            coefficients, errors = _fit(rows, ms)
     samples = [{"head_width": w, "mlp": m, "tokens": t, "ms": y,
                 "predicted_ms": sum(c * f for c, f in zip(coefficients, row))}
                for (w, m, t), y, row in zip(points, ms, rows)]

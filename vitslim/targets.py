@@ -255,10 +255,9 @@ def plan_for(model: nn.Module, *, flops: float | None = None, params: float | No
               "fraction_of_dense": cost(plan) / dense, "flops": met["flops"], "params": met["params"],
               "mix": [mix[k] for k in KINDS], "step": lo, "steps": steps}
     if kind == "latency_ms":
-        from .latency import fixed_threads, time_forward_ms
+        from .latency import time_forward_ms
         from .slim import slim
-        with fixed_threads(device):
-            measured = time_forward_ms(slim(model, plan, fused=fused).to(device), batch_size, device)
+        measured = time_forward_ms(slim(model, plan, fused=fused).to(device), batch_size, device)
         target.update({"predicted_ms": cost(plan), "measured_ms": measured, "dense_predicted_ms": dense,
                        "prediction_error": abs(measured - cost(plan)) / cost(plan),
                        "device": table.key["device"], "batch_size": batch_size})
