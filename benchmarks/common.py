@@ -189,7 +189,7 @@ def achieved(flops: float | None, bytes_moved: float | None, ms: float) -> dict:
 def write_results(name: str, rows: list[dict], results_dir: Path | None = None, **extra) -> Path:
     """<results_dir>/<name>.json (default benchmarks/results) with the environment, `extra` fields and the rows,
     written atomically."""
-    from vitslim.saving import atomic_write
+    from vitslim.files import atomic_write
 
     results_dir = Path(results_dir) if results_dir is not None else RESULTS
     results_dir.mkdir(parents=True, exist_ok=True)

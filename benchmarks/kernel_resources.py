@@ -37,7 +37,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.common import provenance
-from vitslim.saving import atomic_write
+from vitslim.files import atomic_write
 from vitslim_kernels.compile_only import TARGETS, Launch, compile_only, distinct, resources
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ to feed the predicted step rates. Writes benchmarks/results/loader.json.
   python -m benchmarks.loader --data-path /data/imagenet --workers 1 2 4 8 16
   python -m benchmarks.loader --synthetic 2000 --pipelines default gpu    # --loader cpu against --loader gpu
 
-The pipeline is the one python -m vitslim.search and retrain build (vitslim.data: timm's DeiT transform with
+The pipeline is the one python -m vitslim.search and retrain build (vitslim.data.loaders: timm's DeiT transform with
 RandAugment m9-mstd0.5, random erasing 0.25, bicubic RandomResizedCrop 224, per-sample seeds, the loader's
 collate), so the numbers are what training gets. Per-stage times are per image on one core, in this process.
 """
@@ -53,7 +53,7 @@ def stage_times(data, samples: int) -> dict[str, float]:
     """Milliseconds per image of each stage of the training transform (decode first), on one core."""
     from torch.utils.data import default_collate
 
-    dataset = data.train  # vitslim.data.ImageFiles
+    dataset = data.train  # vitslim.data.loaders.ImageFiles
     stages = list(getattr(dataset.transform, "transforms", [dataset.transform]))
     totals = {"decode (PIL open + RGB)": 0.0, **{_name(t, i): 0.0 for i, t in enumerate(stages)}}
     for index in range(samples):  # the files in the page cache first, as in a long epoch's steady state
@@ -115,10 +115,10 @@ def device_input_ms(data, batch_size: int) -> float:
 def encoded_stage_times(data, samples: int) -> dict[str, float]:
     """--loader gpu's worker side, milliseconds per image on one core: read the file and its header, draw the
     augmentation (timm's transform, recorded), collate."""
-    from vitslim.data import draw_erasing
-    from vitslim.gpu_loader import collate_encoded
+    from vitslim.data.device import collate_encoded
+    from vitslim.data.images import draw_erasing
 
-    files = data.train  # vitslim.gpu_loader.EncodedFiles
+    files = data.train  # vitslim.data.device.EncodedFiles
     totals = {"read file + header (+ Pillow for non-JPEG)": 0.0, "draw crop, flip, RandAugment, erasing": 0.0}
     for index in range(samples):
         Path(files.samples[index % len(files.samples)][0]).read_bytes()
@@ -142,8 +142,8 @@ def encoded_stage_times(data, samples: int) -> dict[str, float]:
 def device_pipeline_rate(data, batch_size: int, batches: int, device: torch.device) -> dict:
     """Images per second of --loader gpu's device half (decode, crop + resize, flip, RandAugment, normalise,
     erase) on `device`, and of its decode alone, over `batches` batches after one warm-up batch."""
-    from vitslim.cli import Distributed
-    from vitslim.data import loaders
+    from vitslim.data.loaders import loaders
+    from vitslim.distributed import Distributed
 
     dist = Distributed(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     train, _, sampler = loaders(data, batch_size, dist, 0, 0, say=lambda _: None)
@@ -171,8 +171,8 @@ def device_pipeline_rate(data, batch_size: int, batches: int, device: torch.devi
 def loader_rate(data, workers: int, batch_size: int, batches: int) -> float:
     """Images per second the training loader (vitslim.data.loaders) delivers with `workers` processes, after
     its first batch (worker start-up is excluded), before DeviceInput (which runs on the GPU in training)."""
-    from vitslim.cli import Distributed
-    from vitslim.data import loaders
+    from vitslim.data.loaders import loaders
+    from vitslim.distributed import Distributed
 
     dist = Distributed(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     train, _, sampler = loaders(data, batch_size, dist, 0, workers, say=lambda _: None)
@@ -210,8 +210,9 @@ PIPELINES = {"before": ("workers normalise + erase (float32 batches; before)", F
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vitslim.cli import positive_int
-    from vitslim.data import Augment, image_folders
+    from vitslim.cli.common import positive_int
+    from vitslim.data.images import Augment
+    from vitslim.data.loaders import image_folders
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = p.add_mutually_exclusive_group(required=True)

@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from benchmarks.common import provenance
-from vitslim.saving import atomic_write
+from vitslim.files import atomic_write
 from vitslim_kernels.compile_only import ArgInfo, compile_only
 
 ROOT = Path(__file__).resolve().parent.parent

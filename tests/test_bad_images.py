@@ -10,10 +10,12 @@ import torch
 from torch import nn
 
 import vitslim.digits  # noqa: F401 - registers vitslim_digits_vit with timm
-from vitslim import search
-from vitslim.cli import Distributed, UserError
-from vitslim.data import Augment, ImageFiles, image_folders, loaders
-from vitslim.training import evaluate
+from vitslim.cli import search
+from vitslim.data.images import Augment
+from vitslim.data.loaders import ImageFiles, image_folders, loaders
+from vitslim.distributed import Distributed
+from vitslim.engine.trainer import evaluate
+from vitslim.errors import UserError
 
 from .test_cli import run_cli
 

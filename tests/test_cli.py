@@ -11,10 +11,11 @@ import timm
 import torch
 
 import vitslim
-from vitslim import cli, retrain, search
+from vitslim import pretrained
+from vitslim.cli import common as cli, retrain, search
 from vitslim.gates import SparsityWeights
 import vitslim.digits  # noqa: F401 - registers vitslim_digits_vit with timm
-from vitslim.training import read_checkpoint
+from vitslim.engine.checkpoints import read_checkpoint
 
 FAST = ["--workers", "0", "--no-progress"]
 
@@ -287,7 +288,7 @@ def test_retrain_refuses_a_mismatched_plan(searched, tmp_path, capsys):
 
 
 def test_files_of_the_wrong_kind_are_named_in_one_line(searched, tmp_path, capsys):
-    from vitslim.plan import command as plan_command
+    from vitslim.cli import plan as plan_command
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x80\x02not a checkpoint at all" * 10)
     ckpt = str(searched / "checkpoint.pt")
@@ -348,7 +349,7 @@ def test_a_teacher_for_other_classes_is_refused_not_used_with_a_random_head(sear
 
 
 def test_a_teacher_without_network_fails_at_once_naming_the_right_flag(searched, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.setattr(pretrained, "hub_reachable", lambda timeout_s=3.0: False)
     code, err = _retrain_with_teacher(searched, tmp_path, capsys, "--teacher", "resnet18")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "no network (huggingface.co unreachable)" in err and "use --teacher-checkpoint PATH" in err
@@ -394,8 +395,8 @@ def test_an_output_dir_without_permission_is_one_line(tmp_path, monkeypatch):
 
 
 def _numeric_actions():
-    from vitslim import export
-    from vitslim.plan import command as plan_command
+    from vitslim.cli import export
+    from vitslim.cli import plan as plan_command
     for parser in (search.build_parser(), retrain.build_parser(), plan_command.build_parser(), export.build_parser()):
         for action in parser._actions:
             if action.type is not None and action.type is not str:

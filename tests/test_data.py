@@ -6,7 +6,7 @@ import pytest
 from PIL import Image, ImageOps
 from timm.data import auto_augment
 
-from vitslim.data import Augment, posterize_any_pillow, train_transform
+from vitslim.data.images import Augment, posterize_any_pillow, train_transform
 
 PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
 
@@ -79,7 +79,7 @@ def test_on_device_normalisation_and_erasing_are_timms():
     outside the erased box is timm's, bit for bit, and timm erased exactly the box drawn here."""
     import torch
 
-    from vitslim.data import DeviceInput, draw_erasing
+    from vitslim.data.images import DeviceInput, draw_erasing
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     augment = Augment(reprob=0.5)
@@ -114,7 +114,7 @@ def test_on_device_normalisation_and_erasing_are_timms():
 def test_on_device_erasing_is_seeded_by_the_batch():
     import torch
 
-    from vitslim.data import DeviceInput
+    from vitslim.data.images import DeviceInput
 
     device_input, cpu = DeviceInput((0.5,) * 3, (0.25,) * 3), torch.device("cpu")
     pixels = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vitslim import SlimPlan
-from vitslim.training import read_checkpoint
+from vitslim.engine.checkpoints import read_checkpoint
 
 
 def _threshold(importance: torch.Tensor, budget: float) -> torch.Tensor:

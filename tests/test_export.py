@@ -9,7 +9,7 @@ import torch
 
 import vitslim
 import vitslim_kernels
-from vitslim import cli, export
+from vitslim.cli import common as cli, export
 
 from .test_slim import _manual_plan
 from .tiny_models import make_vit, randomize_gates, searchable_copy
@@ -183,7 +183,7 @@ def test_a_fused_pt2_loads_in_a_fresh_process(slim_dirs, tmp_path):
     export.export_pt2(model, export.images(model, 2, 0), path, dynamic_batch=True)
     x = export.images(model, 3, 1)
     torch.save(x, tmp_path / "x.pt")
-    code = ("import sys, torch; from vitslim.export import load_pt2; "
+    code = ("import sys, torch; from vitslim.deploy.export import load_pt2; "
             "torch.save(load_pt2(sys.argv[1]).module()(torch.load(sys.argv[2], weights_only=True)), sys.argv[3])")
     subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
                    check=True, cwd=ROOT)

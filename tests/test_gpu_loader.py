@@ -1,4 +1,4 @@
-"""--loader gpu / dali (vitslim.gpu_loader, vitslim.augment_ops): the device half run on the CPU against Pillow and
+"""--loader gpu / dali (vitslim.data.device, vitslim.data.augment): the device half run on the CPU against Pillow and
 against the CPU pipeline. Every RandAugment op against timm's Pillow op; each sample's draws against what the CPU
 pipeline draws for it; whole batches against the CPU pipeline's; exact resume; bad files; the CLI."""
 from pathlib import Path
@@ -9,10 +9,13 @@ import torch
 from PIL import Image, ImageFilter
 
 import vitslim.digits  # noqa: F401 - registers vitslim_digits_vit with timm
-from vitslim import augment_ops, search
-from vitslim.cli import Distributed, UserError
-from vitslim.data import Augment, image_folders, loaders
-from vitslim.gpu_loader import EncodedFiles, TransformDraws, device_augment
+from vitslim.cli import search
+from vitslim.data import augment as augment_ops
+from vitslim.data.device import EncodedFiles, TransformDraws, device_augment
+from vitslim.data.images import Augment
+from vitslim.data.loaders import image_folders, loaders
+from vitslim.distributed import Distributed
+from vitslim.errors import UserError
 
 from .test_bad_images import BAD, _search, photos  # noqa: F401 - photos is a fixture
 from .test_cli import run_cli
@@ -37,7 +40,7 @@ def _tensor(image: Image.Image) -> torch.Tensor:
 def _timm_op(name: str):
     from timm.data import auto_augment
 
-    from vitslim.data import posterize_any_pillow
+    from vitslim.data.images import posterize_any_pillow
     return posterize_any_pillow if name == "posterize" else getattr(auto_augment, name)
 
 
@@ -124,7 +127,7 @@ def _epoch(data, workers: int, epoch: int = 0, start_batch: int = 0, batch: int 
 def test_each_sample_draws_what_the_cpu_pipeline_draws(jpegs, monkeypatch):
     """The recorded crop and RandAugment ops of every sample equal the ones timm's transform applies to it on the
     CPU path, for the same (seed, epoch, index): same ops, same order, same level arguments."""
-    from vitslim.data import SeededSamples
+    from vitslim.data.loaders import SeededSamples
 
     cpu = image_folders(str(jpegs), 224, MEAN, STD, Augment(), on_device=True)
     gpu = image_folders(str(jpegs), 224, MEAN, STD, Augment(), on_device=True, loader="gpu")

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import vitslim.digits  # noqa: F401 - registers vitslim_digits_vit with timm
-from vitslim import search
+from vitslim.cli import search
 from vitslim.gates import SparsityWeights
-from vitslim.training import Trainer, read_checkpoint
+from vitslim.engine.checkpoints import read_checkpoint
+from vitslim.engine.trainer import Trainer
 
 from .test_cli import run_cli
 
@@ -51,7 +52,7 @@ def flags(photos: Path, out: Path, workers: int, epochs: int = EPOCHS) -> list[s
 def straight(photos, tmp_path_factory) -> dict:
     """The uninterrupted run's final checkpoint and log (workers 0; the augmentation does not depend on them)."""
     out = tmp_path_factory.mktemp("straight")
-    from vitslim import cli
+    from vitslim.cli import common as cli
     with pytest.raises(SystemExit) as exit_info:
         cli.run(search.main, flags(photos, out, 0))
     assert exit_info.value.code == 0
@@ -214,7 +215,7 @@ def test_sigterm_from_outside_stops_a_cli_run_that_resumes_exactly(photos, tmp_p
 def test_retrain_refuses_data_whose_class_folders_were_renamed(photos, tmp_path, capsys):
     import shutil
 
-    from vitslim import retrain
+    from vitslim.cli import retrain
     searched = tmp_path / "search"
     assert run_cli(search.main, flags(photos, searched, 0, epochs=1), capsys)[0] == 0
     assert read_checkpoint(searched / "checkpoint.pt")["classes"] == ["class0", "class1", "class2"]
@@ -242,8 +243,8 @@ def test_a_search_on_image_folders_records_the_data_config_it_trained_with(strai
 def test_resume_is_exact_with_normalisation_and_erasing_on_the_device(photos, tmp_path, capsys, monkeypatch):
     """The GPU's input path (uint8 batches, DeviceInput) forced on the CPU: a SIGTERM mid-epoch and --resume
     give the weights of an uninterrupted run of that path, bit for bit."""
-    import vitslim.data
-    monkeypatch.setattr(vitslim.data, "input_on_device", lambda device: True)
+    import vitslim.cli.common
+    monkeypatch.setattr(vitslim.cli.common, "input_on_device", lambda device: True)
     straight_out = tmp_path / "straight"
     assert run_cli(search.main, flags(photos, straight_out, 2), capsys)[0] == 0
     reference = {"ckpt": read_checkpoint(straight_out / "checkpoint.pt"), "log": read_log(straight_out)}
@@ -251,6 +252,6 @@ def test_resume_is_exact_with_normalisation_and_erasing_on_the_device(photos, tm
     out = tmp_path / "interrupted"
     assert run_cli(search.main, flags(photos, out, 2), capsys)[0] == 143
     monkeypatch.undo()
-    monkeypatch.setattr(vitslim.data, "input_on_device", lambda device: True)
+    monkeypatch.setattr(vitslim.cli.common, "input_on_device", lambda device: True)
     assert run_cli(search.main, flags(photos, out, 2) + ["--resume"], capsys)[0] == 0
     assert_same_run(out, reference)

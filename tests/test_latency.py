@@ -104,7 +104,7 @@ def test_a_noisy_table_is_refused_not_cached_and_remeasure_measures_again(model,
 
 
 def test_a_plan_whose_measured_latency_misses_its_prediction_says_so(model, small_grid, tmp_path, monkeypatch):
-    from vitslim.plan.command import _costs_line
+    from vitslim.cli.plan import _costs_line
     monkeypatch.setattr(latency, "time_forward_ms", fake_ms)
     latency_table(model, torch.device("cpu"), 2, cache_dir=tmp_path, progress=False)  # cached on a quiet machine
     monkeypatch.setattr(latency, "time_forward_ms", lambda *a, **k: 3 * fake_ms(*a, **k))  # now the machine is busy

@@ -4,9 +4,10 @@ import json
 import pytest
 
 import vitslim
-from vitslim import retrain
-from vitslim.plan import command
-from vitslim.retrain import build_meta, load_search
+from vitslim.cli import retrain
+from vitslim.cli import plan as command
+from vitslim.arch import build_meta
+from vitslim.engine.checkpoints import load_search
 
 from .test_cli import FAST, run_cli, searched  # noqa: F401 - the module's search fixture
 
@@ -48,9 +49,9 @@ def test_the_sweep_prints_the_table_with_the_accuracy_proxy_and_draws_the_curve(
     # The proxy is the top-1 of the slim model with folded gates: checked for one row by hand.
     model, _, _ = load_search(searched / "checkpoint.pt")
     plan = vitslim.plan_for(model, flops=0.2)
-    from vitslim.cli import Distributed
-    from vitslim.data import embedded_digits, loaders
-    from vitslim.training import evaluate
+    from vitslim.data.loaders import embedded_digits, loaders
+    from vitslim.distributed import Distributed
+    from vitslim.engine.trainer import evaluate
     import torch
     dist = Distributed(0, 1, 0, torch.device("cpu"))
     _, val, _ = loaders(embedded_digits(), 64, dist, 0, 0)

@@ -10,8 +10,9 @@ import timm
 import torch
 
 import vitslim
-from vitslim import retrain, search
-from vitslim.training import Trainer, read_checkpoint
+from vitslim.cli import retrain, search
+from vitslim.engine.checkpoints import read_checkpoint
+from vitslim.engine.trainer import Trainer
 
 from .test_cli import FAST, run_cli, searched  # noqa: F401 - the module's short search on the embedded data
 from .test_interrupts import photos  # noqa: F401 - 3 classes of 40x30 JPEGs

@@ -11,11 +11,14 @@ import inspect
 from dataclasses import dataclass
 from functools import partial
 
+import torch
+from timm.layers import LayerNorm
+from timm.models.deit import VisionTransformerDistilled
+# Imported from vision_transformer, which defines them in older timm and re-exports them in newer timm.
+from timm.models.vision_transformer import Attention, Block, LayerScale, Mlp, PatchEmbed, VisionTransformer
 from torch import nn
 
-
-class UnsupportedModelError(ValueError):
-    """The model, or one of its features, is outside what vitslim supports."""
+from .errors import UnsupportedModelError
 
 
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax")
@@ -23,12 +26,6 @@ _ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
 def _timm():
-    # Imported lazily: vitslim_kernels users that never touch timm models pay nothing for it.
-    from timm.layers import LayerNorm
-    from timm.models.deit import VisionTransformerDistilled
-    # Imported from vision_transformer, which defines them in older timm and re-exports them in newer timm.
-    from timm.models.vision_transformer import Attention, Block, LayerScale, Mlp, PatchEmbed, VisionTransformer
-
     return dict(Attention=Attention, LayerNorm=LayerNorm, LayerScale=LayerScale, Mlp=Mlp,
                 PatchEmbed=PatchEmbed, VisionTransformer=VisionTransformer,
                 VisionTransformerDistilled=VisionTransformerDistilled, Block=Block)
@@ -291,3 +288,9 @@ def build(arch: ViTArch) -> nn.Module:
     if mlp_hidden != arch.mlp_hidden:  # float round trip of the ratio
         kwargs["mlp_ratio"] = (arch.mlp_hidden + 0.5) / arch.embed_dim
     return cls(**kwargs)
+
+
+def build_meta(arch: ViTArch) -> nn.Module:
+    """`build(arch)` on the meta device: the structure alone, for counting (no memory, no time)."""
+    with torch.device("meta"):
+        return build(arch)

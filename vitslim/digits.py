@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from sklearn.datasets import load_digits
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
@@ -39,10 +40,6 @@ def digits_split(img_size: int = DIGITS_IMG_SIZE, val_fraction: float = 0.2, see
     Images are resized to img_size (bilinear), replicated to 3 channels and standardised:
     x: (n, 3, img_size, img_size) float32, y: (n,) int64. The split is fixed by `seed`.
     """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:
-        raise ImportError("the embedded default data needs scikit-learn: pip install scikit-learn") from e
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     digits = load_digits()

@@ -6,14 +6,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-SEARCH_MODES = ("dims", "heads", "uniform")
+from .plan import check_search_mode
+
 TOKEN_GATE_INIT = 3.0  # tanh(3) = 0.995: token gates start almost fully open
-
-
-def check_search_mode(search: str) -> str:
-    if search not in SEARCH_MODES:
-        raise ValueError(f"search must be one of {', '.join(map(repr, SEARCH_MODES))}, got {search!r}")
-    return search
 
 
 class BlockGates(nn.Module):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 
+from timm.models._features import feature_take_indices
 from torch import nn
 
 
@@ -23,8 +24,6 @@ def patches_out(block: nn.Module, num_patches: int) -> int:
 
 
 def _requested(model: nn.Module, bound: inspect.BoundArguments) -> tuple[list[int], str]:
-    from timm.models._features import feature_take_indices
-
     args = bound.arguments
     indices, _ = feature_take_indices(len(model.blocks), args.get("indices"))
     return list(indices), args.get("output_fmt", "NCHW")

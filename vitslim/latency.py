@@ -15,6 +15,7 @@ measure again (remeasure=True, `--remeasure`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -25,8 +26,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from .errors import NoisyTableError
 from .plan import BlockPlan, SlimPlan
+from .saving import atomic_write
+from .searchable import describe_searchable, search_mode
+from .slim import slim
 
 GRID = (0.25, 0.5, 0.75, 1.0)  # fractions of the head width, MLP width and patch count that the table times
 TABLE_VERSION = 2  # 2: the thread count in the key, the fit-error bound
@@ -34,10 +40,6 @@ TABLE_VERSION = 2  # 2: the thread count in the key, the fit-error bound
 # against its prediction. On a quiet 2-core machine the tests' tables fit within ~8%; under load, 25-50%; the
 # table that started this bound (a loaded machine) was off by 4267%.
 MAX_FIT_ERROR = 0.5
-
-
-class NoisyTableError(LookupError):
-    """The timings were too noisy to fit: the table is not cached (and no plan is made from it)."""
 
 
 def _features(plan: SlimPlan) -> list[float]:
@@ -99,7 +101,7 @@ def device_name(device: torch.device) -> str:
 
 def _triton_version() -> str | None:
     try:
-        import triton
+        import triton  # optional: the table's key records its version where it is installed
         return triton.__version__
     except ImportError:
         return None
@@ -115,7 +117,6 @@ def _key(arch, device: torch.device, batch_size: int, fused: bool) -> dict:
 
 
 def cache_path(key: dict, cache_dir: Path | None = None) -> Path:
-    import hashlib
     root = Path(cache_dir) if cache_dir is not None else Path(
         os.environ.get("VITSLIM_CACHE", Path.home() / ".cache" / "vitslim")) / "latency"
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -162,11 +163,6 @@ def measure_table(model: nn.Module, device: torch.device, batch_size: int = 1, f
                   grid=None, progress: bool = True) -> LatencyTable:
     """Time slim models of `model` (a searchable model) on the grid (default GRID, of every fraction of the
     head width x MLP width x patches) and fit the cost model."""
-    from tqdm import tqdm
-
-    from .searchable import describe_searchable, search_mode
-    from .slim import slim
-
     arch, search = describe_searchable(model), search_mode(model)
     points = [(max(1, round(a * arch.head_dim)), max(1, round(m * arch.mlp_hidden)),
                max(1, round(t * arch.num_patches))) for a in grid or GRID for m in grid or GRID
@@ -204,9 +200,6 @@ def latency_table(model: nn.Module, device: torch.device, batch_size: int = 1, f
     """The cached table for this device, versions, threads, batch size and model shape; measured and cached when
     there is none or remeasure=True (measure=False: LookupError instead). A measured table that fits its samples
     worse than MAX_FIT_ERROR raises NoisyTableError and is not cached."""
-    from .saving import atomic_write
-    from .searchable import describe_searchable
-
     key = _key(describe_searchable(model), device, batch_size, fused)
     path = cache_path(key, cache_dir)
     if path.is_file() and not remeasure:

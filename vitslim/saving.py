@@ -1,19 +1,21 @@
 """Save and load slim models: a folder with model.safetensors and config.json (arch + plan). No pickle.
 
-(Deployment formats, ONNX and torch.export, are in vitslim.export.)
+(Deployment formats, ONNX and torch.export, are in vitslim.deploy.export.)
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .arch import ViTArch
+from .errors import SlimFileError
+from .files import atomic_write
 from .cuda_graphs import use_cuda_graphs
 from .plan import SlimPlan
 from .slim import build_slim, set_fused, set_pretrained_cfg
@@ -21,30 +23,6 @@ from .slim import build_slim, set_fused, set_pretrained_cfg
 FORMAT = "vitslim-slim"
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
-
-
-class SlimFileError(ValueError):
-    """A saved slim model is missing, corrupted, or does not match its own plan."""
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(tmp) to a temporary file beside `path` (same suffix, as torch.export.save wants), then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp", suffix=path.suffix)  # (see
-    # vitslim.training.remove_stale_temporaries: a kill midway leaves .<name>.tmp*, removed at the next start)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model gets the mode any new file gets
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def plain_cfg(cfg: dict) -> dict:
@@ -65,8 +43,6 @@ def cfg_from_plain(cfg: dict) -> dict:
 
 def save_slim(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write `model` (from vitslim.slim or load_slim) to the folder `path`; returns the folder."""
-    from safetensors.torch import save_file
-
     plan, arch = getattr(model, "slim_plan", None), getattr(model, "slim_arch", None)
     if plan is None or arch is None:
         raise ValueError(f"save_slim takes a model made by vitslim.slim or vitslim.load_slim; "
@@ -94,8 +70,6 @@ def load_slim(path: str | os.PathLike, device: str | torch.device = "cpu", fused
     fused: as in vitslim.slim, let dispatch pick the fastest ragged-attention kernel (default: reference).
     cuda_graphs: as in vitslim.slim, replay inference on CUDA inputs from CUDA graphs.
     """
-    from safetensors.torch import load_file
-
     folder = Path(path)
     config_file, weights_file = folder / CONFIG, folder / WEIGHTS
     for f in (config_file, weights_file):

@@ -23,10 +23,15 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block
 from torch import nn
 
+from vitslim_kernels import gated_attention_branch, gated_mlp_branch, layernorm_token_scale
+from vitslim_kernels.dispatch import triton_unavailable
+
 from .arch import activation_name, describe
-from .gates import BlockGates, check_search_mode
+from .gates import BlockGates
+from .plan import check_search_mode
 from .intermediates import install_checked_forward_intermediates
 
 IMPLEMENTATIONS = ("eager", "folded", "fused")
@@ -142,16 +147,12 @@ class SearchableBlock(nn.Module):
 
     # -- fused path: the Triton kernels of vitslim_kernels ---------------------------------------------------
     def _fused_unavailable(self, x: torch.Tensor) -> str | None:
-        from vitslim_kernels.dispatch import triton_unavailable
-
         if self.training and any(p > 0 for p in (self.attn.attn_drop.p, self.attn.proj_drop.p,
                                                   self.mlp.drop1.p, self.mlp.drop2.p)):
             return "the fused kernels have no dropout (attn_drop/proj_drop/mlp drop > 0)"
         return triton_unavailable(x)
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        from vitslim_kernels import gated_attention_branch, gated_mlp_branch, layernorm_token_scale
-
         attn, mlp, R = self.attn, self.mlp, self.num_prefix_tokens
         tok = self.gates.tokens if self.kept_patches is None else self.gates.tokens.index_select(0, self.kept_patches)
         dev = x.device.type
@@ -290,5 +291,4 @@ def describe_searchable(model: nn.Module):
 
 
 def _timm_block() -> tuple[type, ...]:
-    from timm.models.vision_transformer import Block
     return (Block,)

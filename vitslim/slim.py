@@ -14,6 +14,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath, to_2tuple
 from torch import nn
 
 import vitslim_kernels
@@ -164,7 +165,7 @@ class SlimAttention(nn.Module):
         columns."""
         a = self._aligned
         qkv_weight, qkv_bias, proj_weight = a.padded(self.qkv.weight, self.qkv.bias, self.proj.weight)
-        from vitslim_kernels.triton.qkv_attention import qkv_attention_triton
+        from vitslim_kernels.triton.qkv_attention import qkv_attention_triton  # optional: needs triton
 
         # The projection and the attention as one op: its backward takes the qkv bias gradient from the
         # attention kernel instead of reading dqkv once more.
@@ -263,8 +264,6 @@ def _set_input_size(model: nn.Module, timm_set_input_size, img_size=None, patch_
     the plan keeps every patch of every block and no token scale was folded in, any size of the same patch size
     (timm resamples the position embedding; the plan then keeps every patch of the new grid). Refused when tokens
     were dropped or scaled: those are positions of the grid the plan was searched on, which a new grid lacks."""
-    from timm.layers import to_2tuple
-
     arch, plan = model.slim_arch, model.slim_plan
     size = tuple(to_2tuple(img_size)) if img_size is not None else tuple(arch.img_size)
     patch = tuple(to_2tuple(patch_size)) if patch_size is not None else tuple(arch.patch_size)
@@ -393,3 +392,11 @@ def set_fused(model: nn.Module, fused: bool) -> nn.Module:
     for block in model.blocks:
         block.attn.implementation = None if fused else "reference"
     return model
+
+
+def set_drop_path(model, rate: float) -> None:
+    """Stochastic depth with DeiT's schedule: 0 at the first block, `rate` at the last."""
+    depth = len(model.blocks)
+    for block, r in zip(model.blocks, torch.linspace(0, rate, depth).tolist()):
+        block.drop_path1 = DropPath(r) if r > 0 else torch.nn.Identity()
+        block.drop_path2 = DropPath(r) if r > 0 else torch.nn.Identity()

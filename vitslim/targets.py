@@ -17,16 +17,15 @@ import torch
 from torch import nn
 
 from .arch import build
+from . import latency
+from .errors import TargetError
 from .counting import count_flops, count_params
 from .plan import SlimPlan
+from .slim import slim
 from .threshold import GateRanking, gate_ranking, keep_masks, plan_from_masks
 
 KINDS = ("attn", "mlp", "tokens")
 TARGETS = ("flops", "params", "latency_ms")
-
-
-class TargetError(ValueError):
-    """A target, mix or alignment that cannot be met or is not well formed."""
 
 
 @dataclass(frozen=True)
@@ -219,12 +218,11 @@ def plan_for(model: nn.Module, *, flops: float | None = None, params: float | No
 
     analytic = PlanCost(model, ranking.arch)
     if kind == "latency_ms":
-        from .latency import latency_table
         if isinstance(requested, bool) or not isinstance(requested, Real) or not 0 < requested < float("inf"):
             raise TargetError(f"the latency target must be a positive number of milliseconds, got {requested!r}")
         device = torch.device(device if device is not None else "cpu")
         try:
-            table = latency_table(model, device, batch_size, fused=fused, measure=measure, cache_dir=cache_dir,
+            table = latency.latency_table(model, device, batch_size, fused=fused, measure=measure, cache_dir=cache_dir,
                                   progress=progress, remeasure=remeasure)
         except LookupError as e:
             raise TargetError(str(e)) from None
@@ -255,9 +253,7 @@ def plan_for(model: nn.Module, *, flops: float | None = None, params: float | No
               "fraction_of_dense": cost(plan) / dense, "flops": met["flops"], "params": met["params"],
               "mix": [mix[k] for k in KINDS], "step": lo, "steps": steps}
     if kind == "latency_ms":
-        from .latency import time_forward_ms
-        from .slim import slim
-        measured = time_forward_ms(slim(model, plan, fused=fused).to(device), batch_size, device)
+        measured = latency.time_forward_ms(slim(model, plan, fused=fused).to(device), batch_size, device)
         target.update({"predicted_ms": cost(plan), "measured_ms": measured, "dense_predicted_ms": dense,
                        "prediction_error": abs(measured - cost(plan)) / cost(plan),
                        "device": table.key["device"], "batch_size": batch_size})

@@ -4,13 +4,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from ..gates import check_search_mode
+from ..errors import PlanMismatchError
 
 PLAN_VERSION = 1
+SEARCH_MODES = ("dims", "heads", "uniform")
 
 
-class PlanMismatchError(ValueError):
-    """A plan does not fit the model it is applied to."""
+def check_search_mode(search: str) -> str:
+    if search not in SEARCH_MODES:
+        raise ValueError(f"search must be one of {', '.join(map(repr, SEARCH_MODES))}, got {search!r}")
+    return search
 
 
 @dataclass(frozen=True)

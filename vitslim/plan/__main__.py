@@ -1,4 +1,5 @@
-from vitslim import cli
-from vitslim.plan.command import main
+"""`python -m vitslim.plan`: the command is vitslim.cli.plan (this module only runs it)."""
+from vitslim.cli.common import run
+from vitslim.cli.plan import main
 
-cli.run(main)
+run(main)

@@ -9,14 +9,23 @@ entries removed, a quick accuracy proxy before retraining) and draws the curve.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from vitslim import cli
-from vitslim.cli import ArgumentParser, UserError
-from vitslim.latency import MAX_FIT_ERROR
+from ..counting import count_flops, count_params
+from ..data.loaders import Augment, embedded_digits, image_folders, input_on_device, loaders
+from ..distributed import Distributed
+from ..engine.checkpoints import checkpoint_file, load_search
+from ..engine.trainer import evaluate
+from ..errors import UserError
+from ..latency import MAX_FIT_ERROR
+from ..reporting.figures import plot_tradeoff
+from ..slim import slim
+from ..targets import Alignment, PlanCost, _masks_of, align_plan, plan_for
+from ..threshold import gate_ranking, threshold
+from . import common as cli
+from .common import ArgumentParser
 
 SUFFIXES = {"k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 
@@ -90,9 +99,6 @@ def make_plan(model, target: tuple[str, float] | None, budgets, mix, alignment, 
               fused: bool = False):
     """The plan for a target (plan_for) or budgets (threshold), aligned when alignment is given. A latency
     target is for `device` (default: the GPU if there is one, else the CPU) at args.latency_batch_size."""
-    from vitslim.targets import align_plan, plan_for
-    from vitslim.threshold import threshold
-
     if target is not None:
         latency = {}
         if target[0] == "latency_ms":
@@ -106,7 +112,6 @@ def make_plan(model, target: tuple[str, float] | None, budgets, mix, alignment, 
 
 
 def alignment_of(args):
-    from vitslim.targets import Alignment
     return Alignment(args.align_heads, args.align_mlp) if (args.align_heads, args.align_mlp) != (1, 1) else None
 
 
@@ -134,12 +139,6 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vitslim.counting import count_flops, count_params
-    from vitslim.retrain import load_search
-    from vitslim.targets import PlanCost
-    from vitslim.threshold import gate_ranking
-    from vitslim.training import checkpoint_file
-
     args = build_parser().parse_args(argv)
     target = chosen_target(args)
     if target is not None and args.budgets is not None:
@@ -195,8 +194,6 @@ def _costs(ranking, cost, plan) -> dict:
 
 def _kept_magnitude(ranking, plan) -> float:
     """Summed |gate| of the attention and MLP entries the plan keeps."""
-    from vitslim.targets import _masks_of
-
     masks = _masks_of(plan, ranking)
     return sum(float(t[m].sum()) for kind in ("attn", "mlp") for t, m in zip(getattr(ranking, kind), masks[kind]))
 
@@ -229,11 +226,6 @@ def _costs_line(row: dict, dense: dict) -> str:
 def _accuracy_proxy(args, model, arch, ckpt):
     """plan -> top-1 of the searched model with the pruned entries zeroed and tokens removed (the slim model
     with folded gates computes exactly that); None when there is no data to measure on."""
-    from vitslim.cli import Distributed
-    from vitslim.data import Augment, embedded_digits, image_folders, input_on_device, loaders
-    from vitslim.slim import slim
-    from vitslim.training import evaluate
-
     if args.data_path is None and not ckpt.get("embedded", False):
         return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -273,32 +265,3 @@ def format_sweep(rows: list[dict], dense: dict, dense_top1, kind: str) -> str:
                      f"mlp {' '.join(str(len(x.mlp)) for x in plan.blocks)} | "
                      f"tokens {' '.join(str(len(x.tokens)) for x in plan.blocks)}")
     return "\n".join(lines)
-
-
-def plot_tradeoff(rows: list[dict], dense: dict, dense_top1, path: Path) -> None:
-    """MACs per image against the accuracy proxy (when measured) and against the kept gate magnitude."""
-    from vitslim.figures import _pyplot
-
-    plt = _pyplot()
-    unit, unit_name = (1e9, "GMACs") if dense["flops"] >= 1e8 else (1e6, "MMACs")
-    macs = [dense["flops"] / unit] + [r["flops"] / unit for r in rows]
-    panels = [("kept gate magnitude", "|gate| kept, attention + MLP", [1.0] + [r["kept_magnitude"] for r in rows])]
-    if dense_top1 is not None:
-        panels.insert(0, ("accuracy proxy: pruned entries removed, no retraining", "top-1 (%)",
-                          [dense_top1] + [r["top1"] for r in rows]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
-    order = sorted(range(len(macs)), key=macs.__getitem__)
-    for ax, (title, ylabel, ys) in zip(axes[0], panels):
-        ax.plot([macs[i] for i in order], [ys[i] for i in order], "o-")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel(f"{unit_name} per image")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-if __name__ == "__main__":
-    cli.run(main)

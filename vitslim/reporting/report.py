@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .counting import count_flops, count_params
+from ..counting import count_flops, count_params
 
 
 @torch.no_grad()

@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import random
 import signal
 import sys
 import threading
@@ -23,29 +21,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 from torch import nn
+from tqdm import tqdm
 
-from .cli import Distributed, UserError
-from .data import EpochSampler
+from ..distributed import Distributed
+from ..errors import Interrupted, NonFiniteLossError, UserError
+from ..files import atomic_save, atomic_write, remove_stale_temporaries
+from ..gates import BlockGates
+from .checkpoints import CHECKPOINT, FORMAT, read_checkpoint, rng_state, set_rng_state
 
-CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
-FORMAT = "vitslim-train"
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM during training; the message says what was saved. exit_code: 130 or 143."""
-
-    def __init__(self, message: str, exit_code: int = 130) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 # The signals that stop a run cleanly: what they are called, and the exit status of a process they ended.
@@ -73,16 +63,6 @@ class Recipe:
     log_interval: int = 10
 
 
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete what an atomic write killed midway left in `folder` (.<name>.tmp*); returns what was removed."""
-    removed = []
-    for tmp in folder.glob(".*.tmp*"):
-        if tmp.is_file():
-            tmp.unlink()
-            removed.append(tmp)
-    return removed
-
-
 @contextlib.contextmanager
 def deferred_stop_signals(trainer: "Trainer"):
     """While training: SIGINT and SIGTERM only set trainer.stop_signal; the loop acts on it at the next step
@@ -104,72 +84,8 @@ def deferred_stop_signals(trainer: "Trainer"):
             signal.signal(sig, old)
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    np_state = np.random.get_state()
-    state["numpy"] = {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                      "has_gauss": int(np_state[3]), "gauss": float(np_state[4])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int, rank: int) -> None:
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)  # per-rank augmentation; the sampler shares one permutation
-
-
-def checkpoint_file(path: str | os.PathLike) -> Path:
-    """`path`, or the checkpoint.pt inside it when it is a run folder."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / CHECKPOINT).is_file():
-            raise UserError(f"{path} is a folder without a {CHECKPOINT}: give the {CHECKPOINT} of a vitslim run")
-        return path / CHECKPOINT
-    return path
-
-
-def read_checkpoint(path: Path) -> dict:
-    """A vitslim training checkpoint (checkpoint.pt of search or retrain); a run folder means its checkpoint.pt.
-    Anything else is a one-line UserError that says what the file is not."""
-    path = checkpoint_file(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 (a truncated file, another format, a pickle with code: torch's text misleads)
-        raise UserError(f"{path} is not a vitslim checkpoint (corrupt, or another format)") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise UserError(f"{path} is not a vitslim training checkpoint")
-    return ckpt
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: not on biases, norms, tokens, positions, layer scales or gates."""
-    from .gates import BlockGates
-
     gate_ids = {id(p) for m in model.modules() if isinstance(m, BlockGates) for p in m.parameters()}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -208,17 +124,13 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Te
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, recipe: Recipe, train_loader, val_loader, sampler: EpochSampler,
+    def __init__(self, model: nn.Module, recipe: Recipe, train_loader, val_loader, sampler,
                  dist: Distributed, output_dir: Path, num_classes: int, loss_fn: LossFn,
                  penalty: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None,
                  epoch_end: Callable[[int, dict], None] | None = None, checkpoint_extra: dict | None = None,
                  progress: bool | None = None, name: str = "train", fingerprint: dict | None = None) -> None:
         """fingerprint: what the result depends on beyond the recipe (model, batch size, world size, data,
         search mode, sparsity weights, ...); --resume refuses a checkpoint whose fingerprint differs."""
-        from timm.data import Mixup
-        from timm.scheduler import CosineLRScheduler
-        from timm.utils import ModelEmaV3
-
         self.model, self.recipe, self.dist, self.name = model, recipe, dist, name
         self.train_loader, self.val_loader, self.sampler = train_loader, val_loader, sampler
         self.output_dir, self.loss_fn, self.penalty, self.epoch_end = output_dir, loss_fn, penalty, epoch_end
@@ -312,7 +224,6 @@ class Trainer:
 
     def rewrite_log(self) -> None:
         if self.dist.is_main:
-            from .saving import atomic_write
             text = "".join(json.dumps(r) + "\n" for r in self.history)
             atomic_write(self.output_dir / LOG, lambda tmp: Path(tmp).write_text(text))
 
@@ -387,7 +298,6 @@ class Trainer:
         return ", ".join(parts)
 
     def train_epoch(self, epoch: int, start_batch: int) -> dict:
-        from tqdm import tqdm
 
         model = self.ddp or self.module
         model.train()
@@ -460,8 +370,6 @@ def evaluate(model: nn.Module, loader, dist: Distributed, stop_requested: Callab
              progress: bool = False) -> dict[str, float]:
     """Top-1 and top-5 accuracy (%) over the validation set (each rank its shard, summed). stop_requested is
     asked between batches (a stop signal during evaluation: _StopRequested)."""
-    from tqdm import tqdm
-
     model.eval()
     device = dist.device
     totals = torch.zeros(3, device=device)  # correct@1, correct@5, count
@@ -535,6 +443,23 @@ def cross_entropy_loss(smoothing: float) -> LossFn:
         else:
             loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
         return {"loss": loss, "task": loss}
+    return loss_fn
+
+
+def distillation_loss(base, teacher, kind: str, alpha: float, tau: float):
+    """DeiT's distillation: the student's distillation head (or its only head) learns from the teacher."""
+    def loss_fn(outputs, targets, images):
+        parts = base(outputs, targets, images)
+        student = outputs[1] if isinstance(outputs, tuple) else outputs
+        with torch.no_grad():
+            teacher_logits = teacher(images).float()
+        student = student.float()
+        if kind == "soft":
+            kd = F.kl_div(F.log_softmax(student / tau, dim=-1), F.log_softmax(teacher_logits / tau, dim=-1),
+                          reduction="batchmean", log_target=True) * tau * tau
+        else:
+            kd = F.cross_entropy(student, teacher_logits.argmax(dim=-1))
+        return {**parts, "distill": kd, "loss": (1 - alpha) * parts["loss"] + alpha * kd}
     return loss_fn
 
 

@@ -1,4 +1,5 @@
-"""PNG figures of a search: gate histograms, and the structure a plan keeps (matplotlib, no display)."""
+"""PNG figures: a search's gate histograms, the structure a plan keeps, the trade-off of a plan sweep (matplotlib,
+no display)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,14 +7,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .gates import gates
-from .plan import SlimPlan
+from ..gates import gates
+from ..plan import SlimPlan
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # optional at import: only a figure needs it (and its backend is chosen here)
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # (after the backend is chosen)
     return plt
 
 
@@ -62,4 +63,27 @@ def plot_structure(plan: SlimPlan, path: Path, title: str = "") -> None:
     fig.suptitle(title or f"structure at budgets {plan.budgets}")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_tradeoff(rows: list[dict], dense: dict, dense_top1, path: Path) -> None:
+    """MACs per image against the accuracy proxy (when measured) and against the kept gate magnitude."""
+    plt = _pyplot()
+    unit, unit_name = (1e9, "GMACs") if dense["flops"] >= 1e8 else (1e6, "MMACs")
+    macs = [dense["flops"] / unit] + [r["flops"] / unit for r in rows]
+    panels = [("kept gate magnitude", "|gate| kept, attention + MLP", [1.0] + [r["kept_magnitude"] for r in rows])]
+    if dense_top1 is not None:
+        panels.insert(0, ("accuracy proxy: pruned entries removed, no retraining", "top-1 (%)",
+                          [dense_top1] + [r["top1"] for r in rows]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    order = sorted(range(len(macs)), key=macs.__getitem__)
+    for ax, (title, ylabel, ys) in zip(axes[0], panels):
+        ax.plot([macs[i] for i in order], [ys[i] for i in order], "o-")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(f"{unit_name} per image")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -7,7 +7,7 @@ draws for it, from the same (seed, epoch, index) seeds: same sampler, same exact
 main process then decodes the batch on the device (torchvision's nvJPEG decode, batched; or DALI's decoder, which
 also uses the hardware JPEG engines of A100/H100/H200), crops and resizes each image (bicubic, antialiased:
 torch's is made to match Pillow's), flips, and applies the recorded RandAugment ops as batched tensor ops
-(vitslim.augment_ops), grouped by op; normalisation and random erasing follow in DeviceInput as on the default
+(vitslim.data.augment), grouped by op; normalisation and random erasing follow in DeviceInput as on the default
 path. We use plain torch ops rather than torchvision.transforms.v2 or kornia: both take one magnitude per call,
 where RandAugment draws one per image, and neither reproduces Pillow's rounding, which the tests hold us to.
 
@@ -19,15 +19,25 @@ from __future__ import annotations
 
 import copy
 import io
+import random
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from timm.data import auto_augment
+from timm.data.auto_augment import AutoAugment, RandAugment
+from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import PILToTensor, RandomHorizontalFlip
 
-from . import augment_ops
-from .cli import UserError
+from ..errors import UserError
+from . import augment as augment_ops
+from .images import draw_erasing, image_errors, posterize_any_pillow
 
 LOADERS = ("cpu", "gpu", "dali")  # --loader
 DALI_INSTALL = ("pip install --extra-index-url https://pypi.nvidia.com nvidia-dali-cuda120 (pick the build "
@@ -74,8 +84,6 @@ class _Recorder:
         self.name = name
 
     def __call__(self, draw: list, *level_args, **kwargs) -> list:
-        from timm.data import auto_augment
-
         resample = ""
         if self.name in augment_ops.GEOMETRIC:
             kwargs = dict(kwargs)
@@ -90,7 +98,6 @@ def _mode_name(interpolation) -> str:
     name = getattr(interpolation, "value", None)
     if isinstance(name, str):  # InterpolationMode
         return name
-    from PIL import Image
     names = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear",
              Image.Resampling.NEAREST: "nearest"}
     if interpolation not in names:
@@ -99,9 +106,6 @@ def _mode_name(interpolation) -> str:
 
 
 def _op_names() -> dict:
-    from timm.data import auto_augment
-
-    from .data import posterize_any_pillow
     names = {getattr(auto_augment, name): name
              for name in (*augment_ops.POINTWISE, *augment_ops.GEOMETRIC) if hasattr(auto_augment, name)}
     names[posterize_any_pillow] = "posterize"
@@ -116,10 +120,6 @@ class TransformDraws:
     refused with its name (--loader cpu runs every transform)."""
 
     def __init__(self, transform) -> None:
-        from timm.data.auto_augment import AutoAugment, RandAugment
-        from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
-        from torchvision.transforms import PILToTensor, RandomHorizontalFlip
-
         self.crop = self.flip = self.augment = None
         names = _op_names()
         for t in getattr(transform, "transforms", [transform]):
@@ -148,8 +148,6 @@ class TransformDraws:
 
     def __call__(self, path: str, image) -> SampleDraw:
         """image: the file opened by Pillow; only its header (the size) is read."""
-        import random
-
         top, left, height, width = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
         interpolation = self.crop.interpolation
         if isinstance(interpolation, (tuple, list)):
@@ -172,7 +170,7 @@ class EncodedFiles:
     decoded here. A file that cannot be read is replaced by the next readable one, as ImageFiles does."""
 
     def __init__(self, images, erasing: float | None) -> None:
-        self.images, self.erasing = images, erasing  # images: vitslim.data.ImageFiles (paths, classes, transform)
+        self.images, self.erasing = images, erasing  # images: vitslim.data.loaders.ImageFiles (paths, classes, transform)
         self.classes, self.samples, self.folder = images.classes, images.samples, images.folder
         self.draws = TransformDraws(images.transform)
 
@@ -180,9 +178,7 @@ class EncodedFiles:
         return len(self.samples)
 
     def _read(self, index: int):
-        from PIL import Image
 
-        from .data import _image_errors
 
         path, label = self.samples[index]
         try:
@@ -192,13 +188,11 @@ class EncodedFiles:
                 if fmt == "JPEG" and mode in ("RGB", "L") and _jpeg_complete(data):
                     return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, "", header
                 return _pillow_pixels(header), label, "", header
-        except _image_errors() as e:
-            from PIL import UnidentifiedImageError
+        except image_errors() as e:
             reason = "not an image Pillow can identify" if isinstance(e, UnidentifiedImageError) else str(e)
             return None, label, f"{path} ({reason})", None
 
     def __getitem__(self, index: int):
-        from .data import draw_erasing
 
         file, label, bad, header = self._read(index)
         step = 0
@@ -206,7 +200,6 @@ class EncodedFiles:
             step += 1
             file, label, _, header = self._read((index + step) % len(self.samples))
         if file is None:  # not one readable image: label -1, which the loader reports in the main process
-            from PIL import Image
             header, label = Image.new("RGB", (32, 32)), -1
             file = torch.zeros(3, 32, 32, dtype=torch.uint8)
         draw = self.draws(self.samples[(index + step) % len(self.samples)][0], header)
@@ -223,19 +216,15 @@ def collate_encoded(samples: list) -> tuple[EncodedBatch, torch.Tensor, list[str
 
 def _pillow_pixels(image) -> torch.Tensor:
     """(3, H, W) uint8: a Pillow image decoded to RGB."""
-    import numpy as np
     return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
 
 
 def _decode_on_host(data: torch.Tensor, path: str) -> torch.Tensor:
     """(3, H, W) uint8 by Pillow: the fallback for a file the device decoder refused."""
-    from PIL import Image
-
-    from .data import _image_errors
     try:
         with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
             return _pillow_pixels(image)
-    except _image_errors() as e:
+    except image_errors() as e:
         raise UserError(f"train image {path} cannot be decoded ({e}); remove or replace it") from None
 
 
@@ -245,7 +234,6 @@ class TorchvisionJpegDecoder:
     name = "torchvision"
 
     def __call__(self, files: list[torch.Tensor], paths: list[str], device: torch.device) -> list[torch.Tensor]:
-        from torchvision.io import ImageReadMode, decode_jpeg
 
         with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
             warnings.simplefilter("ignore")
@@ -270,14 +258,14 @@ class DaliJpegDecoder:
 
     def __init__(self) -> None:
         try:
-            import nvidia.dali  # noqa: F401
+            import nvidia.dali  # noqa: F401 (optional: an extra install, only --loader dali needs it)
         except ImportError:
             raise UserError(f"--loader dali needs NVIDIA DALI, which is not installed: {DALI_INSTALL}; or use "
                             f"--loader gpu (torchvision's nvJPEG decode, no extra package)") from None
         self.pipelines: dict[torch.device, tuple[int, object]] = {}  # device: (its batch size, its pipeline)
 
     def _pipeline(self, device: torch.device, batch: int):
-        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali import fn, pipeline_def, types  # optional: --loader dali only
 
         if self.pipelines.get(device, (0, None))[0] < batch:  # built for the largest batch seen (the first)
             @pipeline_def(batch_size=batch, num_threads=4, device_id=device.index or 0,
@@ -291,7 +279,7 @@ class DaliJpegDecoder:
         return self.pipelines[device][1]
 
     def __call__(self, files: list[torch.Tensor], paths: list[str], device: torch.device) -> list[torch.Tensor]:
-        from nvidia.dali.plugin.pytorch import feed_ndarray
+        from nvidia.dali.plugin.pytorch import feed_ndarray  # optional: --loader dali only
 
         if device.type != "cuda":
             raise UserError(f"--loader dali decodes on a CUDA device; this run is on {device}")
@@ -314,8 +302,6 @@ class DeviceAugment:
         self.decoder = decoder
 
     def __call__(self, batch: EncodedBatch, device: torch.device) -> torch.Tensor:
-        import torch.nn.functional as F
-
         images = self.decode(batch, device)
         out = torch.empty(batch.shape, dtype=torch.float32, device=device)
         for k, (image, draw) in enumerate(zip(images, batch.draws)):
