@@ -221,7 +221,7 @@ def ragged_implementations(device: torch.device, dtype: torch.dtype, grad: bool,
             except RuntimeError:  # cannot run on this device or dtype at all
                 continue
             if grad and name == "triton":
-                from vitslim_kernels.triton.ragged_attention import ragged_attention_qkv_triton
+                from vitslim_kernels.ops.ragged_attention import ragged_attention_qkv_triton
                 fn = ragged_attention_qkv_triton
             found.append((name, fn, name == pick))
         if not found:

@@ -10,6 +10,7 @@ import torch
 import vitslim
 import vitslim_kernels
 from vitslim.cli import common as cli, export
+from vitslim.deploy import export as deploy
 
 from .test_slim import _manual_plan
 from .tiny_models import make_vit, randomize_gates, searchable_copy
@@ -98,10 +99,10 @@ def test_export_round_trip(slim_dirs, tmp_path, capsys, family, fmt, fused, dyna
 
 def test_fused_export_graph_carries_the_op_and_plain_does_not(slim_dirs):
     # On a CPU, without TRITON_INTERPRET: dispatch would pick the reference, but the exported graph holds the op.
-    x = export.images(vitslim.load_slim(slim_dirs["registers"]), 2, 0)
+    x = deploy.images(vitslim.load_slim(slim_dirs["registers"]), 2, 0)
     for fused, count in ((True, DEPTH), (False, 0)):
         model = vitslim.load_slim(slim_dirs["registers"], fused=fused)
-        assert export.count_ragged_ops(torch.export.export(model, (x,))) == count
+        assert deploy.count_ragged_ops(torch.export.export(model, (x,))) == count
     eager_fused = vitslim.load_slim(slim_dirs["registers"], fused=True)
     torch.testing.assert_close(eager_fused(x), vitslim.load_slim(slim_dirs["registers"])(x), rtol=0, atol=0)
 
@@ -132,12 +133,12 @@ def test_the_check_fails_on_a_model_that_differs(slim_dirs, tmp_path, fmt):
     _needs_onnx(fmt)
     model = vitslim.load_slim(slim_dirs["deit_distilled"])
     path = tmp_path / f"m.{fmt}"
-    x = export.images(model, 1, 0)
-    (export.export_onnx if fmt == "onnx" else export.export_pt2)(model, x, path, dynamic_batch=False)
-    assert export.check(model, path, fmt, 1, seed=1, tolerance=1e-4).passed
+    x = deploy.images(model, 1, 0)
+    (deploy.export_onnx if fmt == "onnx" else deploy.export_pt2)(model, x, path, dynamic_batch=False)
+    assert deploy.check(model, path, fmt, 1, seed=1, tolerance=1e-4).passed
     with torch.no_grad():
         model.head.bias[0] += 0.1  # distilled: the logits are the mean of two heads, so 0.05 off
-    result = export.check(model, path, fmt, 1, seed=1, tolerance=1e-4)
+    result = deploy.check(model, path, fmt, 1, seed=1, tolerance=1e-4)
     assert not result.passed and result.max_error > 1e-3 and "FAILED" in result.line()
 
 
@@ -180,10 +181,27 @@ def test_a_fused_pt2_loads_in_a_fresh_process(slim_dirs, tmp_path):
     # torch.export.load needs the op registered first; load_pt2 does that (a deployment script's only import).
     model = vitslim.load_slim(slim_dirs["registers"], fused=True)
     path = tmp_path / "m.pt2"
-    export.export_pt2(model, export.images(model, 2, 0), path, dynamic_batch=True)
-    x = export.images(model, 3, 1)
+    deploy.export_pt2(model, deploy.images(model, 2, 0), path, dynamic_batch=True)
+    x = deploy.images(model, 3, 1)
     torch.save(x, tmp_path / "x.pt")
     code = ("import sys, torch; from vitslim.deploy.export import load_pt2; "
+            "torch.save(load_pt2(sys.argv[1]).module()(torch.load(sys.argv[2], weights_only=True)), sys.argv[3])")
+    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                   check=True, cwd=ROOT)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt", weights_only=True), model(x), rtol=0, atol=1e-6)
+
+
+def test_a_fused_pt2_loads_and_runs_without_triton(slim_dirs, tmp_path):
+    """The op a fused program calls is defined with its CPU implementation wherever vitslim_kernels imports: a
+    process in which triton cannot be imported loads and runs the program."""
+    model = vitslim.load_slim(slim_dirs["registers"], fused=True)
+    path = tmp_path / "m.pt2"
+    deploy.export_pt2(model, deploy.images(model, 2, 0), path, dynamic_batch=False)
+    x = deploy.images(model, 2, 1)
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys; sys.modules['triton'] = None; import torch; from vitslim.deploy.export import load_pt2; "
+            "assert sys.modules['triton'] is None; "
             "torch.save(load_pt2(sys.argv[1]).module()(torch.load(sys.argv[2], weights_only=True)), sys.argv[3])")
     subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
                    check=True, cwd=ROOT)

@@ -33,7 +33,7 @@ LAYERS = {
     "vitslim_kernels": 3.2,  # vitslim_kernels/__init__.py: the public functionals
     "vitslim_kernels.ops": 3,
     "vitslim_kernels.triton": 2, "vitslim_kernels.cuda": 2, "vitslim_kernels._ext": 2,
-    "vitslim_kernels.dispatch": 1,
+    "vitslim_kernels.dispatch": 1, "vitslim_kernels.runtime": 1,
 }
 # Imported inside a function, lazily: optional dependencies, and our modules that import one at their top.
 OPTIONAL = ("triton", "onnx", "onnxruntime", "onnxscript", "nvidia.dali", "matplotlib", "vitslim_kernels._C",

@@ -27,7 +27,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from vitslim_kernels import gated_attention_branch, gated_mlp_branch, layernorm_token_scale
-from vitslim_kernels.dispatch import triton_unavailable
+from vitslim_kernels.runtime import triton_unavailable
 
 from .arch import activation_name, describe
 from .gates import BlockGates

@@ -18,6 +18,7 @@ from timm.layers import DropPath, to_2tuple
 from torch import nn
 
 import vitslim_kernels
+from vitslim_kernels.ops.qkv_attention import qkv_attention_triton
 from vitslim_kernels.ops.ragged_attention import ragged_attention_fwd_op
 
 from .arch import ViTArch, build, describe
@@ -165,8 +166,6 @@ class SlimAttention(nn.Module):
         columns."""
         a = self._aligned
         qkv_weight, qkv_bias, proj_weight = a.padded(self.qkv.weight, self.qkv.bias, self.proj.weight)
-        from vitslim_kernels.triton.qkv_attention import qkv_attention_triton  # optional: needs triton
-
         # The projection and the attention as one op: its backward takes the qkv bias gradient from the
         # attention kernel instead of reading dqkv once more.
         o = qkv_attention_triton(x, qkv_weight, qkv_bias, None, a.head_dims, self.scale)

@@ -21,6 +21,8 @@ compiled for the stand-in never launches on a real GPU in the same process.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import pkgutil
 import re
 import subprocess
 import tempfile
@@ -30,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import dispatch
+import torch
+
+from . import runtime
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,7 @@ class _StandInDriver:
     """Triton's active driver while compile_only is active: reports the target, launches nothing."""
 
     def __init__(self, target: Target, launches: list[Launch]) -> None:
-        from triton.backends.compiler import GPUTarget
+        from triton.backends.compiler import GPUTarget  # optional: triton (compile_only needs it)
         self._target = GPUTarget("cuda", target.arch, 32)
         self.utils = _StandInUtils(target)
         self.launcher_cls = _recording_launcher(target, launches)
@@ -151,11 +155,10 @@ class _StandInDriver:
         return divmod(self._target.arch, 10)
 
     def get_active_torch_device(self):
-        import torch
         return torch.device("cpu")
 
     def map_python_to_cpp_type(self, ty: str) -> str:
-        from triton.backends.nvidia.driver import ty_to_cpp
+        from triton.backends.nvidia.driver import ty_to_cpp  # optional: triton (compile_only needs it)
         return ty_to_cpp(ty)
 
 
@@ -191,12 +194,9 @@ def _compiled_kernel(fn, metadata):
 
 def _our_kernels() -> list:
     """Every @triton.jit function of vitslim_kernels.triton (imports those modules)."""
-    import importlib
-    import pkgutil
+    from triton.runtime.jit import JITFunction  # optional: triton (compile_only needs it, and says so)
 
-    from triton.runtime.jit import JITFunction
-
-    from . import triton as package
+    from . import triton as package  # optional: the kernels import triton
     kernels = []
     for info in pkgutil.iter_modules(package.__path__):
         module = importlib.import_module(f"{package.__name__}.{info.name}")
@@ -230,11 +230,11 @@ def compile_only(target: str | Target = "sm_90", all_candidates: bool = False) -
     """
     if isinstance(target, str):
         target = target_named(target)
-    if dispatch.interpreter_enabled():
+    if runtime.interpreter_enabled():
         raise RuntimeError("compile_only: TRITON_INTERPRET=1 interprets the kernels and compiles nothing; "
                            "unset it before anything imports triton")
     try:
-        from triton.runtime.driver import driver
+        from triton.runtime.driver import driver  # optional: triton; refused below with a clear error
     except ImportError as e:
         raise RuntimeError("compile_only needs triton (pip install triton)") from e
     kernels = _our_kernels()
@@ -242,13 +242,10 @@ def compile_only(target: str | Target = "sm_90", all_candidates: bool = False) -
     previous = driver._active  # None until Triton first needed a driver
     _drop_compiled(kernels)
     driver.set_active(_StandInDriver(target, launches))
-    dispatch._COMPILE_ONLY_TARGETS.append(target)
-    dispatch._COMPILE_ALL_CANDIDATES.append(all_candidates)
     try:
-        yield launches
+        with runtime.compile_only_context(target, all_candidates):
+            yield launches
     finally:
-        dispatch._COMPILE_ONLY_TARGETS.pop()
-        dispatch._COMPILE_ALL_CANDIDATES.pop()
         driver._active = previous
         _drop_compiled(kernels)
 

@@ -4,12 +4,13 @@ Prints the versions (torch, triton, CUDA), the visible GPUs, the compiled extens
 architectures it has code for, how it was built), and for every op the implementation dispatch picks on a
 CUDA tensor (inference and training) and on a CPU tensor, with the reason each other one is skipped.
 Without a GPU, the CUDA rows are computed for a stand-in that has only a device, a dtype and requires_grad.
-Kernels that failed in this process and fell back to PyTorch (dispatch.fail_safe) are listed too.
+Kernels that failed in this process and fell back to PyTorch (runtime.fail_safe) are listed too.
 
     python -m vitslim_kernels.info [--selftest]
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import __version__, _ext, dispatch
+from . import __version__, _ext, dispatch, runtime
+from . import selftest as st
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class _StandIn:
 
 def _versions() -> list[str]:
     try:
-        import triton
+        import triton  # optional: its version, where it is installed
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
@@ -111,14 +113,13 @@ def report() -> str:
     lines.append(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')}")
     lines.append("")
     lines.append("Implementation dispatch picks per op (first usable in the order shown):")
-    dispatch._ensure_registered()
-    for op in sorted(dispatch._REGISTRY):
+    for op in dispatch.ops():
         lines.append(f"{op}")
         for label, example, grad in _examples():
             used, details = _decisions(op, example, grad)
             lines.append(f"  {label}: {used or 'none'}")
             lines.extend(f"      {d}" for d in details)
-    failures = dispatch.kernel_failures()
+    failures = runtime.kernel_failures()
     if failures:
         lines.append("")
         lines.append("Kernels that failed here and now compute in PyTorch:")
@@ -128,13 +129,10 @@ def report() -> str:
 
 def selftest() -> int:
     """Launch every kernel once here against the reference (vitslim_kernels.selftest); 0 when all pass."""
-    from . import selftest as st
     return st.main([])
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m vitslim_kernels.info", description=__doc__.splitlines()[0])
     parser.add_argument("--selftest", action="store_true",
                         help="also launch every kernel once on the visible GPU (on CPU: under TRITON_INTERPRET=1) "

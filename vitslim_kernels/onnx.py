@@ -16,9 +16,9 @@ from .ops.ragged_attention import ragged_attention_fwd_op
 
 def _onnxscript():
     try:
-        import onnxscript
-        from onnxscript import ir
-        from onnxscript.onnx_opset import opset18
+        import onnxscript  # optional (vitslim[export]): imported when a table is asked for
+        from onnxscript import ir  # (optional, as above)
+        from onnxscript.onnx_opset import opset18  # (optional, as above)
     except ImportError as e:
         raise ImportError(f"ONNX export needs onnx and onnxscript (pip install onnx onnxscript): {e}") from None
     return onnxscript, ir, opset18

@@ -12,15 +12,21 @@ when the extension is loaded and a GPU is visible.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
-from . import dispatch
+from . import dispatch, runtime
+from .ops.gated_linear import gated_gelu_linear, gated_linear
+from .ops.layernorm_token_scale import layernorm_token_scale
+from .ops.qkv_attention import qkv_attention
+from .ops.ragged_attention import ragged_attention
 
 FLOOR_EPS = 16
 
@@ -77,7 +83,6 @@ _N = 50
 
 
 def _ragged(implementation: str, dtype: torch.dtype, device: torch.device, grad: bool = True) -> list[torch.Tensor]:
-    from .ops.ragged_attention import ragged_attention
     D = sum(_WIDTHS)
     q, k, v = _inputs((2, _N, D), (2, _N, D), (2, _N, D), dtype=dtype, device=device)
     if not grad:
@@ -89,22 +94,14 @@ def _ragged(implementation: str, dtype: torch.dtype, device: torch.device, grad:
 def _qkv_attention(implementation: str, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
     """The search path: the gated qkv projection and the attention as one op (every head the same width, a
     compile-time width; the qkv bias gradient summed by the attention kernel)."""
-    from .ops.gated_linear import gated_linear_ref
-    from .ops.ragged_attention import ragged_attention_ref
     widths, C = (32, 32, 32), 48
     D = sum(widths)
     x, weight, bias, gate = _inputs((2, _N, C), (3 * D, C), (3 * D,), (D,), dtype=dtype, device=device, scale=0.5)
-    if implementation == "reference":
-        q, k, v = gated_linear_ref(x, weight, bias, gate).split(D, dim=-1)
-        out = ragged_attention_ref(q, k, v, widths, 32 ** -0.5)
-    else:
-        from .triton.qkv_attention import qkv_attention_triton
-        out = qkv_attention_triton(x, weight, bias, gate, widths, 32 ** -0.5)
+    out = qkv_attention(x, weight, bias, gate, widths, 32 ** -0.5, implementation=implementation)
     return _with_grads(out, [x, weight, bias, gate])
 
 
 def _layernorm(implementation: str, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    from .ops.layernorm_token_scale import layernorm_token_scale
     C, kept = 48, tuple([0] + list(range(1, _N, 2)))  # the prefix row and every other patch
     x, token_raw = _inputs((2, _N, C), (len(kept) - 1,), dtype=dtype, device=device)
     weight, bias = _inputs((C,), (C,), dtype=dtype, device=device, seed=2)
@@ -113,7 +110,6 @@ def _layernorm(implementation: str, dtype: torch.dtype, device: torch.device) ->
 
 
 def _gated_linear(implementation: str, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    from .ops.gated_linear import gated_linear
     C, H, d = 48, 3, 16
     x, weight, bias, gate = _inputs((2, _N, C), (3 * H * d, C), (3 * H * d,), (H * d,), dtype=dtype,
                                     device=device, scale=0.5)
@@ -121,7 +117,6 @@ def _gated_linear(implementation: str, dtype: torch.dtype, device: torch.device)
 
 
 def _gated_gelu_linear(implementation: str, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    from .ops.gated_linear import gated_gelu_linear
     C, M = 48, 96
     x, weight, bias, gate = _inputs((2, _N, C), (M, C), (M,), (M,), dtype=dtype, device=device, scale=0.5)
     out = gated_gelu_linear(x, weight, bias, gate, implementation=implementation)
@@ -183,7 +178,7 @@ def selftest_device() -> tuple[torch.device | None, str]:
     """(the device the selftest runs on, what it is) or (None, why there is nothing to test)."""
     if torch.cuda.is_available():
         return torch.device("cuda"), f"cuda ({torch.cuda.get_device_name()})"
-    if dispatch.interpreter_enabled():
+    if runtime.interpreter_enabled():
         return torch.device("cpu"), "cpu, Triton interpreter"
     return None, "no GPU visible and TRITON_INTERPRET is not 1: there is no kernel to launch here"
 
@@ -220,10 +215,6 @@ def format_check(c: Check) -> str:
 def main(argv: list[str] | None = None) -> int:
     """`python -m vitslim_kernels.selftest [--dtypes float32 ...] [--json PATH]`: the selftest alone (what
     `python -m vitslim_kernels.info --selftest` runs after its report), e.g. under compute-sanitizer."""
-    import argparse
-    import json
-    from dataclasses import asdict
-
     parser = argparse.ArgumentParser(prog="python -m vitslim_kernels.selftest", description=main.__doc__.split(":")[0])
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "float16", "bfloat16"),
                         help="the dtypes to check (default: every one the device has)")

@@ -42,7 +42,7 @@ def require_interpreter(request, monkeypatch) -> None:
 
 def rerun_under_interpreter(path: str) -> None:
     """Run the CPU tests of the test file `path` in a fresh process with TRITON_INTERPRET=1; all must pass."""
-    from vitslim_kernels.dispatch import interpreter_broken
+    from vitslim_kernels.runtime import interpreter_broken
 
     broken = interpreter_broken()
     if broken:  # e.g. the GPU image: triton 3.6 with numpy 2.5; its GPU tests run the compiled kernels instead

@@ -14,7 +14,7 @@ if isinstance(triton.language.cdiv, InterpretedFunction) or os.environ.get("TRIT
     pytest.skip("TRITON_INTERPRET=1: the interpreter compiles nothing", allow_module_level=True)
 
 from benchmarks.kernel_resources import WORKLOADS, compile_workload, violations  # noqa: E402
-from vitslim_kernels import dispatch  # noqa: E402
+from vitslim_kernels import runtime  # noqa: E402
 from vitslim_kernels.compile_only import TARGETS, compile_only, ptx_summary  # noqa: E402
 
 
@@ -76,8 +76,8 @@ def test_compile_only_restores_dispatch_and_the_driver():
 
     before = driver._active
     with compile_only("sm_80"):
-        assert dispatch.compile_only_target().arch == 80
-    assert dispatch.compile_only_target() is None and driver._active is before
+        assert runtime.compile_only_target().arch == 80
+    assert runtime.compile_only_target() is None and driver._active is before
     with pytest.raises(ValueError, match="unknown compile target 'sm_75'"):
         with compile_only("sm_75"):
             pass

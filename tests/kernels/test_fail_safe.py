@@ -1,4 +1,4 @@
-"""Kernels fail safe (dispatch.fail_safe): a kernel that cannot compile or launch on a user's GPU warns once,
+"""Kernels fail safe (runtime.fail_safe): a kernel that cannot compile or launch on a user's GPU warns once,
 naming the kernel, the device and the error, and its op computes in PyTorch from then on, so a search or a slim
 model keeps running with the same results. Failures are injected on CPU, under Triton's interpreter: the kernel
 object a launcher calls is replaced by one whose launch raises what Triton raises on a real GPU.
@@ -19,7 +19,7 @@ import timm  # noqa: E402
 
 import vitslim  # noqa: E402
 import vitslim_kernels  # noqa: E402
-from vitslim_kernels import KernelFallbackWarning, dispatch, info  # noqa: E402
+from vitslim_kernels import KernelFallbackWarning, info, runtime  # noqa: E402
 
 from .interpreter import INTERPRETED, rerun_under_interpreter, require_interpreter  # noqa: E402
 
@@ -37,9 +37,9 @@ def triton_interpreter(request, monkeypatch):
 def fail_safe_on(monkeypatch):
     """Fallbacks as a user gets them (the suite runs strict) and no failure left over from another test."""
     monkeypatch.delenv("VITSLIM_STRICT_KERNELS", raising=False)
-    dispatch.clear_kernel_failures()
+    runtime.clear_kernel_failures()
     yield
-    dispatch.clear_kernel_failures()
+    runtime.clear_kernel_failures()
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the CPU tests run in this process")
@@ -124,7 +124,7 @@ def test_search_step_survives_a_failing_kernel_with_one_warning(monkeypatch, mod
     assert f"kernel {name} failed on cpu" in messages[0] and "OutOfResources" in messages[0] \
         and "shared memory" in messages[0], messages[0]
     assert broken.launches == 1  # never tried again on that device
-    assert list(dispatch.kernel_failures()) == [(name, "cpu")]
+    assert list(runtime.kernel_failures()) == [(name, "cpu")]
     assert f"{name} on cpu: OutOfResources" in info.report()
 
 
@@ -149,7 +149,7 @@ def test_strict_mode_raises_the_kernel_error(monkeypatch):
     q = torch.randn(2, 17, 24)
     with pytest.raises(Exception, match="shared memory"):
         vitslim_kernels.ragged_attention(q, q, q, (8, 16), 0.25, implementation="triton")
-    assert dispatch.kernel_failures() == {}
+    assert runtime.kernel_failures() == {}
 
 
 def test_errors_that_break_the_device_are_not_hidden(monkeypatch):
@@ -158,7 +158,7 @@ def test_errors_that_break_the_device_are_not_hidden(monkeypatch):
     q = torch.randn(2, 17, 24)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         vitslim_kernels.ragged_attention(q, q, q, (8, 16), 0.25, implementation="triton")
-    assert dispatch.kernel_failures() == {}
+    assert runtime.kernel_failures() == {}
 
 
 def test_clearing_the_failures_tries_the_kernel_again(monkeypatch):
@@ -168,7 +168,7 @@ def test_clearing_the_failures_tries_the_kernel_again(monkeypatch):
     with pytest.warns(KernelFallbackWarning):
         out = vitslim_kernels.ragged_attention(q, q, q, (8, 16), 0.25, implementation="triton")
     torch.testing.assert_close(out, expected)
-    dispatch.clear_kernel_failures()
+    runtime.clear_kernel_failures()
     with pytest.warns(KernelFallbackWarning):
         vitslim_kernels.ragged_attention(q, q, q, (8, 16), 0.25, implementation="triton")
     assert broken.launches == 2
@@ -205,12 +205,13 @@ def test_selftest_reports_a_kernel_that_raises(monkeypatch):
     checks = {c.name: c for c in selftest.run(torch.device("cpu"), dtypes=[torch.float32])}
     failed = checks["ragged_attention (triton)"]
     assert not failed.passed and "OutOfResources" in failed.failure, failed
-    assert dispatch.kernel_failures() == {}  # strict while it runs: reported, never fallen back
+    assert runtime.kernel_failures() == {}  # strict while it runs: reported, never fallen back
 
 
 def test_compiled_import_every_launcher_is_guarded():
-    """Every function of the Triton and CUDA modules that launches a kernel is a fail_safe launcher."""
-    unguarded = []
+    """Every function of the Triton and CUDA modules that launches a kernel is a fail_safe launcher, and its op
+    registered the PyTorch function it falls back to."""
+    unguarded, without_fallback = [], []
     for name in KERNEL_MODULES + ("vitslim_kernels.cuda.ragged_attention",):
         module = importlib.import_module(name)
         for fname, fn in vars(module).items():
@@ -220,4 +221,6 @@ def test_compiled_import_every_launcher_is_guarded():
             launches = "wrap_triton(_" in source or "_ext.load()." in source
             if launches and not hasattr(fn, "kernel"):
                 unguarded.append(f"{name}.{fname}")
-    assert unguarded == []
+            elif launches and fn.kernel not in runtime._FALLBACKS:
+                without_fallback.append(fn.kernel)
+    assert unguarded == [] and without_fallback == []

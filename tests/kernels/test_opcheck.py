@@ -35,8 +35,8 @@ SCALE = 64 ** -0.5
 HEAD_DIMS = [17, 0, 1]   # odd widths and a fully pruned head
 EPS = 1e-6
 GATHER = (0, 2, 3, 16)   # of 17 input rows: prefix row 0 and 3 patches, the last row too
-MODULES = ("vitslim_kernels.triton.ragged_attention", "vitslim_kernels.triton.gated_linear",
-           "vitslim_kernels.triton.layernorm_token_scale", "vitslim_kernels.triton.qkv_attention")
+MODULES = ("vitslim_kernels.ops.ragged_attention", "vitslim_kernels.ops.gated_linear",
+           "vitslim_kernels.ops.layernorm_token_scale", "vitslim_kernels.ops.qkv_attention")
 
 
 @pytest.fixture(autouse=True)
@@ -233,7 +233,7 @@ def test_backward_ops_are_their_formulas(ops):
     args[4] = torch.randn(args[4].shape, generator=g)
     args[5] = 2 + torch.rand(args[5].shape, generator=g)
     _assert_outputs_close(ops.ragged_attention_bwd(*args), ragged_attention_bwd_ref(*args), atol=1e-5)
-    from vitslim_kernels.triton.ragged_attention import ragged_attention_qkv_bwd_ref
+    from vitslim_kernels.ops.ragged_attention import ragged_attention_qkv_bwd_ref
     for bias_grad in (False, True):
         args = list(_ragged_qkv_bwd_args(ops, torch.float32, bias_grad=bias_grad))
         args[2] = torch.randn(args[2].shape, generator=g)
@@ -286,14 +286,14 @@ def _check_second_derivatives(fn, ref, inputs, rel=1e-4):
 
 
 def test_ragged_attention_second_derivatives(ops):
-    from vitslim_kernels.triton.ragged_attention import ragged_attention_triton
+    from vitslim_kernels.ops.ragged_attention import ragged_attention_triton
     inputs = [t.double() for t in _qkv(2, 17, HEAD_DIMS, torch.float64)]
     _check_second_derivatives(lambda q, k, v: ragged_attention_triton(q, k, v, HEAD_DIMS, SCALE),
                               lambda q, k, v: ragged_attention_ref(q, k, v, HEAD_DIMS, SCALE), inputs)
 
 
 def test_packed_ragged_attention_second_derivatives(ops):
-    from vitslim_kernels.triton.ragged_attention import ragged_attention_qkv_triton
+    from vitslim_kernels.ops.ragged_attention import ragged_attention_qkv_triton
     D = sum(HEAD_DIMS)
     inputs = [_randn(2, 17, 3 * D, dtype=torch.float64, scale=1.5)]
     _check_second_derivatives(lambda qkv: ragged_attention_qkv_triton(qkv, HEAD_DIMS, SCALE),
@@ -308,7 +308,7 @@ def _qkv_attention_ref(x, weight, bias, gate, head_dims, scale):
 
 @pytest.mark.parametrize("gated, bias", [(True, True), (False, True), (True, False)])
 def test_qkv_attention_second_derivatives(ops, gated, bias):
-    from vitslim_kernels.triton.qkv_attention import qkv_attention_triton
+    from vitslim_kernels.ops.qkv_attention import qkv_attention_triton
     *tensors, head_dims, scale = _qkv_attention_args(torch.float64, gated, bias)
     present = [t for t in tensors if t is not None]
 
@@ -321,7 +321,7 @@ def test_qkv_attention_second_derivatives(ops, gated, bias):
 
 
 def test_layernorm_token_scale_second_derivatives(ops):
-    from vitslim_kernels.triton.layernorm_token_scale import layernorm_token_scale_triton
+    from vitslim_kernels.ops.layernorm_token_scale import layernorm_token_scale_triton
     x, w, b, raw, *_ = _ln_fwd_args(torch.float64)
     _check_second_derivatives(lambda *t: layernorm_token_scale_triton(*t[:3], EPS, t[3], 1, GATHER),
                               lambda *t: layernorm_token_scale_ref(*t[:3], EPS, t[3], 1, GATHER), [x, w, b, raw])
@@ -329,13 +329,13 @@ def test_layernorm_token_scale_second_derivatives(ops):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_gated_linear_second_derivatives(ops, bias):
-    from vitslim_kernels.triton.gated_linear import gated_linear_triton
+    from vitslim_kernels.ops.gated_linear import gated_linear_triton
     _check_second_derivatives(gated_linear_triton, gated_linear_ref, list(_gated_linear_args(torch.float64, bias)))
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gated_gelu_linear_second_derivatives(ops, approximate):
-    from vitslim_kernels.triton.gated_linear import gated_gelu_linear_triton
+    from vitslim_kernels.ops.gated_linear import gated_gelu_linear_triton
     *inputs, _ = _gated_gelu_linear_args(torch.float64, approximate)
     _check_second_derivatives(functools.partial(gated_gelu_linear_triton, approximate=approximate),
                               functools.partial(gated_gelu_linear_ref, approximate=approximate), inputs)
@@ -400,7 +400,7 @@ def test_triton_ops_are_traced_into_compiled_import(ops, name, no_sm_query):
     tensors, so it needs no GPU (Triton's mutation analysis then warns that it found no driver and assumes
     every argument is mutated: the traced graph is still the op's implementation)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from vitslim_kernels.triton._common import uses_triton_op
+    from vitslim_kernels.runtime import uses_triton_op
     assert uses_triton_op(False) == hasattr(torch.library, "triton_op")
     if not hasattr(torch.library, "triton_op"):
         pytest.skip(f"torch {torch.__version__} has no torch.library.triton_op: the ops are custom_ops")

@@ -16,9 +16,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from vitslim_kernels import _ext, explain, ragged_attention, ragged_attention_ref, select
-from vitslim_kernels.cuda import ragged_attention as launcher
-from vitslim_kernels.dispatch import (RAGGED_CUDA_MAX_WORK, cuda_forward_unavailable,
-                                      ragged_attention_cuda_unavailable)
+from vitslim_kernels.ops import ragged_attention as launcher
+from vitslim_kernels.ops.ragged_attention import RAGGED_CUDA_MAX_WORK, cuda_refusals
 
 from .test_ext import expected_build_missing
 from .tolerance import assert_within_spec  # noqa: E402
@@ -241,24 +240,38 @@ def test_compute_sanitizer(cuda_ext, tool):
 def test_predicate_on_cpu_tensors():
     x = torch.zeros(2, 17, 18)
     assert dict(explain("ragged_attention", x))["cuda"] == "CPU tensor: the CUDA kernel runs on CUDA tensors"
-    assert cuda_forward_unavailable(torch.zeros(2, 17, 18, device="meta")) == \
-        "meta tensor: the CUDA kernel runs on CUDA tensors"
+    assert cuda_refusals(torch.zeros(2, 17, 18, device="meta")) == \
+        ["meta tensor: the CUDA kernel runs on CUDA tensors"]
 
 
 def test_predicate_on_cuda_stand_ins():
     def stand_in(dtype=torch.bfloat16, requires_grad=False):
         return SimpleNamespace(device=torch.device("cuda"), dtype=dtype, requires_grad=requires_grad)
-    assert cuda_forward_unavailable(stand_in(torch.float64)) == \
-        "dtype torch.float64 is not supported by the CUDA kernel (float32, float16, bfloat16 are)"
+    extension = [r for r in [_ext.device_unavailable(torch.device("cuda"))] if r is not None]
+    assert cuda_refusals(stand_in(torch.float64)) == \
+        ["dtype torch.float64 is not supported by the CUDA kernel (float32, float16, bfloat16 are)"]
     with torch.enable_grad():
-        assert cuda_forward_unavailable(stand_in(requires_grad=True)) == FORWARD_ONLY
+        assert cuda_refusals(stand_in(requires_grad=True)) == [FORWARD_ONLY]
     with torch.no_grad():  # no gradient will be taken: the kernel may run (if the extension and a GPU can)
-        assert cuda_forward_unavailable(stand_in(requires_grad=True)) == _ext.device_unavailable(torch.device("cuda"))
+        assert cuda_refusals(stand_in(requires_grad=True)) == extension
     with torch.inference_mode():
-        assert cuda_forward_unavailable(stand_in()) == _ext.device_unavailable(torch.device("cuda"))
+        assert cuda_refusals(stand_in()) == extension
     if not torch.cuda.is_available():
-        assert cuda_forward_unavailable(stand_in()) in (
-            "no CUDA GPU is visible (torch.cuda.is_available() is False)", _ext.unavailable())
+        assert cuda_refusals(stand_in()) in (
+            ["no CUDA GPU is visible (torch.cuda.is_available() is False)"], [_ext.unavailable()])
+
+
+def test_refusals_see_every_input_and_give_every_reason():
+    """All of q, k, v count for the gradient; every reason is listed, the head limits of the kernel included."""
+    q = torch.zeros(1, 4, 300, dtype=torch.float64)
+    with torch.enable_grad():
+        reasons = cuda_refusals(q, q, q.clone().requires_grad_(), (300,), SCALE)
+    assert reasons == ["CPU tensor: the CUDA kernel runs on CUDA tensors",
+                       "dtype torch.float64 is not supported by the CUDA kernel (float32, float16, bfloat16 are)",
+                       FORWARD_ONLY, "the CUDA kernel takes heads up to 256 wide, got a head of width 300 in [300]"]
+    assert cuda_refusals(q, q, q, (1,) * 129 + (171,), SCALE)[-1] == \
+        "the CUDA kernel takes at most 128 heads of non-zero width, got 130"
+    assert dict(explain("ragged_attention", q, q, q, (300,), SCALE))["cuda"] == "; ".join(reasons[:2] + reasons[3:])
 
 
 def test_size_limit_sends_big_batches_to_triton(monkeypatch):
@@ -267,9 +280,9 @@ def test_size_limit_sends_big_batches_to_triton(monkeypatch):
         return SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, requires_grad=False,
                                shape=torch.Size((B, N, D)))
     with torch.no_grad():
-        assert ragged_attention_cuda_unavailable(q(1, 197, 270)) is None        # bs 1: the latency case
-        assert ragged_attention_cuda_unavailable(q(12, 197, 270)) is None
-        reason = ragged_attention_cuda_unavailable(q(256, 197, 270))
+        assert cuda_refusals(q(1, 197, 270)) == []        # bs 1: the latency case
+        assert cuda_refusals(q(12, 197, 270)) == []
+        (reason,) = cuda_refusals(q(256, 197, 270))
     assert reason.startswith("B * N^2 * sum(head_dims) = 2682478080 > 134217728: Triton's tensor-core kernel")
     assert RAGGED_CUDA_MAX_WORK == 2 ** 27
 

@@ -10,6 +10,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from vitslim_kernels import explain, ragged_attention, ragged_attention_ref, select  # noqa: E402
+from vitslim_kernels.ops.ragged_attention import ragged_attention_triton  # noqa: E402
 
 from .interpreter import INTERPRETED, rerun_under_interpreter, require_interpreter  # noqa: E402
 from .tolerance import assert_within_spec  # noqa: E402
@@ -178,14 +179,17 @@ def test_dispatch_prefers_triton_under_interpreter(kernels):
     x = torch.zeros(2, 17, 18)
     assert explain("ragged_attention", x) == [("cuda", "CPU tensor: the CUDA kernel runs on CUDA tensors"),
                                               ("triton", None), ("reference", None)]
-    assert select("ragged_attention", x) is kernels.ragged_attention_triton
+    assert select("ragged_attention", x) is ragged_attention_triton
 
 
 def test_explain_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     q, k, v = (torch.randn(2, 17, 18) for _ in range(3))
+    # Every reason: this process imported triton interpreted, so unsetting the variable is a second one.
     assert dict(explain("ragged_attention", q)) == {"cuda": "CPU tensor: the CUDA kernel runs on CUDA tensors",
-                                                   "triton": "CPU tensor and TRITON_INTERPRET is not 1",
+                                                   "triton": "CPU tensor and TRITON_INTERPRET is not 1; "
+                                                             "TRITON_INTERPRET is not 1 but triton was imported "
+                                                             "with it (triton reads it once, at import)",
                                                    "reference": None}
     assert torch.equal(ragged_attention(q, k, v, (17, 1), SCALE), ragged_attention_ref(q, k, v, (17, 1), SCALE))
 
@@ -209,7 +213,7 @@ def test_explain_names_a_late_interpreter_switch(monkeypatch):
     # triton was imported interpreted; on a CUDA tensor with the variable unset, compiled kernels would be
     # mixed with triton's interpreted library, so dispatch must refuse and say why.
     monkeypatch.delenv("TRITON_INTERPRET")
-    from vitslim_kernels.dispatch import triton_unavailable
+    from vitslim_kernels.runtime import triton_unavailable
     cuda_tensor = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)  # all the predicate reads
     assert triton_unavailable(cuda_tensor) == ("TRITON_INTERPRET is not 1 but triton was imported with it "
                                                "(triton reads it once, at import)")

@@ -5,8 +5,8 @@
 ONNX goes through torch's dynamo exporter; with --fused the model is loaded as load_slim(..., fused=True) and
 its graph holds one vitslim::ragged_attention_fwd per block, which vitslim_kernels.onnx translates into
 per-head attention in standard ONNX ops; without it the graph is the plain PyTorch path. pt2 is
-torch.export.save's program; vitslim.deploy.export.load_pt2 loads either kind (torch.export.load too, once the op is
-registered: vitslim_kernels.ops.ragged_attention.ragged_attention_fwd_op() does that).
+torch.export.save's program; vitslim.deploy.export.load_pt2 loads either kind (torch.export.load too, once
+vitslim_kernels is imported: it defines the op, with or without Triton).
 The written file is loaded back and run on random images of the model's input size, and compared with the
 eager model (ONNX: onnxruntime where installed, else onnx's reference evaluator): the max error is printed,
 and the command fails (status 1) above --tolerance.
@@ -16,8 +16,6 @@ from __future__ import annotations
 import traceback
 import warnings
 from pathlib import Path
-
-from vitslim_kernels.ops.ragged_attention import ragged_attention_fwd_op
 
 from ..deploy.export import (FORMATS, MIN_OPSET, RAGGED_OP, TORCH_NOISE, check, export_onnx, export_pt2, images)
 from ..errors import UserError
@@ -61,11 +59,6 @@ def main(argv: list[str] | None = None) -> int:
                         f"got {args.opset}")
     if out.is_dir():
         raise UserError(f"-o {out} is a folder; give the file to write")
-    if args.fused:
-        try:
-            ragged_attention_fwd_op()
-        except ImportError as e:
-            raise UserError(f"--fused: {e}") from None
     model = load_slim(folder, device="cpu", fused=args.fused).float()  # deployed in float32, on CPU
     out.parent.mkdir(parents=True, exist_ok=True)
 

@@ -4,8 +4,7 @@ runs and matches the eager model.
 ONNX goes through torch's dynamo exporter; a model loaded with load_slim(..., fused=True) holds one
 vitslim::ragged_attention_fwd per block, which vitslim_kernels.onnx translates into per-head attention in standard
 ONNX ops; otherwise the graph is the plain PyTorch path. pt2 is torch.export.save's program; `load_pt2` loads
-either kind (torch.export.load too, once the op is registered: vitslim_kernels.ops.ragged_attention.
-ragged_attention_fwd_op() does that). The command is `python -m vitslim.export` (vitslim.cli.export).
+either kind (torch.export.load too, once vitslim_kernels is imported: it defines the op, Triton or not). The command is `python -m vitslim.export` (vitslim.cli.export).
 """
 from __future__ import annotations
 
@@ -106,14 +105,12 @@ def run_onnx(path: Path, x: torch.Tensor) -> tuple[torch.Tensor, str]:
 
 
 def load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
-    """torch.export.load a file written by `--format pt2`, fused or not (it registers our op first).
+    """torch.export.load a file written by `--format pt2`, fused or not (a fused program calls
+    vitslim::ragged_attention_fwd, defined by importing vitslim_kernels, with or without Triton).
 
     Call .module() on the result for an nn.Module: images (B, in_chans, H, W) -> logits (B, num_classes).
     """
-    try:
-        ragged_attention_fwd_op()  # a fused program calls vitslim::ragged_attention_fwd; loading resolves it
-    except ImportError:
-        pass  # then only a plain program can load, and torch says so for a fused one
+    ragged_attention_fwd_op()  # (the op this module's import defined: what loading resolves)
     return torch.export.load(str(path))
 
 

@@ -1,4 +1,3 @@
-"""Python launchers of the compiled CUDA kernels (vitslim_kernels._C), one module per op.
-
-Importing a launcher registers its torch.library custom op; the extension itself loads on first call.
+"""Python launchers of the compiled CUDA kernels (vitslim_kernels._C), one module per op; they import nothing from
+ops/. The op that calls a launcher is defined in ops/<op>.py; the extension itself loads on the first launch.
 """

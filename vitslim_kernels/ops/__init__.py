@@ -1,1 +1,2 @@
-"""One op per module: reference, launchers, autograd, public functional."""
+"""One op per module: argument checks, references, the torch.library ops (schema, fake, autograd), the public
+functional, its implementations registered with dispatch with their refusal rules, sample_inputs()."""

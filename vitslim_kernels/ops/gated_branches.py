@@ -14,8 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import select
-from .gated_linear import gated_gelu_linear_ref, gated_linear_ref
+from ..dispatch import no_refusals, register, select
+from ..runtime import triton_refusals
+from .gated_linear import gated_gelu_linear_ref, gated_gelu_linear_triton, gated_linear_ref
+from .qkv_attention import qkv_attention_triton
 from .ragged_attention import ragged_attention_ref
 
 
@@ -59,8 +61,6 @@ def gated_attention_branch_triton(u_scaled: torch.Tensor, qkv_weight: torch.Tens
                                   proj_bias: torch.Tensor | None, num_heads: int, scale: float) -> torch.Tensor:
     """qkv_attention (the Triton fold + cuBLAS qkv + Triton attention, one op whose backward takes the qkv bias
     gradient from the attention kernel) -> proj (cuBLAS)."""
-    from ..triton.qkv_attention import qkv_attention_triton
-
     H, d = check_gated_attention_branch_args(u_scaled, qkv_weight, attn_gate, proj_weight, num_heads)
     o = qkv_attention_triton(u_scaled, qkv_weight, qkv_bias, attn_gate.reshape(-1), (d,) * H, scale)
     return F.linear(o, proj_weight, proj_bias)
@@ -78,8 +78,6 @@ def gated_mlp_branch_triton(w_scaled: torch.Tensor, fc1_weight: torch.Tensor, fc
                             mlp_gate: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor | None,
                             approximate: str = "none") -> torch.Tensor:
     """gated_gelu_linear (cuBLAS + Triton epilogue) -> fc2 (cuBLAS)."""
-    from ..triton.gated_linear import gated_gelu_linear_triton
-
     h = gated_gelu_linear_triton(w_scaled, fc1_weight, fc1_bias, mlp_gate, approximate)
     return F.linear(h, fc2_weight, fc2_bias)
 
@@ -105,7 +103,8 @@ def gated_attention_branch(u_scaled: torch.Tensor, qkv_weight: torch.Tensor, qkv
     Gradients: u_scaled, every weight and bias, attn_gate.
     """
     _refuse_dropout("gated_attention_branch", attn_drop=attn_drop, proj_drop=proj_drop)
-    impl = select("gated_attention_branch", u_scaled, forced=implementation)
+    impl = select("gated_attention_branch", u_scaled, qkv_weight, qkv_bias, attn_gate, proj_weight, proj_bias,
+                  num_heads, scale, forced=implementation)
     return impl(u_scaled, qkv_weight, qkv_bias, attn_gate, proj_weight, proj_bias, num_heads, scale)
 
 
@@ -128,5 +127,29 @@ def gated_mlp_branch(w_scaled: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias:
     Gradients: w_scaled, every weight and bias, mlp_gate.
     """
     _refuse_dropout("gated_mlp_branch", drop=drop)
-    impl = select("gated_mlp_branch", w_scaled, forced=implementation)
+    impl = select("gated_mlp_branch", w_scaled, fc1_weight, fc1_bias, mlp_gate, fc2_weight, fc2_bias, approximate,
+                  forced=implementation)
     return impl(w_scaled, fc1_weight, fc1_bias, mlp_gate, fc2_weight, fc2_bias, approximate)
+
+
+def _triton_refusals(x: torch.Tensor, *_, **__) -> list[str]:
+    return triton_refusals(x)
+
+
+register("gated_attention_branch", "triton", lambda: gated_attention_branch_triton, _triton_refusals)
+register("gated_attention_branch", "reference", lambda: gated_attention_branch_ref, no_refusals)
+register("gated_mlp_branch", "triton", lambda: gated_mlp_branch_triton, _triton_refusals)
+register("gated_mlp_branch", "reference", lambda: gated_mlp_branch_ref, no_refusals)
+
+
+def sample_inputs(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, requires_grad: bool = False
+                  ) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) of calls of gated_attention_branch (H = 2 heads of width 8, a bias, 9 tokens); small
+    enough for the interpreter."""
+    g = torch.Generator().manual_seed(0)
+    H, d, C, N = 2, 8, 16, 9
+    t = [torch.randn(2, N, C, generator=g), torch.randn(3 * H * d, C, generator=g) * C ** -0.5,
+         torch.randn(3 * H * d, generator=g), torch.rand(H, d, generator=g), torch.randn(C, H * d, generator=g) * 0.2,
+         torch.randn(C, generator=g)]
+    t = [x.to(device=device, dtype=dtype).requires_grad_(requires_grad) for x in t]
+    return [((*t, H, d ** -0.5), {})]

@@ -10,15 +10,24 @@ row of the weight and bias, so y = x @ (g*W)^T + g*b exactly, and with W' = g*W,
 dW = g * dW', db = g * db', dg[r] = sum_c dW'[r, c] * W[r, c] + db'[r] * b[r]: O(C^2) work, no activation pass.
 The MLP gate sits after the GELU, so it cannot be folded into fc1; its gradient is a column sum of
 dh * GELU(pre) over all rows.
+
+In this file, in order: the argument checks; the references; the torch.library ops with their fake
+implementations and autograd (vitslim::gated_linear and vitslim::gated_gelu_linear, each one op over the whole
+layer, and the fold and epilogue ops their backwards call); the public functionals; their implementations
+registered with dispatch; `sample_inputs`. The ops launch the Triton epilogues of triton/gated_linear.py and
+compute the reference math on CPU tensors without the interpreter.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional  # custom_op schemas are inferred from typing.Optional on every torch we support
 
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import select
+from ..dispatch import no_refusals, register, select
+from ..runtime import compile_only_target, reference_on, register_fallback, triton_refusals
+from ._library import define_op, formula_vjp
 
 GELU_APPROXIMATIONS = ("none", "tanh")
 
@@ -127,6 +136,285 @@ def gated_gelu_bwd_ref(dh: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor |
     return da.to(pre.dtype), db, (dh * gelu).sum(0).to(gate.dtype)
 
 
+def _fold_reference(weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What _fold computes, in plain PyTorch: (g*W, g*b or (0,)) in `dtype`, row r scaled by gate[r % R]."""
+    O = weight.shape[0]
+    math_dtype = torch.promote_types(weight.dtype, torch.float32)
+    g = gate.reshape(-1).to(math_dtype).repeat(O // gate.numel())
+    wf = (weight.to(math_dtype) * g[:, None]).to(dtype).contiguous()
+    bf = (bias.to(math_dtype) * g).to(dtype) if bias is not None else weight.new_empty((0,), dtype=dtype)
+    return wf, bf
+
+
+def _gelu_fwd_reference(pre: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, approximate: str
+                        ) -> torch.Tensor:
+    """What _gelu_fwd computes, in plain PyTorch: GELU(pre + bias) * gate in fp32, rounded to pre's dtype."""
+    math_dtype = torch.promote_types(pre.dtype, torch.float32)
+    a = pre.to(math_dtype) + bias.to(math_dtype) if bias is not None else pre.to(math_dtype)
+    return (torch.nn.functional.gelu(a, approximate=approximate) * gate.to(math_dtype)).to(pre.dtype)
+
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The torch.library ops (triton_op or custom_op: see ops/_library.py) and their autograd
+#
+# The public functions are gated_linear and gated_gelu_linear, each one op over the whole layer (Triton +
+# cuBLAS). Not the fold (or epilogue) op plus an aten matmul with autograd in between: the folded weight's
+# gradient dW' = dy^T @ x would then reach the fold's backward rounded to the half-precision matmul dtype, and
+# dgate sums C of its products (module docstring). The fold and epilogue ops keep their own autograd too.
+# An absent bias comes back as an empty tensor (a custom op returns tensors, not None).
+# ---------------------------------------------------------------------------------------------------------
+
+def _kernels():
+    from ..triton import gated_linear as kernels  # optional: needs triton; imported when a kernel first runs
+    return kernels
+
+
+def _fold(weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, dtype: torch.dtype
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g*W, g*b or (0,)) in `dtype`: the Triton fold, or the reference on CPU tensors without the interpreter."""
+    if reference_on(weight):
+        return _fold_reference(weight, bias, gate, dtype)
+    return _kernels()._fold(weight, bias, gate, dtype)
+
+
+def _fold_bwd(dwf: torch.Tensor, dbf: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+              gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if reference_on(weight):
+        return gated_linear_fold_bwd_ref(dwf, dbf, weight, bias, gate)
+    return _kernels()._fold_bwd(dwf, dbf, weight, bias, gate)
+
+
+def _gelu_fwd(pre: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, approximate: str) -> torch.Tensor:
+    if reference_on(pre):
+        return _gelu_fwd_reference(pre, bias, gate, approximate)
+    return _kernels()._gelu_fwd(pre, bias, gate, approximate)
+
+
+def _gelu_bwd(dh: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, approximate: str
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if reference_on(pre):
+        return gated_gelu_bwd_ref(dh, pre, bias, gate, approximate)
+    return _kernels()._gelu_bwd(dh, pre, bias, gate, approximate)
+
+
+def _gated_linear_fold(weight: torch.Tensor, bias: Optional[torch.Tensor], gate: torch.Tensor, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g*W (O, K) contiguous, g*b (O,) or (0,) without a bias), both in `dtype`; row r uses gate[r % R]."""
+    return _fold(weight, bias, gate, dtype)
+
+
+def _gated_linear_fold_fake(weight, bias, gate, dtype):
+    return weight.new_empty(weight.shape, dtype=dtype), weight.new_empty((weight.shape[0] if bias is not None
+                                                                           else 0,), dtype=dtype)
+
+
+def _gated_linear_fold_bwd(dweight_folded: torch.Tensor, dbias_folded: Optional[torch.Tensor], weight: torch.Tensor,
+                           bias: Optional[torch.Tensor], gate: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dW like weight, db like bias or (0,), dgate like gate) from the gradients of g*W and g*b (fp32); the
+    bias gradient db' is given exactly when there is a bias."""
+    return _fold_bwd(dweight_folded, dbias_folded, weight, bias, gate)
+
+
+def _gated_linear_fold_bwd_fake(dweight_folded, dbias_folded, weight, bias, gate):
+    db = bias.new_empty(bias.shape) if bias is not None else weight.new_empty((0,))
+    return weight.new_empty(weight.shape), db, gate.new_empty(gate.shape)
+
+
+def _gated_gelu_fwd(pre: torch.Tensor, bias: Optional[torch.Tensor], gate: torch.Tensor, approximate: str
+                    ) -> torch.Tensor:
+    """GELU(pre + bias) * gate: (T, M) like pre."""
+    return _gelu_fwd(pre, bias, gate, approximate)
+
+
+def _gated_gelu_fwd_fake(pre, bias, gate, approximate):
+    return pre.new_empty(pre.shape)
+
+
+def _gated_gelu_bwd(dh: torch.Tensor, pre: torch.Tensor, bias: Optional[torch.Tensor], gate: torch.Tensor,
+                    approximate: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dpre (T, M) like pre, dbias (M,) like bias or (0,), dgate (M,) like gate)."""
+    return _gelu_bwd(dh, pre, bias, gate, approximate)
+
+
+def _gated_gelu_bwd_fake(dh, pre, bias, gate, approximate):
+    db = bias.new_empty(bias.shape) if bias is not None else pre.new_empty((0,))
+    return pre.new_empty(pre.shape), db, gate.new_empty(gate.shape)
+
+
+def _gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gate: torch.Tensor
+                  ) -> torch.Tensor:
+    """y = x @ (g*W)^T + g*b: (T, O) contiguous in x's dtype, for x (T, K): the Triton fold, then one cuBLAS
+    addmm (the bias in its epilogue)."""
+    wf, bf = _fold(weight, bias, gate, x.dtype)
+    return torch.addmm(bf, x, wf.t()) if bias is not None else torch.mm(x, wf.t())
+
+
+def _gated_linear_fake(x, weight, bias, gate):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _gated_gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gate: torch.Tensor,
+                       approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, pre), both (T, M) contiguous in x's dtype, for x (T, C): pre = x @ W^T (cuBLAS, no bias) and
+    h = GELU(pre + bias) * gate (the Triton epilogue). pre is what the backward reads."""
+    pre = torch.mm(x, weight.to(x.dtype).t())
+    return _gelu_fwd(pre, bias, gate, approximate), pre
+
+
+def _gated_gelu_linear_fake(x, weight, bias, gate, approximate):
+    shape = (x.shape[0], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+gated_linear_fold = define_op("vitslim::gated_linear_fold", _gated_linear_fold, _gated_linear_fold_fake)
+gated_linear_fold_bwd = define_op("vitslim::gated_linear_fold_bwd", _gated_linear_fold_bwd,
+                                  _gated_linear_fold_bwd_fake)
+gated_gelu_fwd = define_op("vitslim::gated_gelu_fwd", _gated_gelu_fwd, _gated_gelu_fwd_fake)
+gated_gelu_bwd = define_op("vitslim::gated_gelu_bwd", _gated_gelu_bwd, _gated_gelu_bwd_fake)
+gated_linear_op = define_op("vitslim::gated_linear", _gated_linear, _gated_linear_fake)
+gated_gelu_linear_op = define_op("vitslim::gated_gelu_linear", _gated_gelu_linear, _gated_gelu_linear_fake)
+
+
+def mm_out(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b written in `dtype`: a weight gradient from half-precision activations straight into fp32, with no
+    rounding to the half type in between (the rounding would enter dgate = sum_c dW' * W, C terms deep)."""
+    if dtype == a.dtype:
+        return torch.mm(a, b)
+    if dtype != torch.float32 or a.dtype not in (torch.float16, torch.bfloat16):
+        return torch.mm(a, b).to(dtype)
+    on_gpu = a.is_cuda or compile_only_target() is not None  # compile_only: record what a GPU would run
+    if on_gpu and not torch.is_grad_enabled():  # (grad enabled: a double backward differentiates this)
+        if _HAS_MM_OUT_DTYPE and a.is_cuda:
+            return torch.mm(a, b, out_dtype=dtype)  # cuBLAS: half inputs, fp32 accumulation and output
+        return torch.mm(a, b).to(dtype)
+    return torch.mm(a.to(dtype), b.to(dtype))  # the same product (half -> fp32 is exact), differentiable
+
+
+_HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # aten::mm.dtype (torch >= 2.8; CUDA only)
+
+
+def _fold_setup_context(ctx, inputs, output):
+    weight, bias, gate, _ = inputs
+    ctx.save_for_backward(weight, bias, gate)
+    ctx.set_materialize_grads(False)
+
+
+def _fold_backward(ctx, dwf, dbf):
+    weight, bias, gate = ctx.saved_tensors
+    if (dwf is None and dbf is None) or not any(ctx.needs_input_grad[:3]):
+        return None, None, None, None
+    dwf = dwf if dwf is not None else weight.new_zeros(weight.shape, dtype=torch.float32)
+    if bias is not None:
+        dbf = dbf.to(torch.float32) if dbf is not None else bias.new_zeros(bias.shape, dtype=torch.float32)
+    else:
+        dbf = None
+    dw, db, dg = torch.ops.vitslim.gated_linear_fold_bwd(dwf, dbf, weight, bias, gate)
+    return dw, db if bias is not None else None, dg, None
+
+
+def _formula_setup_context(ctx, inputs, output):
+    """For the backward ops: their backward is the VJP of their formula (the ops/ reference), on saved inputs."""
+    ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor) or t is None))
+    ctx.rest = tuple(a for a in inputs if not (isinstance(a, torch.Tensor) or a is None))
+    ctx.set_materialize_grads(False)
+
+
+def _fold_bwd_backward(ctx, ddw, ddb, ddg):
+    """Double backward: the VJP of gated_linear_fold_bwd_ref (bilinear in (dW', db') and (W, b, gate))."""
+    return formula_vjp(gated_linear_fold_bwd_ref, ctx.saved_tensors, (ddw, ddb, ddg), ctx.needs_input_grad)
+
+
+def _gelu_fwd_setup_context(ctx, inputs, output):
+    pre, bias, gate, approximate = inputs
+    ctx.save_for_backward(pre, bias, gate)
+    ctx.approximate = approximate
+
+
+def _gelu_fwd_backward(ctx, dh):
+    pre, bias, gate = ctx.saved_tensors
+    dpre, db, dg = torch.ops.vitslim.gated_gelu_bwd(dh, pre, bias, gate, ctx.approximate)
+    return dpre, db if bias is not None else None, dg, None
+
+
+def _gelu_bwd_backward(ctx, ddpre, ddb, ddg):
+    """Double backward: the VJP of gated_gelu_bwd_ref."""
+    args = (*ctx.saved_tensors, *ctx.rest)
+    return formula_vjp(gated_gelu_bwd_ref, args, (ddpre, ddb, ddg), ctx.needs_input_grad)
+
+
+def _gated_linear_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # x, weight, bias, gate; the folded weight is recomputed (O(O*K))
+
+
+def _gated_linear_backward(ctx, dy):
+    """cuBLAS dx = dy @ W' and dW' = dy^T @ x (fp32), column sum db' (fp32), then the Triton weight epilogue."""
+    x, weight, bias, gate = ctx.saved_tensors
+    dx = dw = db = dg = None
+    if ctx.needs_input_grad[0]:
+        wf, _ = torch.ops.vitslim.gated_linear_fold(weight, bias, gate, x.dtype)
+        dx = torch.mm(dy, wf)
+    if any(ctx.needs_input_grad[1:4]):
+        dwf = mm_out(dy.t(), x, torch.float32)  # fp32 dW' for dW and dgate
+        dbf = dy.sum(0, dtype=torch.float32) if bias is not None else None
+        dw, db, dg = torch.ops.vitslim.gated_linear_fold_bwd(dwf, dbf, weight, bias, gate)
+    return dx, dw, db if bias is not None else None, dg
+
+
+def _gated_gelu_linear_setup_context(ctx, inputs, output):
+    x, weight, bias, gate, approximate = inputs
+    ctx.save_for_backward(x, weight, bias, gate, output[1])  # pre, in the matmul dtype
+    ctx.approximate = approximate
+    ctx.set_materialize_grads(False)  # pre is an output too; its gradient is None unless someone used it
+
+
+def _gated_gelu_linear_backward(ctx, dh, dpre_out):
+    """The Triton epilogue's backward (dpre, db, dgate in one pass), then cuBLAS dx = dpre @ W, dW = dpre^T @ x."""
+    x, weight, bias, gate, pre = ctx.saved_tensors
+    if dh is None and dpre_out is None:
+        return None, None, None, None, None
+    if dh is None:
+        dh = torch.zeros_like(pre)
+    dpre, db, dg = torch.ops.vitslim.gated_gelu_bwd(dh, pre, bias, gate, ctx.approximate)
+    if dpre_out is not None:
+        dpre = dpre + dpre_out
+    dx = torch.mm(dpre, weight.to(x.dtype)) if ctx.needs_input_grad[0] else None
+    dw = mm_out(dpre.t(), x, weight.dtype) if ctx.needs_input_grad[1] else None
+    return dx, dw, db if bias is not None else None, dg, None
+
+
+gated_linear_fold.register_autograd(_fold_backward, setup_context=_fold_setup_context)
+gated_linear_fold_bwd.register_autograd(_fold_bwd_backward, setup_context=_formula_setup_context)
+gated_gelu_fwd.register_autograd(_gelu_fwd_backward, setup_context=_gelu_fwd_setup_context)
+gated_gelu_bwd.register_autograd(_gelu_bwd_backward, setup_context=_formula_setup_context)
+gated_linear_op.register_autograd(_gated_linear_backward, setup_context=_gated_linear_setup_context)
+gated_gelu_linear_op.register_autograd(_gated_gelu_linear_backward, setup_context=_gated_gelu_linear_setup_context)
+
+
+def gated_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor
+                        ) -> torch.Tensor:
+    """Triton (+ cuBLAS) implementation of vitslim_kernels.gated_linear: (..., K) -> (..., O)."""
+    check_gated_linear_args(x, weight, bias, gate)
+    dtype = compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):  # the matmuls run in `dtype` explicitly
+        y = torch.ops.vitslim.gated_linear(x.to(dtype).reshape(-1, x.shape[-1]), weight, bias, gate.reshape(-1))
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def gated_gelu_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
+                             approximate: str = "none") -> torch.Tensor:
+    """Triton (+ cuBLAS) implementation of vitslim_kernels.gated_gelu_linear: (..., C) -> (..., M)."""
+    check_gated_gelu_linear_args(x, weight, bias, gate, approximate)
+    dtype = compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        h, _ = torch.ops.vitslim.gated_gelu_linear(x.to(dtype).reshape(-1, x.shape[-1]), weight, bias, gate,
+                                                   approximate)
+    return h.view(*x.shape[:-1], weight.shape[0])
+
+
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, *,
                  implementation: str | None = None) -> torch.Tensor:
     """y = (x @ weight^T + bias) * gate.repeat(out_features // R): a row-gated linear map (the gated qkv).
@@ -144,7 +432,7 @@ def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         vitslim_kernels.ragged_attention reads without a copy.
     Gradients: x, weight, bias, gate.
     """
-    impl = select("gated_linear", x, forced=implementation)
+    impl = select("gated_linear", x, weight, bias, gate, forced=implementation)
     return impl(x, weight, bias, gate)
 
 
@@ -162,5 +450,37 @@ def gated_gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         (..., M) in the matmul dtype (the autocast dtype under autocast, else x.dtype).
     Gradients: x, weight, bias, gate.
     """
-    impl = select("gated_gelu_linear", x, forced=implementation)
+    impl = select("gated_gelu_linear", x, weight, bias, gate, approximate, forced=implementation)
     return impl(x, weight, bias, gate, approximate)
+
+
+def _triton_refusals(x: torch.Tensor, *_, **__) -> list[str]:
+    return triton_refusals(x)
+
+
+register("gated_linear", "triton", lambda: gated_linear_triton, _triton_refusals)
+register("gated_linear", "reference", lambda: gated_linear_ref, no_refusals)
+register("gated_gelu_linear", "triton", lambda: gated_gelu_linear_triton, _triton_refusals)
+register("gated_gelu_linear", "reference", lambda: gated_gelu_linear_ref, no_refusals)
+register_fallback("gated_linear_fold", _fold_reference)
+register_fallback("gated_linear_fold_bwd", gated_linear_fold_bwd_ref)
+register_fallback("gated_gelu_fwd", _gelu_fwd_reference)
+register_fallback("gated_gelu_bwd", gated_gelu_bwd_ref)
+
+
+def sample_inputs(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, requires_grad: bool = False
+                  ) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) of calls of gated_linear (the qkv shape: one gate per head dim, repeated for q, k, v; with and
+    without a bias; an odd token count); small enough for the interpreter."""
+    cases = []
+    for C, R, T, bias in ((24, 12, 17, True), (16, 8, 5, False)):
+        g = torch.Generator().manual_seed(C)
+        x = torch.randn(2, T, C, generator=g).to(device=device, dtype=dtype)
+        w = torch.randn(3 * R, C, generator=g).to(device=device, dtype=dtype) * C ** -0.5
+        b = torch.randn(3 * R, generator=g).to(device=device, dtype=dtype) if bias else None
+        gate = torch.rand(R, generator=g).to(device=device, dtype=dtype)
+        for t in (x, w, b, gate):
+            if t is not None:
+                t.requires_grad_(requires_grad)
+        cases.append(((x, w, b, gate), {}))
+    return cases

@@ -7,16 +7,25 @@ Output row i of every image is the LayerNorm of input row src(i) times a per-pos
 with src(i) = gather_index[i] when a gather is given (the kept positions, the same for every image: prefix
 first, then the kept patches), else src(i) = i. Prefix tokens (class, distillation, register) are never scaled.
 Input rows left out by the gather get a zero gradient.
+
+In this file, in order: the gather index helpers and argument checks; the references; the torch.library ops
+vitslim::layernorm_token_scale_fwd -> (y, mean, rstd) and vitslim::layernorm_token_scale_bwd with their fake
+implementations and autograd; the public functional; its implementations registered with dispatch;
+`sample_inputs`. The ops launch the Triton kernels of triton/layernorm_token_scale.py and compute the reference
+math on CPU tensors without the interpreter.
 """
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Optional  # custom_op schemas are inferred from typing.Optional on every torch we support
 
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import select
+from ..dispatch import no_refusals, register, select
+from ..runtime import reference_on, register_fallback, triton_refusals
+from ._library import define_op, formula_vjp
 
 GatherIndex = torch.Tensor | Sequence[int]
 
@@ -152,6 +161,126 @@ def layernorm_token_scale_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: tor
             dtoken.to(token_raw.dtype))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The torch.library ops (triton_op or custom_op: see ops/_library.py) and their autograd
+# ---------------------------------------------------------------------------------------------------------
+
+def _kernels():
+    from ..triton import layernorm_token_scale as kernels  # optional: needs triton; imported when a kernel runs
+    return kernels
+
+
+def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_raw: torch.Tensor,
+         gather: torch.Tensor | None, num_prefix: int, eps: float, out_dtype: torch.dtype
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if reference_on(x):
+        return layernorm_token_scale_fwd_ref(x, weight, bias, token_raw, gather, num_prefix, eps, out_dtype)
+    return _kernels()._fwd(x, weight, bias, token_raw, gather, num_prefix, eps, out_dtype)
+
+
+def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_raw: torch.Tensor,
+         inverse: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, num_prefix: int
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if reference_on(x):
+        return layernorm_token_scale_bwd_ref(dy, x, weight, bias, token_raw, inverse, mean, rstd, num_prefix)
+    return _kernels()._bwd(dy, x, weight, bias, token_raw, inverse, mean, rstd, num_prefix)
+
+
+def _layernorm_token_scale_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_raw: torch.Tensor,
+                               gather: Optional[torch.Tensor], inverse: Optional[torch.Tensor], num_prefix: int,
+                               eps: float, out_dtype: torch.dtype
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y (B, N_out, C) in out_dtype, mean (B, N_out) fp32, rstd (B, N_out) fp32).
+
+    gather: (N_out,) int64 input row of each output row, or None; inverse: its inverse map (N_in,) int32
+    (inverse_index), read only by the backward (passed in so it is built once per gather, not per step), or None
+    to have the backward build it.
+    """
+    return _fwd(x, weight, bias, token_raw, gather, num_prefix, eps, out_dtype)
+
+
+def _layernorm_token_scale_fwd_fake(x, weight, bias, token_raw, gather, inverse, num_prefix, eps, out_dtype):
+    B, N_in, C = x.shape
+    N_out = N_in if gather is None else gather.shape[0]
+    return (x.new_empty((B, N_out, C), dtype=out_dtype), x.new_empty((B, N_out), dtype=torch.float32),
+            x.new_empty((B, N_out), dtype=torch.float32))
+
+
+def _layernorm_token_scale_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                               token_raw: torch.Tensor, inverse: Optional[torch.Tensor], mean: torch.Tensor,
+                               rstd: torch.Tensor, num_prefix: int
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx like x, dweight like weight, dbias like bias, dtoken_raw like token_raw)."""
+    return _bwd(dy, x, weight, bias, token_raw, inverse, mean, rstd, num_prefix)
+
+
+def _layernorm_token_scale_bwd_fake(dy, x, weight, bias, token_raw, inverse, mean, rstd, num_prefix):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape), \
+        token_raw.new_empty(token_raw.shape)
+
+
+layernorm_token_scale_fwd = define_op("vitslim::layernorm_token_scale_fwd", _layernorm_token_scale_fwd,
+                                      _layernorm_token_scale_fwd_fake)
+layernorm_token_scale_bwd = define_op("vitslim::layernorm_token_scale_bwd", _layernorm_token_scale_bwd,
+                                      _layernorm_token_scale_bwd_fake)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    x, weight, bias, token_raw, gather, inverse, num_prefix, eps, out_dtype = inputs
+    _, mean, rstd = output
+    if gather is not None and inverse is None:
+        inverse = inverse_index(gather, x.shape[1])
+    ctx.save_for_backward(x, weight, bias, token_raw, gather, inverse, mean, rstd)
+    ctx.num_prefix, ctx.eps, ctx.out_dtype = num_prefix, eps, out_dtype
+    ctx.set_materialize_grads(False)  # unused mean and rstd get None, not zero tensors to add
+
+
+def _fwd_backward(ctx, dy, dmean, drstd):
+    x, weight, bias, token_raw, gather, inverse, mean, rstd = ctx.saved_tensors
+    if dy is None and dmean is None and drstd is None:
+        return (None,) * 9
+    if dy is None:
+        dy = x.new_zeros((*mean.shape, x.shape[-1]), dtype=ctx.out_dtype)
+    dx, dweight, dbias, dtoken = torch.ops.vitslim.layernorm_token_scale_bwd(
+        dy, x, weight, bias, token_raw, inverse, mean, rstd, ctx.num_prefix)
+    if dmean is not None or drstd is not None:
+        # mean and rstd are differentiable outputs (the backward op reads them, so second derivatives flow
+        # through them); only a double backward or a caller of the op itself gives them a gradient.
+        args = (x, weight, bias, token_raw, gather, ctx.num_prefix, ctx.eps, ctx.out_dtype)
+        dx_stats = formula_vjp(layernorm_token_scale_fwd_ref, args, (None, dmean, drstd),
+                               (True,) + (False,) * 7)[0]
+        dx = dx + dx_stats
+    return dx, dweight, dbias, dtoken, None, None, None, None, None
+
+
+def _bwd_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8])
+    ctx.num_prefix = inputs[8]
+    ctx.set_materialize_grads(False)
+
+
+def _bwd_backward(ctx, ddx, ddweight, ddbias, ddtoken):
+    """Double backward: the VJP of layernorm_token_scale_bwd_ref, the backward as a function of dy, x, the
+    parameters, mean and rstd."""
+    args = (*ctx.saved_tensors, ctx.num_prefix)
+    return formula_vjp(layernorm_token_scale_bwd_ref, args, (ddx, ddweight, ddbias, ddtoken), ctx.needs_input_grad)
+
+
+layernorm_token_scale_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+layernorm_token_scale_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
+
+
+def layernorm_token_scale_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                                 token_raw: torch.Tensor, num_prefix: int, gather_index=None, *,
+                                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Triton implementation of vitslim_kernels.layernorm_token_scale: (B, N_in, C) -> (B, N_out, C)."""
+    check_layernorm_token_scale_args(x, weight, bias, token_raw, num_prefix, gather_index)
+    gather, inverse = gather_tensors(gather_index, x.shape[1], x.device)
+    y, _, _ = torch.ops.vitslim.layernorm_token_scale_fwd(x, weight, bias, token_raw, gather, inverse,
+                                                          int(num_prefix), float(eps), out_dtype or x.dtype)
+    return y
+
+
 def layernorm_token_scale(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                           token_raw: torch.Tensor, num_prefix: int, gather_index: GatherIndex | None = None,
                           *, out_dtype: torch.dtype | None = None, implementation: str | None = None
@@ -173,5 +302,34 @@ def layernorm_token_scale(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         (B, N_out, C) with N_out = num_prefix + P_kept.
     Gradients: x, weight, bias and token_raw.
     """
-    impl = select("layernorm_token_scale", x, forced=implementation)
+    impl = select("layernorm_token_scale", x, weight, bias, eps, token_raw, num_prefix, gather_index,
+                  out_dtype=out_dtype, forced=implementation)
     return impl(x, weight, bias, eps, token_raw, num_prefix, gather_index, out_dtype=out_dtype)
+
+
+def _triton_refusals(x: torch.Tensor, *_, **__) -> list[str]:
+    return triton_refusals(x)
+
+
+register("layernorm_token_scale", "triton", lambda: layernorm_token_scale_triton, _triton_refusals)
+register("layernorm_token_scale", "reference", lambda: layernorm_token_scale_ref, no_refusals)
+register_fallback("layernorm_token_scale_fwd", layernorm_token_scale_fwd_ref)
+register_fallback("layernorm_token_scale_bwd", layernorm_token_scale_bwd_ref)
+
+
+def sample_inputs(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, requires_grad: bool = False
+                  ) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) of calls of layernorm_token_scale: a class token and a gather that drops patches, no gather,
+    no prefix; odd widths; small enough for the interpreter."""
+    cases = []
+    for C, N, R, gather in ((40, 17, 1, (0, 1, 4, 9, 16)), (32, 9, 0, None)):
+        g = torch.Generator().manual_seed(C)
+        x = torch.randn(3, N, C, generator=g).to(device=device, dtype=dtype)
+        w = (1 + 0.1 * torch.randn(C, generator=g)).to(device=device, dtype=dtype)
+        b = (0.1 * torch.randn(C, generator=g)).to(device=device, dtype=dtype)
+        kept = (len(gather) if gather is not None else N) - R
+        raw = torch.randn(kept, generator=g).to(device=device, dtype=dtype)
+        for t in (x, w, b, raw):
+            t.requires_grad_(requires_grad)
+        cases.append(((x, w, b, 1e-6, raw, R, gather), {}))
+    return cases

@@ -2,6 +2,15 @@
 
 q, k, v are (B, N, sum(head_dims)) with the heads packed in order; head h occupies columns
 [offset_h, offset_h + head_dims[h]). A zero-width head contributes nothing (its output slice is empty).
+
+In this file, in order: the argument checks; the references (the functional's, and those of each op below);
+the torch.library ops with their fake implementations and autograd, vitslim::ragged_attention_fwd -> (o, lse)
+and vitslim::ragged_attention_bwd -> (dq, dk, dv), the packed ones on one (B, N, 3D) qkv
+(vitslim::ragged_attention_qkv_fwd / _qkv_bwd), and vitslim::ragged_attention_fwd_cuda, the CUDA C++ forward for
+inference; the public functional `ragged_attention`; its implementations registered with dispatch (cuda, triton,
+reference) with their refusal rules; `sample_inputs`. The ops launch the Triton kernels of triton/ragged_attention.py
+(the CUDA one: cuda/ragged_attention.py) and compute the reference math on CPU tensors without the interpreter,
+so they run, and torch.export of a fused model traces them, anywhere.
 """
 from __future__ import annotations
 
@@ -9,8 +18,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ..dispatch import select
+from .. import _ext
+from ..dispatch import no_refusals, register, select
+from ..runtime import reference_on, register_fallback, triton_refusals
+from ._library import define_op, formula_vjp
 
 
 def check_ragged_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int]) -> tuple[int, ...]:
@@ -116,6 +129,313 @@ def ragged_attention_bwd_ref(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     return _cat_heads(dqs, q), _cat_heads(dks, q), _cat_heads(dvs, q)
 
 
+def _bwd_reference(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, head_dims: Sequence[int], scale: float,
+                   out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, bias_sum: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What _bwd computes, in plain PyTorch (ragged_attention_bwd_ref), written into `out` when given."""
+    grads = ragged_attention_bwd_ref(do, q, k, v, o, lse, head_dims, scale)
+    dbias = torch.cat([g.sum((0, 1), dtype=torch.float32) for g in grads]) if bias_sum else None
+    if out is not None:
+        for buffer, g in zip(out, grads):
+            buffer.copy_(g)
+        grads = out
+    return (*grads, dbias)
+
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The torch.library ops (triton_op or custom_op: see ops/_library.py) and their autograd
+# ---------------------------------------------------------------------------------------------------------
+
+def _kernels():
+    from ..triton import ragged_attention as kernels  # optional: needs triton; imported when a kernel first runs
+    return kernels
+
+
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int], scale: float
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) by the Triton kernel, or by the reference on CPU tensors without the interpreter."""
+    if reference_on(q):
+        return ragged_attention_fwd_ref(q, k, v, head_dims, scale)
+    return _kernels()._fwd(q, k, v, head_dims, scale)
+
+
+def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+         head_dims: Sequence[int], scale: float, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+         bias_sum: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dq, dk, dv, dbias) by the Triton kernel (written into `out` when given; see its launcher), or by the
+    reference on CPU tensors without the interpreter."""
+    if reference_on(q):
+        return _bwd_reference(do, q, k, v, o, lse, head_dims, scale, out, bias_sum)
+    return _kernels()._bwd(do, q, k, v, o, lse, head_dims, scale, out=out, bias_sum=bias_sum)
+
+
+def _ragged_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: list[int], scale: float
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse): o (B, N, D) like q; lse (B, H_kept, N) float32, one row per head of non-zero width."""
+    return _fwd(q, k, v, head_dims, scale)
+
+
+def _ragged_attention_fwd_fake(q, k, v, head_dims, scale):
+    B, N, D = q.shape
+    H = sum(1 for w in head_dims if w > 0)
+    return q.new_empty((B, N, D)), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+def _ragged_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                          lse: torch.Tensor, head_dims: list[int], scale: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each (B, N, D) like q."""
+    return _bwd(do, q, k, v, o, lse, head_dims, scale)[:3]
+
+
+def _ragged_attention_bwd_fake(do, q, k, v, o, lse, head_dims, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+ragged_attention_fwd = define_op("vitslim::ragged_attention_fwd", _ragged_attention_fwd,
+                                 _ragged_attention_fwd_fake)
+ragged_attention_bwd = define_op("vitslim::ragged_attention_bwd", _ragged_attention_bwd,
+                                 _ragged_attention_bwd_fake)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, head_dims, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)  # q, k, v may be views of one qkv tensor: nothing is copied
+    ctx.head_dims, ctx.scale = list(head_dims), scale
+    ctx.set_materialize_grads(False)  # an unused lse gets None, not a zero tensor to add
+
+
+def _fwd_backward(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    if do is None and dlse is None:
+        return None, None, None, None, None
+    dq, dk, dv = torch.ops.vitslim.ragged_attention_bwd(do if do is not None else torch.zeros_like(o),
+                                                        q, k, v, o, lse, ctx.head_dims, ctx.scale)
+    if dlse is not None:
+        # lse is a differentiable output (the backward op reads it, so second derivatives flow through it);
+        # only a double backward or a caller of the op itself gives it a gradient: plain PyTorch then.
+        dq2, dk2, dv2, _, _ = formula_vjp(ragged_attention_fwd_ref, (q, k, v, ctx.head_dims, ctx.scale),
+                                          (None, dlse), ctx.needs_input_grad)
+        dq, dk, dv = dq + dq2, dk + dk2, dv + dv2
+    return dq, dk, dv, None, None
+
+
+def _bwd_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6])
+    ctx.head_dims, ctx.scale = list(inputs[6]), inputs[7]
+    ctx.set_materialize_grads(False)
+
+
+def _bwd_backward(ctx, ddq, ddk, ddv):
+    """Double backward: the derivatives of ragged_attention_bwd_ref, the backward as a function of do, q, k, v,
+    o and lse, in plain PyTorch (materialises each head's (B, N, N) scores: second derivatives only)."""
+    args = (*ctx.saved_tensors, ctx.head_dims, ctx.scale)
+    return formula_vjp(ragged_attention_bwd_ref, args, (ddq, ddk, ddv), ctx.needs_input_grad)
+
+
+ragged_attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+ragged_attention_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
+
+
+# The packed ops: q, k, v as the three (B, N, D) column blocks of one (B, N, 3D) qkv tensor, as a fused qkv
+# projection gives them. The backward writes dq, dk, dv into one (B, N, 3D) dqkv that the projection's weight
+# gradient reads directly: with separate q, k, v inputs, autograd's backward of qkv.split concatenates three
+# gradients instead (one more write and read of (B, N, 3D): ~232 MB per block at DeiT-S batch 256, bf16).
+
+def _split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    D = qkv.shape[-1] // 3
+    return qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:]
+
+
+def _ragged_attention_qkv_fwd(qkv: torch.Tensor, head_dims: list[int], scale: float
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) of q, k, v = the column thirds of qkv (B, N, 3D): o (B, N, D), lse (B, H_kept, N) float32."""
+    return _fwd(*_split_qkv(qkv), head_dims, scale)
+
+
+def _ragged_attention_qkv_fwd_fake(qkv, head_dims, scale):
+    B, N, D3 = qkv.shape
+    H = sum(1 for w in head_dims if w > 0)
+    return qkv.new_empty((B, N, D3 // 3)), qkv.new_empty((B, H, N), dtype=torch.float32)
+
+
+def _ragged_attention_qkv_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                              head_dims: list[int], scale: float, bias_grad: bool
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dqkv (B, N, 3D) like qkv, dbias): with bias_grad, dbias is the (3D,) fp32 sum of dqkv over B and N (the
+    gradient of a bias added to qkv), summed by the kernel as it writes dqkv, so no pass reads dqkv for it;
+    otherwise an empty (0,) tensor."""
+    dqkv = (torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device) if reference_on(qkv)
+            else _kernels()._alloc(qkv.shape, qkv))
+    *_, dbias = _bwd(do, *_split_qkv(qkv), o, lse, head_dims, scale, out=_split_qkv(dqkv), bias_sum=bias_grad)
+    return dqkv, dbias if bias_grad else qkv.new_empty((0,), dtype=torch.float32)
+
+
+def _ragged_attention_qkv_bwd_fake(do, qkv, o, lse, head_dims, scale, bias_grad):
+    return qkv.new_empty(qkv.shape), qkv.new_empty((qkv.shape[2] if bias_grad else 0,), dtype=torch.float32)
+
+
+def ragged_attention_qkv_bwd_ref(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                                 head_dims: Sequence[int], scale: float, bias_grad: bool = False
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed backward in plain PyTorch: ragged_attention_bwd_ref on the thirds, concatenated, and with
+    bias_grad their column sums (in fp32, or fp64 for fp64 inputs), else an empty (0,) tensor."""
+    grads = ragged_attention_bwd_ref(do, *_split_qkv(qkv), o, lse, head_dims, scale)
+    dqkv = torch.cat(grads, dim=-1)
+    sum_dtype = torch.promote_types(dqkv.dtype, torch.float32)
+    if not bias_grad:
+        return dqkv, dqkv.new_empty((0,), dtype=sum_dtype)
+    return dqkv, torch.cat([g.sum((0, 1), dtype=sum_dtype) for g in grads])
+
+
+def _qkv_fwd_ref(qkv, head_dims, scale):
+    return ragged_attention_fwd_ref(*_split_qkv(qkv), head_dims, scale)
+
+
+ragged_attention_qkv_fwd = define_op("vitslim::ragged_attention_qkv_fwd", _ragged_attention_qkv_fwd,
+                                     _ragged_attention_qkv_fwd_fake)
+ragged_attention_qkv_bwd = define_op("vitslim::ragged_attention_qkv_bwd", _ragged_attention_qkv_bwd,
+                                     _ragged_attention_qkv_bwd_fake)
+
+
+def _qkv_fwd_setup_context(ctx, inputs, output):
+    qkv, head_dims, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(qkv, o, lse)
+    ctx.head_dims, ctx.scale = list(head_dims), scale
+    ctx.set_materialize_grads(False)
+
+
+def _qkv_fwd_backward(ctx, do, dlse):
+    qkv, o, lse = ctx.saved_tensors
+    if do is None and dlse is None:
+        return None, None, None
+    dqkv, _ = torch.ops.vitslim.ragged_attention_qkv_bwd(do if do is not None else torch.zeros_like(o), qkv, o,
+                                                         lse, ctx.head_dims, ctx.scale, False)
+    if dlse is not None:  # as in _fwd_backward: only a double backward or a direct caller gives lse a gradient
+        dqkv = dqkv + formula_vjp(_qkv_fwd_ref, (qkv, ctx.head_dims, ctx.scale), (None, dlse),
+                                  ctx.needs_input_grad)[0]
+    return dqkv, None, None
+
+
+def _qkv_bwd_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.head_dims, ctx.scale, ctx.bias_grad = list(inputs[4]), inputs[5], inputs[6]
+    ctx.set_materialize_grads(False)
+
+
+def _qkv_bwd_backward(ctx, ddqkv, ddbias):
+    args = (*ctx.saved_tensors, ctx.head_dims, ctx.scale, ctx.bias_grad)
+    return formula_vjp(ragged_attention_qkv_bwd_ref, args, (ddqkv, ddbias), ctx.needs_input_grad)
+
+
+ragged_attention_qkv_fwd.register_autograd(_qkv_fwd_backward, setup_context=_qkv_fwd_setup_context)
+ragged_attention_qkv_bwd.register_autograd(_qkv_bwd_backward, setup_context=_qkv_bwd_setup_context)
+
+
+# The CUDA C++ forward (inference): vitslim::ragged_attention_fwd_cuda -> o. Forward only: there is no backward
+# kernel, so the functional refuses inputs that need a gradient (dispatch sends training to Triton); the op itself
+# has a backward, the Triton one, as torch.library expects.
+
+CUDA_FORWARD_ONLY = "the CUDA kernel is forward-only; training uses triton"
+CUDA_MAX_WIDTH, CUDA_MAX_HEADS = 256, 128  # csrc/kernels/ragged_attention_fwd.h: kMaxWidth, kMaxHeads
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _cuda():
+    from ..cuda import ragged_attention as launcher  # optional: the extension loads when the kernel first runs
+    return launcher
+
+
+@torch.library.custom_op("vitslim::ragged_attention_fwd_cuda", mutates_args=())
+def ragged_attention_fwd_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: list[int],
+                              scale: float) -> torch.Tensor:
+    """o (B, N, D), contiguous, like q. The op torch.compile and torch.export see."""
+    return _cuda()._fwd(q, k, v, head_dims, scale)
+
+
+@ragged_attention_fwd_cuda.register_fake
+def _(q, k, v, head_dims, scale):
+    return q.new_empty(q.shape)
+
+
+def _cuda_setup_context(ctx, inputs, output):
+    q, k, v, head_dims, scale = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.head_dims, ctx.scale = list(head_dims), scale
+
+
+def _cuda_backward(ctx, do):
+    """The Triton backward (the same math): the CUDA kernel keeps no logsumexp, so the Triton forward recomputes
+    o and lse first. Both are differentiable ops, so this backward is differentiable again."""
+    q, k, v = ctx.saved_tensors
+    o, lse = ragged_attention_fwd(q, k, v, ctx.head_dims, ctx.scale)
+    dq, dk, dv = ragged_attention_bwd(do, q, k, v, o, lse, ctx.head_dims, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+ragged_attention_fwd_cuda.register_autograd(_cuda_backward, setup_context=_cuda_setup_context)
+
+
+def _plain(*tensors: torch.Tensor) -> bool:
+    """True in plain eager mode: real tensors, no tracing, no dispatch mode (fake, proxy, ...) active."""
+    return (all(type(t) is torch.Tensor for t in tensors) and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None)
+
+
+def ragged_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int],
+                          scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """CUDA implementation of vitslim_kernels.ragged_attention (forward only).
+    q, k, v, output: (B, N, sum(head_dims))."""
+    dims = check_ragged_args(q, k, v, head_dims)
+    if dropout_p > 0.0:
+        raise ValueError(f"ragged_attention: the CUDA implementation has no attention dropout, got "
+                         f"dropout_p={dropout_p}; use dropout_p=0.0 or implementation='reference'")
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise RuntimeError(f"ragged_attention: {CUDA_FORWARD_ONLY} (run under torch.no_grad() or "
+                           f"torch.inference_mode(), or use implementation='triton')")
+    if _plain(q, k, v):
+        # Eager inference calls the extension directly: going through the custom op cost 70 us more per call
+        # than the bare allocation (11 us) in a CPU-tensor micro-benchmark on the 2-core build machine, about
+        # a whole bs-1 attention launch; the latency is what this kernel is for.
+        return _cuda()._fwd(q, k, v, dims, scale)
+    return ragged_attention_fwd_cuda(q, k, v, list(dims), float(scale))
+
+
+def ragged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int],
+                            scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """Triton implementation of vitslim_kernels.ragged_attention. q, k, v, output: (B, N, sum(head_dims))."""
+    dims = check_ragged_args(q, k, v, head_dims)
+    if dropout_p > 0.0:
+        raise ValueError(f"ragged_attention: the Triton implementation has no attention dropout, got "
+                         f"dropout_p={dropout_p}; use dropout_p=0.0 or implementation='reference'")
+    o, _ = torch.ops.vitslim.ragged_attention_fwd(q, k, v, list(dims), float(scale))
+    return o
+
+
+def ragged_attention_qkv_triton(qkv: torch.Tensor, head_dims: Sequence[int], scale: float) -> torch.Tensor:
+    """Triton ragged attention of a packed qkv (B, N, 3 * sum(head_dims)) -> (B, N, sum(head_dims)); its
+    gradient comes back as one (B, N, 3D) tensor (see the packed ops)."""
+    D = sum(int(w) for w in head_dims)
+    if qkv.dim() != 3 or qkv.shape[-1] != 3 * D:
+        raise ValueError(f"ragged_attention_qkv: qkv must be (B, N, 3 * sum(head_dims) = {3 * D}), got shape "
+                         f"{tuple(qkv.shape)}")
+    check_ragged_args(*_split_qkv(qkv), head_dims)
+    o, _ = torch.ops.vitslim.ragged_attention_qkv_fwd(qkv, [int(w) for w in head_dims], float(scale))
+    return o
+
+
+def ragged_attention_fwd_op() -> torch._ops.OpOverload:
+    """torch.ops.vitslim.ragged_attention_fwd.default, the op an exported fused slim model holds (and what a
+    loaded fused .pt2 program calls). Defined with this module, Triton or not; it runs on CPU tensors in plain
+    PyTorch."""
+    return torch.ops.vitslim.ragged_attention_fwd.default
+
+
 def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int],
                      scale: float, dropout_p: float = 0.0, *, implementation: str | None = None
                      ) -> torch.Tensor:
@@ -132,18 +452,79 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim
     """
     if dropout_p > 0.0 and implementation is None:
         implementation = "reference"  # only the reference has attention dropout (the kernels have no RNG)
-    impl = select("ragged_attention", q, forced=implementation)
+    impl = select("ragged_attention", q, k, v, head_dims, scale, dropout_p, forced=implementation)
     return impl(q, k, v, head_dims, scale, dropout_p)
 
 
-def ragged_attention_fwd_op() -> torch._ops.OpOverload:
-    """torch.ops.vitslim.ragged_attention_fwd.default, the op an exported fused slim model holds (and what a
-    loaded fused .pt2 program calls). Registered by importing the Triton module that defines it, so it needs
-    triton installed; the op itself also runs on CPU tensors, in plain PyTorch."""
-    if not hasattr(torch.ops.vitslim, "ragged_attention_fwd"):
-        try:
-            from ..triton import ragged_attention as _  # noqa: F401
-        except ImportError as e:
-            raise ImportError(f"the op vitslim::ragged_attention_fwd is defined with the Triton kernels, which "
-                              f"cannot be imported here ({e}); export with fused=False instead") from None
-    return torch.ops.vitslim.ragged_attention_fwd.default
+# -- implementations, in order of preference, with their refusal rules -------------------------------------------
+# CUDA before Triton for inference at small sizes (RAGGED_CUDA_MAX_WORK): UNMEASURED (no GPU where this was
+# written). The CUDA kernel is plain fp32 SIMT with a cheaper launch; Triton's uses tensor cores.
+# benchmarks/run_slim_benchmarks.py decides the order and the limit once it has run on the H100.
+
+# ESTIMATE, not measured: the CUDA ragged-attention kernel is plain fp32 SIMT (tens of TFLOP/s at best on an
+# H100) while Triton's uses tensor cores; the CUDA kernel only wins where Triton's launch cost (tens of
+# microseconds) outweighs that, i.e. small inference batches. Taken as B * N * N * sum(head_dims) <= 2**27
+# (DeiT-S at 70%, N = 197: batch <= ~12). Set from benchmarks/run_slim_benchmarks.py (ragged_attention.json has
+# both kernels at batch 1 and 256).
+RAGGED_CUDA_MAX_WORK = 2 ** 27
+
+
+def cuda_refusals(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                  head_dims: Sequence[int] | None = None, *_, **__) -> list[str]:
+    """Every reason the CUDA forward kernel cannot run this call: device, dtype, a gradient needed (of any of q,
+    k, v), the extension or the GPU, the widest head and the head count it takes, and the size above which Triton
+    is expected faster (RAGGED_CUDA_MAX_WORK). Works on a stand-in without a shape (vitslim_kernels.info)."""
+    reasons = []
+    on_cuda = q.device.type == "cuda"
+    if not on_cuda:
+        reasons.append(f"{'CPU' if q.device.type == 'cpu' else q.device.type} tensor: the CUDA kernel runs on CUDA "
+                       f"tensors")
+    if q.dtype not in CUDA_DTYPES:
+        reasons.append(f"dtype {q.dtype} is not supported by the CUDA kernel (float32, float16, bfloat16 are)")
+    if torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (q, k, v)):
+        reasons.append(CUDA_FORWARD_ONLY)
+    if on_cuda and not reasons:
+        why = _ext.device_unavailable(q.device)
+        if why is not None:
+            reasons.append(why)
+    if head_dims is not None:
+        dims = [int(w) for w in head_dims]
+        if dims and max(dims) > CUDA_MAX_WIDTH:
+            reasons.append(f"the CUDA kernel takes heads up to {CUDA_MAX_WIDTH} wide, got a head of width "
+                           f"{max(dims)} in {dims}")
+        if sum(1 for w in dims if w > 0) > CUDA_MAX_HEADS:
+            reasons.append(f"the CUDA kernel takes at most {CUDA_MAX_HEADS} heads of non-zero width, got "
+                           f"{sum(1 for w in dims if w > 0)}")
+    shape = getattr(q, "shape", None)  # info's stand-ins have no shape
+    if shape is not None and len(shape) == 3:
+        B, N, D = shape
+        if B * N * N * D > RAGGED_CUDA_MAX_WORK:
+            reasons.append(f"B * N^2 * sum(head_dims) = {B * N * N * D} > {RAGGED_CUDA_MAX_WORK}: Triton's "
+                           f"tensor-core kernel is expected faster than the CUDA SIMT kernel there (estimate, not "
+                           f"yet measured)")
+    return reasons
+
+
+def _triton_refusals(q: torch.Tensor, *_, **__) -> list[str]:
+    return triton_refusals(q)
+
+
+register("ragged_attention", "cuda", lambda: ragged_attention_cuda, cuda_refusals)
+register("ragged_attention", "triton", lambda: ragged_attention_triton, _triton_refusals)
+register("ragged_attention", "reference", lambda: ragged_attention_ref, no_refusals)
+register_fallback("ragged_attention_fwd", ragged_attention_fwd_ref)
+register_fallback("ragged_attention_bwd", _bwd_reference)
+register_fallback("ragged_attention_fwd_cuda", ragged_attention_ref)
+
+
+def sample_inputs(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, requires_grad: bool = False
+                  ) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) of calls of ragged_attention that cover its cases: ragged widths with a zero-width head
+    and odd ones, uniform widths, an odd sequence length; small enough for the interpreter."""
+    cases = []
+    for head_dims, N in (((17, 0, 41, 1), 17), ((16, 16), 50), ((8, 24, 3), 7)):
+        g = torch.Generator().manual_seed(len(cases))
+        q, k, v = (torch.randn(2, N, sum(head_dims), generator=g).to(device=device, dtype=dtype)
+                   .requires_grad_(requires_grad) for _ in range(3))
+        cases.append(((q, k, v, head_dims, max(head_dims) ** -0.5), {}))
+    return cases

@@ -1,5 +1,5 @@
-"""The @triton.jit kernels of vitslim_kernels, one module per op.
+"""The @triton.jit kernels of vitslim_kernels and their launchers, one module per op; they import nothing from ops/.
 
-Nothing imports this package at `import vitslim_kernels`: dispatch loads a module here the first time an op
-runs its Triton implementation, so a machine without Triton (or without a GPU) imports the library fine.
+Nothing imports this package at `import vitslim_kernels`: an op (ops/<op>.py) imports its module here the first
+time it launches a kernel, so a machine without Triton (or without a GPU) imports the library fine.
 """

@@ -1,4 +1,5 @@
-"""Host-side helpers shared by the Triton ops: buffer allocation and the interpreter/compiled checks."""
+"""Host-side helpers shared by the Triton launchers: buffer allocation, the interpreter/compiled checks, the
+device queries, `wrap_triton`, and the autotuner of the attention kernels."""
 from __future__ import annotations
 
 import functools
@@ -7,8 +8,11 @@ from typing import TypeVar
 
 import torch
 import triton.language as tl
+import triton.testing
+from triton.runtime.interpreter import InterpretedFunction
 
-from ..dispatch import autotune_enabled, compile_only_all_candidates, compile_only_target, tracing
+from ..runtime import (autotune_enabled, compile_only_all_candidates, compile_only_target, tracing,
+                       uses_triton_op)
 
 
 def alloc(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -17,7 +21,6 @@ def alloc(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
 
 
 def interpreted(kernel) -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
     return isinstance(kernel, InterpretedFunction)
 
 
@@ -68,18 +71,6 @@ def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def uses_triton_op(is_interpreted: bool) -> bool:
-    """Whether the Triton-backed ops are torch.library.triton_op (torch.compile traces into them) or custom_op.
-
-    triton_op where torch has it and Triton compiles. Under TRITON_INTERPRET=1 custom_op: the interpreted
-    kernels are no JITFunction, so torch 2.11's wrap_triton refuses them and 2.14's hands them back unwrapped,
-    and triton_op's traced implementation then runs the interpreter on FakeTensors (opcheck: "Attempted to
-    set the storage of a tensor on device meta"). Triton decides interpreted or compiled once, at import, and
-    so does each op module.
-    """
-    return not is_interpreted and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
-
-
 def kernel_wrapper(is_interpreted: bool):
     """`wrap_triton` for the kernel launches inside the ops: torch.library.wrap_triton for triton_ops (a traced
     launch under torch.compile, the plain kernel in eager), else the kernel itself. Call it by that bare name
@@ -88,47 +79,6 @@ def kernel_wrapper(is_interpreted: bool):
     if uses_triton_op(is_interpreted):
         return torch.library.wrap_triton
     return lambda kernel: kernel
-
-
-def define_op(name: str, fn, fake, is_interpreted: bool):
-    """The custom op `name` implemented by `fn` (schema from its annotations) with the fake implementation
-    `fake`, as triton_op or custom_op (see uses_triton_op). triton_op would trace `fn` itself as the fake
-    implementation; ours replaces it in both modes, so fake tensors never reach a launcher."""
-    if uses_triton_op(is_interpreted):
-        op = torch.library.triton_op(name, fn, mutates_args=())
-    else:
-        op = torch.library.custom_op(name, fn, mutates_args=())
-    op.register_fake(fake)
-    return op
-
-
-def formula_vjp(formula, args: tuple, cotangents: tuple, needs_input_grad: tuple) -> tuple:
-    """The vector-Jacobian product of `formula(*args)` (plain differentiable PyTorch; a tuple of outputs, or one
-    tensor) with `cotangents` (a tuple, one per output): one gradient per argument, None for arguments that are not floating tensors or need no gradient.
-
-    The backward of each backward op: its formula written out in PyTorch is a function of all its inputs, and
-    torch.func.vjp of it is differentiable again (a third derivative is right, too). A None cotangent (an
-    output nobody used) counts as zero.
-    """
-    wrt = [i for i, a in enumerate(args)
-           if isinstance(a, torch.Tensor) and a.is_floating_point() and needs_input_grad[i]]
-    if not wrt:
-        return (None,) * len(args)
-
-    def of_differentiable(*tensors):
-        full = list(args)
-        for i, t in zip(wrt, tensors):
-            full[i] = t
-        return formula(*full)
-
-    outputs, pullback = torch.func.vjp(of_differentiable, *(args[i] for i in wrt))
-    single = isinstance(outputs, torch.Tensor)  # a formula with one output returns it bare
-    cotangents = tuple(torch.zeros_like(o) if c is None else c
-                       for c, o in zip(cotangents, (outputs,) if single else outputs))
-    grads = [None] * len(args)
-    for i, g in zip(wrt, pullback(cotangents[0] if single else cotangents)):
-        grads[i] = g
-    return tuple(grads)
 
 
 Config = TypeVar("Config")
@@ -168,12 +118,10 @@ def tuning_possible() -> bool:
 
 
 def _fastest(candidates: Sequence[Config], launch: Callable[[Config], None]) -> int:
-    from triton.testing import do_bench
-
     times = []
     for config in candidates:
         try:
-            times.append(do_bench(lambda: launch(config), warmup=5, rep=20))
+            times.append(triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20))
         except torch.OutOfMemoryError:
             raise
         except Exception:  # noqa: BLE001 (a config this device cannot run is simply not chosen)

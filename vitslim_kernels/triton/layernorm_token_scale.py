@@ -16,19 +16,18 @@ Kernels:
 
 Deterministic: no atomics anywhere; the partition of rows into programs depends only on the shape and the
 device's SM count.
-"""
-from typing import Optional  # custom_op schemas are inferred from typing.Optional on every torch we support
 
+Launchers (each fail_safe; their PyTorch fallbacks are registered by the ops): `_fwd` and `_bwd`. The ops that
+call them (vitslim::layernorm_token_scale_fwd / _bwd), their checks and references are in
+ops/layernorm_token_scale.py.
+"""
 import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import fail_safe
+from ..runtime import fail_safe
 from ._common import alloc as _alloc
-from ._common import check_device, define_op, formula_vjp, interpreter_agrees, kernel_wrapper, sm_count
-
-from ..ops.layernorm_token_scale import (check_layernorm_token_scale_args, gather_tensors, inverse_index,
-                                         layernorm_token_scale_bwd_ref, layernorm_token_scale_fwd_ref)
+from ._common import check_device, interpreter_agrees, kernel_wrapper, sm_count
 
 
 @triton.jit
@@ -256,7 +255,7 @@ def _bwd_programs(num_tiles: int, device: torch.device) -> int:
     return min(num_tiles, 4 * sm_count(device))
 
 
-@fail_safe("layernorm_token_scale_fwd", layernorm_token_scale_fwd_ref)
+@fail_safe("layernorm_token_scale_fwd")  # its fallback: ops/layernorm_token_scale.py registers it
 def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_raw: torch.Tensor,
          gather: torch.Tensor | None, num_prefix: int, eps: float, out_dtype: torch.dtype
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -284,7 +283,7 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_raw: t
     return y, mean, rstd
 
 
-@fail_safe("layernorm_token_scale_bwd", layernorm_token_scale_bwd_ref)
+@fail_safe("layernorm_token_scale_bwd")  # its fallback: ops/layernorm_token_scale.py registers it
 def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_raw: torch.Tensor,
          inverse: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, num_prefix: int
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -322,102 +321,3 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     dbias = db_partial.sum(0).to(bias.dtype)
     dtoken = dscale[:, num_prefix:].sum(0).to(token_raw.dtype)
     return dx, dweight, dbias, dtoken
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The torch.library ops (triton_op or custom_op: see _common.uses_triton_op) and their autograd
-# ---------------------------------------------------------------------------------------------------------
-
-def _layernorm_token_scale_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, token_raw: torch.Tensor,
-                               gather: Optional[torch.Tensor], inverse: Optional[torch.Tensor], num_prefix: int,
-                               eps: float, out_dtype: torch.dtype
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y (B, N_out, C) in out_dtype, mean (B, N_out) fp32, rstd (B, N_out) fp32).
-
-    gather: (N_out,) int64 input row of each output row, or None; inverse: its inverse map (N_in,) int32
-    (inverse_index), read only by the backward (passed in so it is built once per gather, not per step), or None
-    to have the backward build it.
-    """
-    return _fwd(x, weight, bias, token_raw, gather, num_prefix, eps, out_dtype)
-
-
-def _layernorm_token_scale_fwd_fake(x, weight, bias, token_raw, gather, inverse, num_prefix, eps, out_dtype):
-    B, N_in, C = x.shape
-    N_out = N_in if gather is None else gather.shape[0]
-    return (x.new_empty((B, N_out, C), dtype=out_dtype), x.new_empty((B, N_out), dtype=torch.float32),
-            x.new_empty((B, N_out), dtype=torch.float32))
-
-
-def _layernorm_token_scale_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                               token_raw: torch.Tensor, inverse: Optional[torch.Tensor], mean: torch.Tensor,
-                               rstd: torch.Tensor, num_prefix: int
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx like x, dweight like weight, dbias like bias, dtoken_raw like token_raw)."""
-    return _bwd(dy, x, weight, bias, token_raw, inverse, mean, rstd, num_prefix)
-
-
-def _layernorm_token_scale_bwd_fake(dy, x, weight, bias, token_raw, inverse, mean, rstd, num_prefix):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape), \
-        token_raw.new_empty(token_raw.shape)
-
-
-layernorm_token_scale_fwd = define_op("vitslim::layernorm_token_scale_fwd", _layernorm_token_scale_fwd,
-                                      _layernorm_token_scale_fwd_fake, _INTERPRETED)
-layernorm_token_scale_bwd = define_op("vitslim::layernorm_token_scale_bwd", _layernorm_token_scale_bwd,
-                                      _layernorm_token_scale_bwd_fake, _INTERPRETED)
-
-
-def _fwd_setup_context(ctx, inputs, output):
-    x, weight, bias, token_raw, gather, inverse, num_prefix, eps, out_dtype = inputs
-    _, mean, rstd = output
-    if gather is not None and inverse is None:
-        inverse = inverse_index(gather, x.shape[1])
-    ctx.save_for_backward(x, weight, bias, token_raw, gather, inverse, mean, rstd)
-    ctx.num_prefix, ctx.eps, ctx.out_dtype = num_prefix, eps, out_dtype
-    ctx.set_materialize_grads(False)  # unused mean and rstd get None, not zero tensors to add
-
-
-def _fwd_backward(ctx, dy, dmean, drstd):
-    x, weight, bias, token_raw, gather, inverse, mean, rstd = ctx.saved_tensors
-    if dy is None and dmean is None and drstd is None:
-        return (None,) * 9
-    if dy is None:
-        dy = x.new_zeros((*mean.shape, x.shape[-1]), dtype=ctx.out_dtype)
-    dx, dweight, dbias, dtoken = torch.ops.vitslim.layernorm_token_scale_bwd(
-        dy, x, weight, bias, token_raw, inverse, mean, rstd, ctx.num_prefix)
-    if dmean is not None or drstd is not None:
-        # mean and rstd are differentiable outputs (the backward op reads them, so second derivatives flow
-        # through them); only a double backward or a caller of the op itself gives them a gradient.
-        args = (x, weight, bias, token_raw, gather, ctx.num_prefix, ctx.eps, ctx.out_dtype)
-        dx_stats = formula_vjp(layernorm_token_scale_fwd_ref, args, (None, dmean, drstd),
-                               (True,) + (False,) * 7)[0]
-        dx = dx + dx_stats
-    return dx, dweight, dbias, dtoken, None, None, None, None, None
-
-
-def _bwd_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:8])
-    ctx.num_prefix = inputs[8]
-    ctx.set_materialize_grads(False)
-
-
-def _bwd_backward(ctx, ddx, ddweight, ddbias, ddtoken):
-    """Double backward: the VJP of layernorm_token_scale_bwd_ref, the backward as a function of dy, x, the
-    parameters, mean and rstd."""
-    args = (*ctx.saved_tensors, ctx.num_prefix)
-    return formula_vjp(layernorm_token_scale_bwd_ref, args, (ddx, ddweight, ddbias, ddtoken), ctx.needs_input_grad)
-
-
-layernorm_token_scale_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
-layernorm_token_scale_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
-
-
-def layernorm_token_scale_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                                 token_raw: torch.Tensor, num_prefix: int, gather_index=None, *,
-                                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Triton implementation of vitslim_kernels.layernorm_token_scale: (B, N_in, C) -> (B, N_out, C)."""
-    check_layernorm_token_scale_args(x, weight, bias, token_raw, num_prefix, gather_index)
-    gather, inverse = gather_tensors(gather_index, x.shape[1], x.device)
-    y, _, _ = torch.ops.vitslim.layernorm_token_scale_fwd(x, weight, bias, token_raw, gather, inverse,
-                                                          int(num_prefix), float(eps), out_dtype or x.dtype)
-    return y

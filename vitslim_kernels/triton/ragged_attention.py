@@ -19,13 +19,10 @@ Kernels:
   is written by exactly one program, summed in a fixed order: deterministic, no atomics. Optionally it also
   writes per-block column sums of dq, dk, dv: the qkv bias gradient (vitslim::qkv_attention).
 
-Ops (torch.library, with fake implementations and register_autograd): vitslim::ragged_attention_fwd -> (o, lse)
-and vitslim::ragged_attention_bwd -> (dq, dk, dv); the packed ones on one (B, N, 3D) qkv,
-vitslim::ragged_attention_qkv_fwd -> (o, lse) and vitslim::ragged_attention_qkv_bwd -> (dqkv, dbias). On CPU tensors without the interpreter they compute the
-reference math of ops/ragged_attention.py instead of launching kernels, so the op runs (and torch.export of a
-fused model traces it) on CPU too.
-
-This module imports Triton; dispatch only imports it when the Triton implementation is chosen.
+Launchers: `_fwd(q, k, v, head_dims, scale) -> (o, lse)` and `_bwd(do, q, k, v, o, lse, head_dims, scale, out,
+bias_sum) -> (dq, dk, dv, dbias)`, each fail_safe (their PyTorch fallbacks are registered by the op). The ops
+that call them (vitslim::ragged_attention_fwd/bwd and the packed ones), their checks and references are in
+ops/ragged_attention.py; this module imports Triton, and the ops import it when a kernel first runs.
 """
 import functools
 from collections.abc import Sequence
@@ -34,12 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import compile_only_target, fail_safe
+from ..runtime import fail_safe
 from ._common import alloc as _alloc
-from ._common import (arch, check_device, define_op, formula_vjp, interpreter_agrees, kernel_wrapper, tracing,
-                      tuned, tuning_possible)
-
-from ..ops.ragged_attention import check_ragged_args, ragged_attention_bwd_ref, ragged_attention_fwd_ref
+from ._common import arch, check_device, interpreter_agrees, kernel_wrapper, tracing, tuned, tuning_possible
 
 _MIN_BLOCK_D = 16  # tl.dot needs every dimension >= 16 on NVIDIA GPUs
 
@@ -464,12 +458,6 @@ def _check_device(t: torch.Tensor) -> None:
     check_device(t, "ragged_attention", _INTERPRETED)
 
 
-def _reference_on(t: torch.Tensor) -> bool:
-    """CPU tensors without the interpreter: the op computes the reference math in plain PyTorch, so it runs
-    (and torch.export / ONNX export of a fused slim model trace it) on CPU too."""
-    return t.device.type == "cpu" and not _INTERPRETED and compile_only_target() is None
-
-
 def _dot_precision(t: torch.Tensor) -> str:
     # fp32 inputs follow torch's matmul setting (TF32 off by default), as the reference's matmuls do; fp16/bf16
     # keep Triton's default (the precision only applies to fp32 operands).
@@ -578,11 +566,9 @@ def _bwd_candidates(interpret: bool, dtype: torch.dtype, aligned: bool, arch: in
     return [default] + [(blocks, default[1]) for blocks in others if blocks != default[0]]
 
 
-@fail_safe("ragged_attention_fwd", ragged_attention_fwd_ref)
+@fail_safe("ragged_attention_fwd")  # its fallback: ops/ragged_attention.py registers it
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int], scale: float
          ) -> tuple[torch.Tensor, torch.Tensor]:
-    if _reference_on(q):
-        return ragged_attention_fwd_ref(q, k, v, head_dims, scale)
     B, N, D = q.shape
     dims = tuple(int(w) for w in head_dims)
     table = _head_table(dims, q.device)
@@ -613,21 +599,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[
     return o, lse
 
 
-def _bwd_reference(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                   lse: torch.Tensor, head_dims: Sequence[int], scale: float,
-                   out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, bias_sum: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """What _bwd computes, in plain PyTorch (ragged_attention_bwd_ref), written into `out` when given."""
-    grads = ragged_attention_bwd_ref(do, q, k, v, o, lse, head_dims, scale)
-    dbias = torch.cat([g.sum((0, 1), dtype=torch.float32) for g in grads]) if bias_sum else None
-    if out is not None:
-        for buffer, g in zip(out, grads):
-            buffer.copy_(g)
-        grads = out
-    return (*grads, dbias)
-
-
-@fail_safe("ragged_attention_bwd", _bwd_reference)
+@fail_safe("ragged_attention_bwd")  # its fallback: ops/ragged_attention.py registers it
 def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
          lse: torch.Tensor, head_dims: Sequence[int], scale: float,
          out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, bias_sum: bool = False
@@ -636,8 +608,6 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
     strides (the views of one (B, N, 3D) buffer: the packed op's dqkv, which the qkv projection's backward reads
     without a cat). With bias_sum, dbias is the (3D,) fp32 sum of dq | dk | dv over B and N, the gradient of a
     bias added to q | k | v, summed by the kernel as it writes them (else None)."""
-    if _reference_on(q):
-        return _bwd_reference(do, q, k, v, o, lse, head_dims, scale, out, bias_sum)
     B, N, D = q.shape
     dims = tuple(int(w) for w in head_dims)
     table = _head_table(dims, q.device)
@@ -699,194 +669,3 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
     run(tuned("ragged_attention_bwd", key, candidates, run, q.device))
     # One fixed-order sum (no atomics) over images and blocks.
     return dq, dk, dv, db.sum((0, 1)) if db is not None else None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The torch.library ops (triton_op or custom_op: see _common.uses_triton_op) and their autograd
-# ---------------------------------------------------------------------------------------------------------
-
-def _ragged_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: list[int], scale: float
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse): o (B, N, D) like q; lse (B, H_kept, N) float32, one row per head of non-zero width."""
-    return _fwd(q, k, v, head_dims, scale)
-
-
-def _ragged_attention_fwd_fake(q, k, v, head_dims, scale):
-    B, N, D = q.shape
-    H = sum(1 for w in head_dims if w > 0)
-    return q.new_empty((B, N, D)), q.new_empty((B, H, N), dtype=torch.float32)
-
-
-def _ragged_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                          lse: torch.Tensor, head_dims: list[int], scale: float
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), each (B, N, D) like q."""
-    return _bwd(do, q, k, v, o, lse, head_dims, scale)[:3]
-
-
-def _ragged_attention_bwd_fake(do, q, k, v, o, lse, head_dims, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
-
-
-ragged_attention_fwd = define_op("vitslim::ragged_attention_fwd", _ragged_attention_fwd,
-                                 _ragged_attention_fwd_fake, _INTERPRETED)
-ragged_attention_bwd = define_op("vitslim::ragged_attention_bwd", _ragged_attention_bwd,
-                                 _ragged_attention_bwd_fake, _INTERPRETED)
-
-
-def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, head_dims, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)  # q, k, v may be views of one qkv tensor: nothing is copied
-    ctx.head_dims, ctx.scale = list(head_dims), scale
-    ctx.set_materialize_grads(False)  # an unused lse gets None, not a zero tensor to add
-
-
-def _fwd_backward(ctx, do, dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    if do is None and dlse is None:
-        return None, None, None, None, None
-    dq, dk, dv = torch.ops.vitslim.ragged_attention_bwd(do if do is not None else torch.zeros_like(o),
-                                                        q, k, v, o, lse, ctx.head_dims, ctx.scale)
-    if dlse is not None:
-        # lse is a differentiable output (the backward op reads it, so second derivatives flow through it);
-        # only a double backward or a caller of the op itself gives it a gradient: plain PyTorch then.
-        dq2, dk2, dv2, _, _ = formula_vjp(ragged_attention_fwd_ref, (q, k, v, ctx.head_dims, ctx.scale),
-                                          (None, dlse), ctx.needs_input_grad)
-        dq, dk, dv = dq + dq2, dk + dk2, dv + dv2
-    return dq, dk, dv, None, None
-
-
-def _bwd_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:6])
-    ctx.head_dims, ctx.scale = list(inputs[6]), inputs[7]
-    ctx.set_materialize_grads(False)
-
-
-def _bwd_backward(ctx, ddq, ddk, ddv):
-    """Double backward: the derivatives of ragged_attention_bwd_ref, the backward as a function of do, q, k, v,
-    o and lse, in plain PyTorch (materialises each head's (B, N, N) scores: second derivatives only)."""
-    args = (*ctx.saved_tensors, ctx.head_dims, ctx.scale)
-    return formula_vjp(ragged_attention_bwd_ref, args, (ddq, ddk, ddv), ctx.needs_input_grad)
-
-
-ragged_attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
-ragged_attention_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
-
-
-# The packed ops: q, k, v as the three (B, N, D) column blocks of one (B, N, 3D) qkv tensor, as a fused qkv
-# projection gives them. The backward writes dq, dk, dv into one (B, N, 3D) dqkv that the projection's weight
-# gradient reads directly: with separate q, k, v inputs, autograd's backward of qkv.split concatenates three
-# gradients instead (one more write and read of (B, N, 3D): ~232 MB per block at DeiT-S batch 256, bf16).
-
-def _split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    D = qkv.shape[-1] // 3
-    return qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:]
-
-
-def _ragged_attention_qkv_fwd(qkv: torch.Tensor, head_dims: list[int], scale: float
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse) of q, k, v = the column thirds of qkv (B, N, 3D): o (B, N, D), lse (B, H_kept, N) float32."""
-    return _fwd(*_split_qkv(qkv), head_dims, scale)
-
-
-def _ragged_attention_qkv_fwd_fake(qkv, head_dims, scale):
-    B, N, D3 = qkv.shape
-    H = sum(1 for w in head_dims if w > 0)
-    return qkv.new_empty((B, N, D3 // 3)), qkv.new_empty((B, H, N), dtype=torch.float32)
-
-
-def _ragged_attention_qkv_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                              head_dims: list[int], scale: float, bias_grad: bool
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dqkv (B, N, 3D) like qkv, dbias): with bias_grad, dbias is the (3D,) fp32 sum of dqkv over B and N (the
-    gradient of a bias added to qkv), summed by the kernel as it writes dqkv, so no pass reads dqkv for it;
-    otherwise an empty (0,) tensor."""
-    dqkv = _alloc(qkv.shape, qkv)
-    *_, dbias = _bwd(do, *_split_qkv(qkv), o, lse, head_dims, scale, out=_split_qkv(dqkv), bias_sum=bias_grad)
-    return dqkv, dbias if bias_grad else qkv.new_empty((0,), dtype=torch.float32)
-
-
-def _ragged_attention_qkv_bwd_fake(do, qkv, o, lse, head_dims, scale, bias_grad):
-    return qkv.new_empty(qkv.shape), qkv.new_empty((qkv.shape[2] if bias_grad else 0,), dtype=torch.float32)
-
-
-def ragged_attention_qkv_bwd_ref(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                                 head_dims: Sequence[int], scale: float, bias_grad: bool = False
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The packed backward in plain PyTorch: ragged_attention_bwd_ref on the thirds, concatenated, and with
-    bias_grad their column sums (in fp32, or fp64 for fp64 inputs), else an empty (0,) tensor."""
-    grads = ragged_attention_bwd_ref(do, *_split_qkv(qkv), o, lse, head_dims, scale)
-    dqkv = torch.cat(grads, dim=-1)
-    sum_dtype = torch.promote_types(dqkv.dtype, torch.float32)
-    if not bias_grad:
-        return dqkv, dqkv.new_empty((0,), dtype=sum_dtype)
-    return dqkv, torch.cat([g.sum((0, 1), dtype=sum_dtype) for g in grads])
-
-
-def _qkv_fwd_ref(qkv, head_dims, scale):
-    return ragged_attention_fwd_ref(*_split_qkv(qkv), head_dims, scale)
-
-
-ragged_attention_qkv_fwd = define_op("vitslim::ragged_attention_qkv_fwd", _ragged_attention_qkv_fwd,
-                                     _ragged_attention_qkv_fwd_fake, _INTERPRETED)
-ragged_attention_qkv_bwd = define_op("vitslim::ragged_attention_qkv_bwd", _ragged_attention_qkv_bwd,
-                                     _ragged_attention_qkv_bwd_fake, _INTERPRETED)
-
-
-def _qkv_fwd_setup_context(ctx, inputs, output):
-    qkv, head_dims, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(qkv, o, lse)
-    ctx.head_dims, ctx.scale = list(head_dims), scale
-    ctx.set_materialize_grads(False)
-
-
-def _qkv_fwd_backward(ctx, do, dlse):
-    qkv, o, lse = ctx.saved_tensors
-    if do is None and dlse is None:
-        return None, None, None
-    dqkv, _ = torch.ops.vitslim.ragged_attention_qkv_bwd(do if do is not None else torch.zeros_like(o), qkv, o,
-                                                         lse, ctx.head_dims, ctx.scale, False)
-    if dlse is not None:  # as in _fwd_backward: only a double backward or a direct caller gives lse a gradient
-        dqkv = dqkv + formula_vjp(_qkv_fwd_ref, (qkv, ctx.head_dims, ctx.scale), (None, dlse),
-                                  ctx.needs_input_grad)[0]
-    return dqkv, None, None
-
-
-def _qkv_bwd_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:4])
-    ctx.head_dims, ctx.scale, ctx.bias_grad = list(inputs[4]), inputs[5], inputs[6]
-    ctx.set_materialize_grads(False)
-
-
-def _qkv_bwd_backward(ctx, ddqkv, ddbias):
-    args = (*ctx.saved_tensors, ctx.head_dims, ctx.scale, ctx.bias_grad)
-    return formula_vjp(ragged_attention_qkv_bwd_ref, args, (ddqkv, ddbias), ctx.needs_input_grad)
-
-
-ragged_attention_qkv_fwd.register_autograd(_qkv_fwd_backward, setup_context=_qkv_fwd_setup_context)
-ragged_attention_qkv_bwd.register_autograd(_qkv_bwd_backward, setup_context=_qkv_bwd_setup_context)
-
-
-def ragged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int],
-                            scale: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """Triton implementation of vitslim_kernels.ragged_attention. q, k, v, output: (B, N, sum(head_dims))."""
-    dims = check_ragged_args(q, k, v, head_dims)
-    if dropout_p > 0.0:
-        raise ValueError(f"ragged_attention: the Triton implementation has no attention dropout, got "
-                         f"dropout_p={dropout_p}; use dropout_p=0.0 or implementation='reference'")
-    o, _ = torch.ops.vitslim.ragged_attention_fwd(q, k, v, list(dims), float(scale))
-    return o
-
-
-def ragged_attention_qkv_triton(qkv: torch.Tensor, head_dims: Sequence[int], scale: float) -> torch.Tensor:
-    """Triton ragged attention of a packed qkv (B, N, 3 * sum(head_dims)) -> (B, N, sum(head_dims)); its
-    gradient comes back as one (B, N, 3D) tensor (see the packed ops)."""
-    D = sum(int(w) for w in head_dims)
-    if qkv.dim() != 3 or qkv.shape[-1] != 3 * D:
-        raise ValueError(f"ragged_attention_qkv: qkv must be (B, N, 3 * sum(head_dims) = {3 * D}), got shape "
-                         f"{tuple(qkv.shape)}")
-    check_ragged_args(*_split_qkv(qkv), head_dims)
-    o, _ = torch.ops.vitslim.ragged_attention_qkv_fwd(qkv, [int(w) for w in head_dims], float(scale))
-    return o
