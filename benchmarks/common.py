@@ -24,7 +24,7 @@ SPEC_SHEETS = (("H200", {"bf16_dense_tflops": 989.4, "memory_tb_per_s": 4.8}),
                ("H100", {"bf16_dense_tflops": 989.4, "memory_tb_per_s": 3.35}),
                ("A100-SXM4-80GB", {"bf16_dense_tflops": 312.0, "memory_tb_per_s": 2.039}),
                ("A100", {"bf16_dense_tflops": 312.0, "memory_tb_per_s": 1.555}))
-# Earlier readings on the machines lent here (DESIGN.md section 6), quoted beside this run's measurement.
+# Earlier readings on the machines lent here (docs/design.md section 6), quoted beside this run's measurement.
 EARLIER_READINGS = {"H100": {"bf16_matmul_tflops": 798.0, "copy_tb_per_s": 3.0},
                     "H200": {"bf16_matmul_tflops": 790.0, "copy_tb_per_s": 4.3}}
 LIMITS_ENV = "VITSLIM_DEVICE_LIMITS"  # a limits.json measured earlier in this run (benchmarks.gpu_check sets it)

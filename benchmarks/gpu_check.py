@@ -412,7 +412,7 @@ def part_autotune(ctx: PartContext) -> str:
     """P2's Triton ragged-attention cases with VITSLIM_AUTOTUNE=1 (set in this part's environment): each shape
     key times its candidate tiles once, then the usual timing; the choices go into the results file."""
     from benchmarks import run_slim_benchmarks as slim
-    from vitslim_kernels.triton._common import tuned_configs
+    from vitslim_kernels.triton._launch import tuned_configs
 
     progress = _benchmark_progress(ctx, "ragged_attention_tuned")
     slim.bench_ragged_attention(slim.DRY_RUN_SETUP if ctx.dry_run else slim.GPU_SETUP, progress,
@@ -756,7 +756,7 @@ class TargetRow:
 
 
 def target_rows(results_dir: Path) -> tuple[list[TargetRow], list[str]]:
-    """Every DESIGN.md section 6 target with its measured ratio from the results files, and what was not run."""
+    """Every docs/design.md section 6 target with its measured ratio from the results files, and what was not run."""
     rows: list[TargetRow] = []
     not_run: list[str] = []
     search, compiled = _load(results_dir, "search_step"), _load(results_dir, "search_step_compile")
@@ -960,7 +960,7 @@ def summarise(results_dir: Path, record: dict) -> str:
     else:
         lines.append(f"- compute-sanitizer: {(sanitizer or {}).get('status', 'not run')}")
     targets, not_run = target_rows(results_dir)
-    lines += ["", "## Targets (DESIGN.md section 6)", ""] + target_table(targets, dry)
+    lines += ["", "## Targets (docs/design.md section 6)", ""] + target_table(targets, dry)
     for name in ("search_step", "search_step_compile"):
         for r in (_load(results_dir, name) or {}).get("rows", []):
             if r.get("bench") == "search_step" and r.get("variant") == "folded_sdpa_compile":

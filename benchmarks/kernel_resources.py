@@ -46,7 +46,7 @@ BATCH = 16          # search: B * N divisible by 16 like the benchmark batches (
 SLIM_BATCH = 2      # slim and direct: no kernel of theirs takes B * N, and 2 keeps the CPU work small
 DEPTH = 2           # every block launches the same kernels; two blocks cover a token-dropped one
 ATTENTION_KERNELS = ("_ragged_attention_fwd_kernel", "_ragged_attention_bwd_kernel")
-SLIM_HEADS = (0, 1, 17, 41, 63, 64)          # block 0 of the slim workloads: DESIGN.md's odd widths
+SLIM_HEADS = (0, 1, 17, 41, 63, 64)          # block 0 of the slim workloads: docs/design.md's odd widths
 README_BEGIN, README_END = "<!-- kernel-resources:begin -->", "<!-- kernel-resources:end -->"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import vitslim
-from vitslim.targets import Alignment, plan_for
+from vitslim.planning import Alignment, plan_for
 
 from .common import write_results
 from .run_slim_benchmarks import ModelConfig, searchable_with_plan_like_gates

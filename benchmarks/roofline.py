@@ -5,7 +5,7 @@ at the device's limits.
         [--peak-tflops 790] [--launch-us 2.5] [-o DIR]      # -> roofline.json (DeiT-S), roofline_<model>.json
 
 Four comparisons, each path recorded from the project's real code on CPU tensors:
-- the search training step (forward, backward, AdamW; bf16 autocast), fused vs folded (DESIGN.md's strong
+- the search training step (forward, backward, AdamW; bf16 autocast), fused vs folded (docs/design.md's strong
   baseline: gates folded into the weights, SDPA, cuBLAS);
 - the retrain step (the same, without gates) of the slim model (70/70/70, below) vs the dense timm model;
 - slim-model inference (DeiT budgets 70/70/70 from random gates with a fixed seed), fused vs the dense timm
@@ -44,7 +44,7 @@ from vitslim_kernels.compile_only import ArgInfo, compile_only
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = ROOT / "benchmarks" / "results"
-H200 = dict(bandwidth_tbs=4.3, peak_tflops=790.0, fp32_tflops=67.0)  # DESIGN.md section 6; fp32: spec sheet
+H200 = dict(bandwidth_tbs=4.3, peak_tflops=790.0, fp32_tflops=67.0)  # docs/design.md section 6; fp32: spec sheet
 _RECORD_BATCHES = (2, 4)
 
 

@@ -1,4 +1,4 @@
-"""Search-step benchmarks (DESIGN.md section 6, P1): fused vs unfused masks, the step and its two branches.
+"""Search-step benchmarks (docs/design.md section 6, P1): fused vs unfused masks, the step and its two branches.
 
     python -m benchmarks.run_search_benchmarks            # H100: writes benchmarks/results/search_step.json
     python -m benchmarks.run_search_benchmarks --dry-run  # CPU, tiny shapes: checks the plumbing, writes nothing
@@ -18,7 +18,7 @@ Block-level "fused" calls the vitslim_kernels ops (layernorm_token_scale -> gate
 
 Rows: median device time, peak memory above what was allocated before the call, and for the blocks the
 achieved TFLOP/s and GB/s from analytic counts (fwd+bwd = 3x fwd). A "summary" row per model and workload
-gives the speedups of fused over each baseline (baseline_ms / fused_ms) beside DESIGN.md's targets.
+gives the speedups of fused over each baseline (baseline_ms / fused_ms) beside docs/design.md's targets.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ SDPA_VARIANTS = ("folded_sdpa", "folded_sdpa_compile")  # the variants whose att
 # Wall seconds a cold inductor compile of the DeiT-S search step (fwd + bwd) is expected to take on the GPU
 # machine's 16 cores: a compiled variant starts only when this much of the part's time is left.
 COMPILE_NEEDS_S = {"deit_small_patch16_224": 90.0, "deit_base_patch16_224": 100.0}
-# DESIGN.md section 6, P1: fused speedup over each baseline, and fused peak memory / paper_eager's.
+# docs/design.md section 6, P1: fused speedup over each baseline, and fused peak memory / paper_eager's.
 TARGETS = {"speedup_vs_paper_eager": 3.0, "speedup_vs_folded_sdpa": 1.25, "speedup_vs_folded_sdpa_compile": 1.05,
            "peak_mem_ratio_vs_paper_eager": 0.5}
 

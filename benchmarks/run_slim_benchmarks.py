@@ -1,4 +1,4 @@
-"""Slim-model benchmarks (DESIGN.md section 6: P2 ragged attention, P3 slim inference, P4 retrain step).
+"""Slim-model benchmarks (docs/design.md section 6: P2 ragged attention, P3 slim inference, P4 retrain step).
 
     python benchmarks/run_slim_benchmarks.py            # GPU (H100): writes three files to benchmarks/results/
     python benchmarks/run_slim_benchmarks.py --dry-run  # CPU, tiny shapes: checks the plumbing, writes nothing
@@ -292,7 +292,7 @@ def bench_slim_inference(setup: Setup, progress: Progress | None = None) -> list
     there is a GPU (vitslim.cuda_graphs: at batch 1 the launches set the latency), and last the torch.compile'd
     dense model at the largest batch (its compilation timed apart). speedup_vs_dense compares each slim row with
     the dense row of the same mode (graphs or not); best_speedup_vs_dense the best slim with the best dense, eager
-    or graphs (DESIGN.md's baseline); speedup_vs_dense_compile the best slim with the compiled dense. The slim
+    or graphs (docs/design.md's baseline); speedup_vs_dense_compile the best slim with the compiled dense. The slim
     model's per-kernel times are profiled after every timing (common.kernel_times_ms)."""
     progress = progress or Progress()
     config = setup.slim_model

@@ -1,4 +1,4 @@
-"""pytest-benchmark: ragged attention vs padded SDPA vs grouped SDPA (DESIGN.md section 6, P2). GPU only.
+"""pytest-benchmark: ragged attention vs padded SDPA vs grouped SDPA (docs/design.md section 6, P2). GPU only.
 
     pytest benchmarks/test_ragged_attention_bench.py --benchmark-group-by=group
 
@@ -15,7 +15,7 @@ from .common import achieved, benchmark_pedantic, device_time_ms
 from .run_slim_benchmarks import GPU_SETUP, attention_workload, head_widths, plan_for, ragged_implementations
 
 MODELS = {config.label: config for config in GPU_SETUP.attention_models}
-B = 256  # DESIGN.md P2
+B = 256  # docs/design.md P2
 DTYPE = torch.bfloat16
 
 

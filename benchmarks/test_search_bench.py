@@ -1,4 +1,4 @@
-"""pytest-benchmark: fused vs unfused masks for the search step and its branches (DESIGN.md section 6, P1).
+"""pytest-benchmark: fused vs unfused masks for the search step and its branches (docs/design.md section 6, P1).
 
     pytest benchmarks/test_search_bench.py --benchmark-group-by=group
 

@@ -1,4 +1,4 @@
-"""A straightforward implementation of DESIGN.md section 2, written from the text, independent of vitslim.
+"""A straightforward implementation of docs/design.md section 2, written from the text, independent of vitslim.
 
 It reads the weights of a timm ViT (plain or searchable: the block submodules keep timm's names) and
 computes the gated forward with explicit tensors, optionally removing tokens before each block.

@@ -11,7 +11,7 @@ from vitslim.engine.checkpoints import read_checkpoint
 
 
 def _threshold(importance: torch.Tensor, budget: float) -> torch.Tensor:
-    """DESIGN.md section 3: sorted(importance)[floor((1 - budget) * n)]."""
+    """docs/design.md section 3: sorted(importance)[floor((1 - budget) * n)]."""
     flat = importance.flatten().sort().values
     return flat[min(int((1.0 - budget) * flat.numel()), flat.numel() - 1)]
 

@@ -144,7 +144,7 @@ def test_dry_run_writes_the_summary_and_a_readme_table_on_request(dry_run, tmp_p
     out, _, _, _ = dry_run
     summary = (out / "SUMMARY.md").read_text()
     assert "DRY RUN" in summary and "Correctness: every correctness part that ran passed." in summary
-    for heading in ("## Parts", "## Correctness", "## Targets (DESIGN.md section 6)", "## Not run",
+    for heading in ("## Parts", "## Correctness", "## Targets (docs/design.md section 6)", "## Not run",
                     "## Device limits", "## Measured vs the roofline"):
         assert heading in summary
     for target in ("| P1 | fused vs paper_eager", "| P1 | fused vs folded_sdpa_compile", "| P2 | ragged vs padded_sdpa",

@@ -1,4 +1,4 @@
-"""The packages' imports point one way and never form a circle (CONVENTIONS.md, "Layout shows the architecture").
+"""The packages' imports point one way and never form a circle (docs/conventions.md, "Layout shows the architecture").
 
 Every module of vitslim and vitslim_kernels is read with ast (nothing is imported). Checked:
 - no circle among the modules (imports at any depth, a function's included);
@@ -27,6 +27,7 @@ LAYERS = {
     "vitslim.arch": 5, "vitslim.gates": 5, "vitslim.searchable": 5, "vitslim.slim": 5, "vitslim.intermediates": 5,
     "vitslim.cuda_graphs": 5, "vitslim.digits": 5,
     "vitslim.errors": 4, "vitslim.files": 4, "vitslim.distributed": 4, "vitslim.plan": 4,
+    "vitslim.implementations": 4,
     # vitslim_kernels: tools -> the package's functionals -> ops -> backends -> runtime
     "vitslim_kernels.info": 3.5, "vitslim_kernels.selftest": 3.5, "vitslim_kernels.compile_only": 3.5,
     "vitslim_kernels.onnx": 3.5,

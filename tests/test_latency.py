@@ -9,7 +9,7 @@ import torch
 import vitslim
 from vitslim import latency
 from vitslim.latency import NoisyTableError, _fit_non_negative, latency_table
-from vitslim.targets import TargetError, plan_for
+from vitslim.planning import TargetError, plan_for
 
 from .tiny_models import make_vit, randomize_gates
 
@@ -66,7 +66,7 @@ def test_a_latency_target_gives_the_first_plan_within_it(model, small_grid, tmp_
     assert t["predicted_ms"] == pytest.approx(measured, rel=1e-9) and t["measured_ms"] == pytest.approx(measured)
     assert measured <= goal and t["dense_predicted_ms"] == pytest.approx(dense_ms, rel=1e-9)
     # One step earlier along the mix (one more MLP unit kept) is over the target.
-    counts = vitslim.targets.gate_ranking(model).counts()
+    counts = vitslim.planning.gate_ranking(model).counts()
     fraction = (t["step"] - 1 + 0.5) / counts["mlp"]
     before = vitslim.threshold(model, *(1 - fraction,) * 3)
     assert fake_ms(vitslim.slim(model, before), 2, None) > goal
@@ -111,14 +111,14 @@ def test_a_plan_whose_measured_latency_misses_its_prediction_says_so(model, smal
     dense_ms = fake_ms(vitslim.slim(model, vitslim.threshold(model, 1.0, 1.0, 1.0)), 2, None)
     plan = plan_for(model, latency_ms=0.6 * dense_ms, batch_size=2, cache_dir=tmp_path)
     assert plan.target["prediction_error"] == pytest.approx(2.0, rel=1e-6)
-    line = _costs_line({"plan": plan, **vitslim.targets.PlanCost(model, plan_arch(model))(plan)},
-                       vitslim.targets.PlanCost(model, plan_arch(model)).dense)
+    line = _costs_line({"plan": plan, **vitslim.planning.PlanCost(model, plan_arch(model))(plan)},
+                       vitslim.planning.PlanCost(model, plan_arch(model)).dense)
     assert "warning: the measured latency is 200% off the table's prediction (bound 50%)" in line
     assert "--remeasure" in line
 
 
 def plan_arch(model):
-    return vitslim.targets.gate_ranking(model).arch
+    return vitslim.planning.gate_ranking(model).arch
 
 
 def test_real_timing_on_this_cpu(small_grid, tmp_path, monkeypatch):

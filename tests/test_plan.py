@@ -1,4 +1,4 @@
-"""SlimPlan: JSON form (DESIGN.md section 3), validation, check_fits, kept_fractions, summary."""
+"""SlimPlan: JSON form (docs/design.md section 3), validation, check_fits, kept_fractions, summary."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,4 @@
-"""The search model computes DESIGN.md section 2, through both plain-PyTorch implementations."""
+"""The search model computes docs/design.md section 2, through both plain-PyTorch implementations."""
 import pytest
 import torch
 
@@ -152,3 +152,18 @@ def test_every_module_vitslim_builds_takes_the_mode_of_what_it_replaces(training
     vitslim.save_slim(slim, tmp_path / "slim")
     loaded = vitslim.load_slim(tmp_path / "slim")
     assert not any(m.training for m in loaded.modules())
+
+
+def test_one_keyword_picks_the_path_and_fused_stays_its_alias():
+    """implementation= names the path (vitslim.implementations); fused=True is "fused"; a disagreement or an
+    unknown name is refused, naming what is accepted."""
+    model = make_vit()
+    blocks = lambda m: {b.implementation for b in vitslim.searchable.searchable_blocks(m)}  # noqa: E731
+    assert blocks(searchable_copy(model, implementation="eager")) == {"eager"}
+    assert blocks(searchable_copy(model, fused=True)) == blocks(searchable_copy(model, implementation="fused")) == {
+        "fused"}
+    assert blocks(searchable_copy(model)) == {"folded"}
+    with pytest.raises(ValueError, match="fused=True and implementation='eager' disagree"):
+        searchable_copy(model, fused=True, implementation="eager")
+    with pytest.raises(ValueError, match="implementation must be one of 'eager', 'folded', 'fused', got 'triton'"):
+        searchable_copy(model, implementation="triton")

@@ -1,4 +1,4 @@
-"""slim() builds the physically smaller model of DESIGN.md section 4 and computes the right function."""
+"""slim() builds the physically smaller model of docs/design.md section 4 and computes the right function."""
 import pytest
 import torch
 
@@ -146,3 +146,19 @@ def test_torchscript_is_refused_in_one_clear_line():
     assert str(error.value).splitlines()[0] == (
         "slim models do not support TorchScript (torch.jit.script); torch.export (python -m vitslim.export "
         "--format pt2), ONNX and torch.jit.trace do")
+
+
+def test_implementation_keyword_of_slim_and_load_slim(tmp_path):
+    """slim/load_slim take implementation="reference" | "fused" (fused=True is "fused"); each block's ragged
+    attention then lets dispatch choose (None) or keeps the reference."""
+    search = searchable_copy(make_vit())
+    plan = vitslim.threshold(search, 0.5, 0.5, 1.0)
+    attn = lambda m: {b.attn.implementation for b in m.blocks}  # noqa: E731
+    assert attn(vitslim.slim(search, plan, implementation="fused")) == attn(vitslim.slim(search, plan, fused=True)) \
+        == {None}
+    model = vitslim.slim(search, plan)
+    assert attn(model) == {"reference"}
+    vitslim.save_slim(model, tmp_path / "slim")
+    assert attn(vitslim.load_slim(tmp_path / "slim", implementation="fused")) == {None}
+    with pytest.raises(ValueError, match="implementation must be one of 'reference', 'fused', got 'folded'"):
+        vitslim.slim(search, plan, implementation="folded")

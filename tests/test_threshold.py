@@ -1,4 +1,4 @@
-"""vitslim.threshold against an independent reference written from DESIGN.md section 3.
+"""vitslim.threshold against an independent reference written from docs/design.md section 3.
 
 The reference works on plain Python / numpy copies of the gate values and evaluates the budget
 formula thr = sorted[floor((1 - budget) * n)] exactly (fractions.Fraction of the float budget), so a
@@ -51,7 +51,7 @@ def model(_cached_models, mode) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Independent reference (DESIGN.md section 3)
+# Independent reference (docs/design.md section 3)
 # ---------------------------------------------------------------------------------------------------
 def ref_kept_count_formula(n: int, budget: float) -> int:
     """Entries kept when all n importances are distinct: n - floor((1 - budget) * n), exactly."""

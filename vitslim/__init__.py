@@ -12,7 +12,7 @@ from .searchable import SearchableBlock, make_searchable, set_implementation
 from .slim import SlimAttention, SlimBlock, SlimMlp, slim
 from .cuda_graphs import use_cuda_graphs
 from .threshold import threshold
-from .targets import Alignment, TargetError, align_plan, plan_for
+from .planning import Alignment, TargetError, align_plan, plan_for
 from . import latency
 from .token_drop import drop_tokens
 

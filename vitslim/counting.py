@@ -25,14 +25,24 @@ def _check_vit(model: nn.Module) -> None:
                          f"{type(model).__name__} has no {', '.join(missing)}")
 
 
+def block_terms(attn_width: int, mlp_width: int, tokens: int) -> tuple[int, int, int, int]:
+    """The terms the cost of a block is made of, for attention width W (summed over heads), M MLP units and T
+    tokens: (T, T*W, T*M, T^2*W). Its MACs are block_macs; vitslim.latency fits one time per term."""
+    return tokens, tokens * attn_width, tokens * mlp_width, tokens * tokens * attn_width
+
+
+def block_macs(embed_dim: int, attn_width: int, mlp_width: int, tokens: int) -> int:
+    """MACs of one block of embedding width C: qkv (3WC), proj (WC), fc1 and fc2 (2MC) per token, and q @ k^T and
+    attn @ v (2 T W per token): T * (4WC + 2MC) + 2 T^2 W. The one cost formula: count_flops, planning.PlanCost and
+    the latency model's terms (block_terms) all use it."""
+    _, tw, tm, ttw = block_terms(attn_width, mlp_width, tokens)
+    return embed_dim * (4 * tw + 2 * tm) + 2 * ttw
+
+
 def block_flops(block: nn.Module, tokens: int) -> int:
     """MACs of one block (dense, searchable or slim) on a sequence of `tokens` tokens."""
-    qkv, proj = block.attn.qkv, block.attn.proj
-    fc1, fc2 = block.mlp.fc1, block.mlp.fc2
-    attn_width = qkv.out_features // 3
-    return tokens * (qkv.in_features * qkv.out_features + proj.in_features * proj.out_features
-                     + fc1.in_features * fc1.out_features + fc2.in_features * fc2.out_features) \
-        + 2 * tokens * tokens * attn_width
+    qkv, fc1 = block.attn.qkv, block.mlp.fc1
+    return block_macs(qkv.in_features, qkv.out_features // 3, fc1.out_features, tokens)
 
 
 def count_flops(model: nn.Module, batch_size: int = 1) -> int:

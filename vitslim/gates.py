@@ -1,4 +1,4 @@
-"""The learnable gates of the search (DESIGN.md section 2) and their l1 penalty."""
+"""The learnable gates of the search (docs/design.md section 2) and their l1 penalty."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -62,7 +62,7 @@ def sparsity_losses(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch
 
 @dataclass(frozen=True)
 class SparsityWeights:
-    """w1, w2, w3 of the search loss. Not divided by the number of processes (DESIGN.md section 2)."""
+    """w1, w2, w3 of the search loss. Not divided by the number of processes (docs/design.md section 2)."""
 
     attn: float = 2e-4
     mlp: float = 5e-5

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .counting import block_terms
 from .errors import NoisyTableError
 from .plan import BlockPlan, SlimPlan
 from .saving import atomic_write
@@ -43,12 +44,10 @@ MAX_FIT_ERROR = 0.5
 
 
 def _features(plan: SlimPlan) -> list[float]:
+    """1 and the sums over blocks of the cost terms (counting.block_terms): T, T*W, T*M, T^2*W."""
     R = plan.num_prefix_tokens
-    T = [R + len(b.tokens) for b in plan.blocks]
-    W = [b.attn_width for b in plan.blocks]
-    M = [len(b.mlp) for b in plan.blocks]
-    return [1.0, float(sum(T)), float(sum(t * w for t, w in zip(T, W))), float(sum(t * m for t, m in zip(T, M))),
-            float(sum(t * t * w for t, w in zip(T, W)))]
+    terms = [block_terms(b.attn_width, len(b.mlp), R + len(b.tokens)) for b in plan.blocks]
+    return [1.0, *(float(sum(column)) for column in zip(*terms))]
 
 
 def _fit_non_negative(rows: list[list[float]], ms: list[float]) -> list[float]:

@@ -16,6 +16,8 @@ from torch import nn
 from .arch import ViTArch
 from .errors import SlimFileError
 from .files import atomic_write
+from .implementations import SLIM as SLIM_IMPLEMENTATIONS
+from .implementations import chosen
 from .cuda_graphs import use_cuda_graphs
 from .plan import SlimPlan
 from .slim import build_slim, set_fused, set_pretrained_cfg
@@ -64,12 +66,14 @@ def save_slim(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def load_slim(path: str | os.PathLike, device: str | torch.device = "cpu", fused: bool = False,
-              cuda_graphs: bool = False) -> nn.Module:
+              cuda_graphs: bool = False, *, implementation: str | None = None) -> nn.Module:
     """Load a slim model saved by save_slim; returns it in eval mode on `device`.
 
-    fused: as in vitslim.slim, let dispatch pick the fastest ragged-attention kernel (default: reference).
+    implementation: as in vitslim.slim, "fused" (or fused=True) lets dispatch pick the fastest ragged-attention
+    kernel; "reference" (default) is plain PyTorch.
     cuda_graphs: as in vitslim.slim, replay inference on CUDA inputs from CUDA graphs.
     """
+    implementation = chosen(implementation, fused, SLIM_IMPLEMENTATIONS, "reference")
     folder = Path(path)
     config_file, weights_file = folder / CONFIG, folder / WEIGHTS
     for f in (config_file, weights_file):
@@ -109,7 +113,7 @@ def load_slim(path: str | os.PathLike, device: str | torch.device = "cpu", fused
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     model.to(dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
     model.load_state_dict(state, strict=True)
-    set_fused(model, fused)
+    set_fused(model, implementation == "fused")
     cfg = config.get("pretrained_cfg")
     if cfg is not None:
         if not isinstance(cfg, dict):

@@ -2,7 +2,7 @@
 
 Each timm `Block` is replaced in place by a `SearchableBlock` that keeps the block's own submodules
 (same state-dict names) and adds `gates`. Two plain-PyTorch implementations compute the function of
-DESIGN.md section 2:
+docs/design.md section 2:
 
 - "eager": the paper's way. Gates multiply the activations, attention is an explicit softmax. This is the
   "unfused masks" baseline of the benchmarks.
@@ -13,7 +13,7 @@ DESIGN.md section 2:
 "fused" selects the Triton kernels of vitslim_kernels where available.
 
 Token dropping (vitslim.drop_tokens): `token_alive` marks the patches still present in a block. As in the
-slim model (DESIGN.md section 4), a block first gathers its kept tokens from its input (`gather_index`,
+slim model (docs/design.md section 4), a block first gathers its kept tokens from its input (`gather_index`,
 derived from its own and the previous block's `token_alive` by `sync_token_inputs`); dropped tokens are
 gone, and the token gate scales only the surviving patches.
 """
@@ -32,9 +32,10 @@ from vitslim_kernels.runtime import triton_unavailable
 from .arch import activation_name, describe
 from .gates import BlockGates
 from .plan import check_search_mode
+from .implementations import SEARCHABLE as IMPLEMENTATIONS
+from .implementations import chosen
 from .intermediates import install_checked_forward_intermediates
 
-IMPLEMENTATIONS = ("eager", "folded", "fused")
 
 
 class SearchableBlock(nn.Module):
@@ -249,17 +250,19 @@ def _sync_token_inputs_after_load(model: nn.Module, incompatible_keys) -> None:
     sync_token_inputs(model)  # gather_index is not saved (like SlimBlock's): derive it from token_alive
 
 
-def make_searchable(model: nn.Module, search: str = "dims", fused: bool = False) -> nn.Module:
+def make_searchable(model: nn.Module, search: str = "dims", fused: bool = False, *,
+                    implementation: str | None = None) -> nn.Module:
     """Put gates on every block of a timm ViT, in place; returns the model.
 
     search: "dims" (one gate per head dim, the paper's default), "heads" (one per head) or "uniform"
-    (one per dim, shared by all heads of a block). fused: use the fused kernels where available.
+    (one per dim, shared by all heads of a block). implementation: "eager", "folded" (default) or "fused" (the
+    fused kernels where available; fused=True says the same), see vitslim.implementations.
     """
     check_search_mode(search)
+    implementation = chosen(implementation, fused, IMPLEMENTATIONS, "folded")
     if is_searchable(model):
         raise ValueError("model is already searchable (it has gates); build it from a plain timm model")
     arch = describe(model)
-    implementation = "fused" if fused else "folded"
     for i, block in enumerate(model.blocks):
         model.blocks[i] = SearchableBlock(block, search, arch.num_prefix_tokens, arch.num_patches,
                                           implementation).train(block.training)  # a new module starts in train

@@ -1,4 +1,4 @@
-"""The physically smaller model built from a SlimPlan (DESIGN.md section 4).
+"""The physically smaller model built from a SlimPlan (docs/design.md section 4).
 
 A slim model is a timm VisionTransformer whose blocks are `SlimBlock`s: ragged heads (each its own width,
 original scale), narrower MLPs, and a static gather of the kept tokens at the start of a block. No mask
@@ -23,6 +23,8 @@ from vitslim_kernels.ops.ragged_attention import ragged_attention_fwd_op
 
 from .arch import ViTArch, build, describe
 from .cuda_graphs import use_cuda_graphs
+from .implementations import SLIM as SLIM_IMPLEMENTATIONS
+from .implementations import chosen
 from .intermediates import install_checked_forward_intermediates
 from .plan import SlimPlan
 from .searchable import describe_searchable, is_searchable, searchable_blocks
@@ -355,20 +357,21 @@ def _slim_state_dict(model: nn.Module, plan: SlimPlan, fold_gates: bool) -> dict
 
 
 def slim(model: nn.Module, plan: SlimPlan, fold_gates: bool = False, fused: bool = False,
-         cuda_graphs: bool = False) -> nn.Module:
+         cuda_graphs: bool = False, *, implementation: str | None = None) -> nn.Module:
     """Build the physically smaller model that `plan` describes, from a searchable (or plain) timm ViT.
 
     fold_gates=False: kept gates become 1 (the paper). fold_gates=True: kept attention and MLP gate values
     are multiplied into the weights and kept token scales stay as a per-position scale, so the slim model
     computes what the search model computes with pruned entries zeroed and pruned tokens removed.
-    fused: let dispatch pick the fastest ragged-attention implementation for the device (kernels where
-    available); under torch.export the graph then holds vitslim::ragged_attention_fwd itself (see
-    vitslim.export). False keeps the plain PyTorch reference, in exported graphs too.
+    implementation: "fused" (or fused=True): dispatch picks the fastest ragged-attention implementation for the
+    device (kernels where available); under torch.export the graph then holds vitslim::ragged_attention_fwd itself
+    (see vitslim.deploy.export). "reference" (default) keeps the plain PyTorch reference, in exported graphs too.
     cuda_graphs: replay inference on CUDA inputs (eval, autograd off) from CUDA graphs, one per input shape,
     for small-batch latency (see vitslim.cuda_graphs; call model.forward.reset() after changing weights).
     The search model is left unchanged; the slim model is on its device and dtype, in its train/eval mode,
     and carries its timm pretrained_cfg (so timm.data.resolve_data_config gives the same preprocessing).
     """
+    implementation = chosen(implementation, fused, SLIM_IMPLEMENTATIONS, "reference")
     if not isinstance(plan, SlimPlan):
         raise TypeError(f"plan must be a SlimPlan (see vitslim.threshold or SlimPlan.from_dict), "
                         f"got {type(plan).__name__}")
@@ -382,7 +385,7 @@ def slim(model: nn.Module, plan: SlimPlan, fold_gates: bool = False, fused: bool
     slim_model.load_state_dict(_slim_state_dict(model, plan, fold_gates), strict=True)
     set_pretrained_cfg(slim_model, getattr(model, "pretrained_cfg", None))
     slim_model.train(model.training)
-    set_fused(slim_model, fused)
+    set_fused(slim_model, implementation == "fused")
     return use_cuda_graphs(slim_model) if cuda_graphs else slim_model
 
 

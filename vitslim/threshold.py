@@ -1,4 +1,4 @@
-"""Gates -> SlimPlan for chosen budgets (DESIGN.md section 3)."""
+"""Gates -> SlimPlan for chosen budgets (docs/design.md section 3)."""
 from __future__ import annotations
 
 import math

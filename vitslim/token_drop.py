@@ -1,7 +1,7 @@
 """Token dropping during the search (issue 4: `--drop-tokens-below EPS`, off by default).
 
 A patch whose token gate has become negligible is removed from its block and every later block, as the
-slim model removes it (DESIGN.md section 4): it is neither a query, a key nor a value any more, and the
+slim model removes it (docs/design.md section 4): it is neither a query, a key nor a value any more, and the
 blocks compute on shorter sequences. What is dropped is kept in each block's `token_alive` buffer (saved
 with the model); `vitslim.threshold` never keeps a dropped token.
 """

@@ -1,10 +1,13 @@
-"""Which implementation of an op runs, and every reason the others were refused. Mechanism only.
+"""Which implementation of an op runs, and every reason the others were refused; and the registry of the ops.
+Mechanism only.
 
 Each op module (ops/<op>.py) registers its implementations here, in order of preference, each with a refusal
 rule: a function of the op's arguments (all of them, as the op is called) that returns every reason the
 implementation cannot run on them, [] when it can (xformers' not_supported_reasons). `select` returns the first
-implementation without a reason; `explain` lists every decision. This module imports no op, no backend, and
-touches no GPU; the process state the rules read (interpreter, compile-only target, ...) is in runtime.
+implementation without a reason; `explain` lists every decision. Each op also registers what the tools need to
+check it without knowing it (describe_op): its functional, reference, sample inputs, the torch.library ops and
+the kernels behind it; the selftest and the tests loop over `op_infos()`. This module imports no op, no backend,
+and touches no GPU; the process state the rules read (interpreter, compile-only target, ...) is in runtime.
 """
 from __future__ import annotations
 
@@ -21,16 +24,45 @@ class Implementation:
     name: str
     load: Callable[[], Callable]   # imports lazily, returns the callable (same signature as the op's functional)
     refusals: Refusals             # (*args, **kwargs) of a call -> every reason it cannot run them; [] if it can
+    forward_only: bool = False     # no backward: it refuses inputs that need a gradient
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """What a tool needs to check an op it does not know: call it (`functional(*args, implementation=name,
+    **kwargs)`), compare it (`reference`, float64-capable), feed it (`sample_inputs(device, dtype,
+    requires_grad) -> [(args, kwargs)]`), and find what it runs (its torch.library ops, the fail-safe names of
+    the kernels it launches, and the backend modules that hold them)."""
+    name: str
+    functional: Callable
+    reference: Callable
+    sample_inputs: Callable[..., list[tuple[tuple, dict]]]
+    library_ops: tuple[str, ...] = ()
+    kernels: tuple[str, ...] = ()
+    kernel_modules: tuple[str, ...] = ()
+    uses_dot: bool = False         # its kernels multiply with tl.dot (the interpreter gets bfloat16 dots wrong)
 
 
 _REGISTRY: dict[str, list[Implementation]] = {}
+_OPS: dict[str, OpInfo] = {}
 
 
-def register(op: str, name: str, load: Callable[[], Callable], refusals: Refusals) -> None:
+def describe_op(info: OpInfo) -> None:
+    """Register what the tools need to know of an op (ops/<op>.py calls this once per public op)."""
+    _OPS[info.name] = info
+
+
+def op_infos() -> list[OpInfo]:
+    """Every described op, by name."""
+    return [_OPS[name] for name in sorted(_OPS)]
+
+
+def register(op: str, name: str, load: Callable[[], Callable], refusals: Refusals, forward_only: bool = False
+             ) -> None:
     """Add an implementation of `op`; earlier registrations are preferred. Registering a name again replaces it
     in place (a module reloaded keeps one entry)."""
     implementations = _REGISTRY.setdefault(op, [])
-    new = Implementation(op, name, load, refusals)
+    new = Implementation(op, name, load, refusals, forward_only)
     for i, impl in enumerate(implementations):
         if impl.name == name:
             implementations[i] = new
@@ -43,9 +75,9 @@ def ops() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def implementations(op: str) -> list[str]:
-    """The implementation names of `op`, in order of preference."""
-    return [impl.name for impl in _implementations(op)]
+def implementations(op: str) -> list[Implementation]:
+    """The implementations of `op`, in order of preference."""
+    return list(_implementations(op))
 
 
 def _implementations(op: str) -> list[Implementation]:

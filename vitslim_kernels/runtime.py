@@ -68,9 +68,10 @@ def _imported_triton_interprets() -> bool | None:
     return type(tl.cdiv).__name__ == "InterpretedFunction"
 
 
-def triton_refusals(example: torch.Tensor) -> list[str]:
-    """Every reason the Triton kernels cannot run on tensors like `example` (an op's data tensor: its device and
-    dtype decide; read at call time); [] if they can."""
+def triton_refusals(example: torch.Tensor, *_, **__) -> list[str]:
+    """Every reason the Triton kernels cannot run on tensors like `example` (an op's data tensor, its first
+    argument: its device and dtype decide; read at call time); [] if they can. The other arguments of the call are
+    accepted and not read, so an op registers this as the refusal rule of its Triton implementation."""
     reasons: list[str] = []
     device = example.device.type
     if device == "cpu" and compile_only_target() is None:  # (compile_only: CPU compiles for its stand-in GPU)
@@ -105,6 +106,12 @@ def reference_on(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and not interpreter_enabled() and compile_only_target() is None
 
 
+def alloc(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here, through its launcher module's `_alloc` (tests swap in a
+    NaN-filled one there, to prove the kernel writes every element)."""
+    return torch.empty(tuple(shape), dtype=dtype or like.dtype, device=like.device)
+
+
 # -- tracing, strictness, autotuning -------------------------------------------------------------------------
 def tracing() -> bool:
     """True while torch.compile / torch.export / a dispatch mode (fake, functional, ...) runs the code: no
@@ -120,7 +127,7 @@ def strict_kernels() -> bool:
 
 def autotune_enabled() -> bool:
     """VITSLIM_AUTOTUNE=1: the attention kernels time their short config lists once per shape key on the GPU and
-    keep the fastest (vitslim_kernels.triton._common.tuned). Off by default: the tiles set the order of the
+    keep the fastest (vitslim_kernels.triton._launch.tuned). Off by default: the tiles set the order of the
     fp32 sums, so two processes that tuned differently would not be bitwise equal (a resumed run included)."""
     return os.environ.get("VITSLIM_AUTOTUNE", "0") == "1"
 

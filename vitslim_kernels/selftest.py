@@ -1,8 +1,10 @@
 """`python -m vitslim_kernels.info --selftest`: every kernel launched once on this machine, against the reference.
 
-Small odd shapes (N = 50, heads 0, 17, 41 and 64 wide, a token-dropping gather), forward and backward, in
-float32, float16 and bfloat16 (where the device has them), through each op with the implementation forced. The
-accuracy rule is the test suite's (CONVENTIONS.md): the kernel's error against the float64 reference is at most
+Every op described to dispatch (dispatch.op_infos: each ops/<op>.py describes its own), on its sample inputs
+(small odd shapes: N = 50, heads 0, 17, 41 and 64 wide, a token-dropping gather), forward and backward (forward
+only for a forward-only implementation), in float32, float16 and bfloat16 (where the device has them), through
+each implementation but the reference, forced. The
+accuracy rule is the test suite's (docs/conventions.md): the kernel's error against the float64 reference is at most
 twice the error of the reference run in the same dtype, plus a floor of 16 eps of that dtype (times the largest
 |value|, at least 1). Failures raise here (VITSLIM_STRICT_KERNELS=1 for the run): a kernel that would fall back
 to PyTorch in a model is reported as failed, with its error.
@@ -22,11 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import dispatch, runtime
-from .ops.gated_linear import gated_gelu_linear, gated_linear
-from .ops.layernorm_token_scale import layernorm_token_scale
-from .ops.qkv_attention import qkv_attention
-from .ops.ragged_attention import ragged_attention
+from . import dispatch, runtime  # (importing vitslim_kernels imported every op: they are all described)
 
 FLOOR_EPS = 16
 
@@ -62,14 +60,6 @@ def _strict() -> Iterator[None]:
 # the attention kernels' bf16 runs are checked on a GPU only, as in tests/kernels/test_ragged_attention_triton.py.
 _INTERPRETER_BF16_DOT = "Triton's interpreter computes tl.dot on bfloat16 wrongly: checked on a GPU only"
 
-# Each case: (name, kernels, implementation, fn(implementation, dtype, device) -> tensors to compare).
-# fn builds its inputs from a fixed seed in float64 on the CPU and casts them, so every dtype sees the same values.
-def _inputs(*shapes: tuple[int, ...], dtype: torch.dtype, device: torch.device, seed: int = 0,
-            scale: float = 1.0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [(scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
-            .requires_grad_() for shape in shapes]
-
 
 def _with_grads(out: torch.Tensor, inputs: list[torch.Tensor], seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -78,61 +68,29 @@ def _with_grads(out: torch.Tensor, inputs: list[torch.Tensor], seed: int = 1) ->
     return [out.detach()] + [gr for gr in grads if gr is not None]
 
 
-_WIDTHS = (17, 0, 64, 41)
-_N = 50
+def _outputs(info: dispatch.OpInfo, implementation: str, dtype: torch.dtype, device: torch.device,
+             gradients: bool) -> list[torch.Tensor]:
+    """The op's output on each of its sample inputs (made alike in every dtype), and with `gradients` the gradient
+    of every input that takes one, through `implementation`."""
+    tensors = []
+    for args, kwargs in info.sample_inputs(device, dtype, requires_grad=gradients):
+        with torch.set_grad_enabled(gradients):
+            out = info.functional(*args, implementation=implementation, **kwargs)
+        leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        tensors += _with_grads(out, leaves) if gradients else [out]
+    return tensors
 
 
-def _ragged(implementation: str, dtype: torch.dtype, device: torch.device, grad: bool = True) -> list[torch.Tensor]:
-    D = sum(_WIDTHS)
-    q, k, v = _inputs((2, _N, D), (2, _N, D), (2, _N, D), dtype=dtype, device=device)
-    if not grad:
-        with torch.no_grad():
-            return [ragged_attention(q, k, v, _WIDTHS, 64 ** -0.5, implementation=implementation)]
-    return _with_grads(ragged_attention(q, k, v, _WIDTHS, 64 ** -0.5, implementation=implementation), [q, k, v])
+def _cases() -> tuple[tuple[str, str, str, dispatch.OpInfo], ...]:
+    """(name, the kernels it launches, implementation, op) of every implementation of every described op but the
+    references (what the others are checked against)."""
+    return tuple((f"{info.name} ({impl.name})", ", ".join(info.kernels) or "(composed of the ops above)", impl.name,
+                  info)
+                 for info in dispatch.op_infos() for impl in dispatch.implementations(info.name)
+                 if impl.name != "reference")
 
 
-def _qkv_attention(implementation: str, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """The search path: the gated qkv projection and the attention as one op (every head the same width, a
-    compile-time width; the qkv bias gradient summed by the attention kernel)."""
-    widths, C = (32, 32, 32), 48
-    D = sum(widths)
-    x, weight, bias, gate = _inputs((2, _N, C), (3 * D, C), (3 * D,), (D,), dtype=dtype, device=device, scale=0.5)
-    out = qkv_attention(x, weight, bias, gate, widths, 32 ** -0.5, implementation=implementation)
-    return _with_grads(out, [x, weight, bias, gate])
-
-
-def _layernorm(implementation: str, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    C, kept = 48, tuple([0] + list(range(1, _N, 2)))  # the prefix row and every other patch
-    x, token_raw = _inputs((2, _N, C), (len(kept) - 1,), dtype=dtype, device=device)
-    weight, bias = _inputs((C,), (C,), dtype=dtype, device=device, seed=2)
-    out = layernorm_token_scale(x, weight, bias, 1e-6, token_raw, 1, kept, implementation=implementation)
-    return _with_grads(out, [x, weight, bias, token_raw])
-
-
-def _gated_linear(implementation: str, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    C, H, d = 48, 3, 16
-    x, weight, bias, gate = _inputs((2, _N, C), (3 * H * d, C), (3 * H * d,), (H * d,), dtype=dtype,
-                                    device=device, scale=0.5)
-    return _with_grads(gated_linear(x, weight, bias, gate, implementation=implementation), [x, weight, bias, gate])
-
-
-def _gated_gelu_linear(implementation: str, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    C, M = 48, 96
-    x, weight, bias, gate = _inputs((2, _N, C), (M, C), (M,), (M,), dtype=dtype, device=device, scale=0.5)
-    out = gated_gelu_linear(x, weight, bias, gate, implementation=implementation)
-    return _with_grads(out, [x, weight, bias, gate])
-
-
-CASES: tuple[tuple[str, str, str, Callable], ...] = (
-    ("layernorm_token_scale (triton)", "layernorm_token_scale_fwd/bwd", "triton", _layernorm),
-    ("gated_linear (triton)", "gated_linear_fwd/bwd (the fold)", "triton", _gated_linear),
-    ("gated_gelu_linear (triton)", "gated_gelu_linear_fwd/bwd", "triton", _gated_gelu_linear),
-    ("ragged_attention (triton)", "ragged_attention_fwd, _bwd_preprocess, _bwd", "triton", _ragged),
-    ("qkv_attention (triton)", "gated_linear_fwd/bwd, ragged_attention_fwd/bwd (uniform width, bias sums)",
-     "triton", _qkv_attention),
-    ("ragged_attention (cuda)", "csrc ragged_attention_fwd", "cuda",
-     lambda impl, dtype, device: _ragged(impl, dtype, device, grad=False)),
-)
+CASES = _cases()
 
 
 def _dtypes(device: torch.device) -> list[torch.dtype]:
@@ -141,24 +99,29 @@ def _dtypes(device: torch.device) -> list[torch.dtype]:
     return [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _unavailable(implementation: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    example = torch.empty(1, 1, 1, device=device, dtype=dtype)
+def _forward_only(info: dispatch.OpInfo, implementation: str) -> bool:
+    return next(impl.forward_only for impl in dispatch.implementations(info.name) if impl.name == implementation)
+
+
+def _unavailable(info: dispatch.OpInfo, implementation: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    args, kwargs = info.sample_inputs(device, dtype)[0]
     with torch.no_grad():
-        return dict(dispatch.explain("ragged_attention", example)).get(implementation, "unknown implementation")
+        return dict(dispatch.explain(info.name, *args, **kwargs)).get(implementation, "unknown implementation")
 
 
-def _check(name: str, kernels: str, implementation: str, fn: Callable, dtype: torch.dtype,
+def _check(name: str, kernels: str, implementation: str, info: dispatch.OpInfo, dtype: torch.dtype,
            device: torch.device) -> Check:
     start = time.perf_counter()
     label = str(dtype).removeprefix("torch.")
+    gradients = not _forward_only(info, implementation)
     try:
         with _strict():
-            got = fn(implementation, dtype, device)
+            got = _outputs(info, implementation, dtype, device, gradients)
     except Exception as error:  # noqa: BLE001 (reported, not raised: every kernel gets its line)
         return Check(name, kernels, label, False, None, None, time.perf_counter() - start,
                      f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}")
-    same = fn("reference", dtype, device)
-    exact = fn("reference", torch.float64, device)
+    same = _outputs(info, "reference", dtype, device, gradients)
+    exact = _outputs(info, "reference", torch.float64, device, gradients)
     passed, error, bound = len(got) == len(exact), 0.0, 0.0  # (error, bound) of the tensor nearest its bound
     for g, s, e in zip(got, same, exact):
         if torch.isnan(g).any():
@@ -188,15 +151,14 @@ def run(device: torch.device, dtypes: list[torch.dtype] | None = None,
     """Every case (default: all of CASES) in every dtype on `device`; a case whose implementation cannot run there
     is left out."""
     checks = []
-    for name, kernels, implementation, fn in cases:
+    for name, kernels, implementation, info in cases:
         for dtype in dtypes or _dtypes(device):
-            if implementation == "cuda" and _unavailable("cuda", device, dtype) is not None:
+            if implementation != "triton" and _unavailable(info, implementation, device, dtype) is not None:
                 continue
-            attention = name.startswith(("ragged_attention", "qkv_attention"))
-            if device.type == "cpu" and dtype == torch.bfloat16 and attention:
+            if device.type == "cpu" and dtype == torch.bfloat16 and info.uses_dot:
                 check = Check(name, kernels, "bfloat16", True, None, None, 0.0, skipped=_INTERPRETER_BF16_DOT)
             else:
-                check = _check(name, kernels, implementation, fn, dtype, device)
+                check = _check(name, kernels, implementation, info, dtype, device)
             checks.append(check)
             if log is not None:
                 log(format_check(check))

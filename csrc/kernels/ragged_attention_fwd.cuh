@@ -1,4 +1,4 @@
-// Ragged-width attention forward (DESIGN.md section 5): every head has its own width, all heads in one
+// Ragged-width attention forward (docs/design.md section 5): every head has its own width, all heads in one
 // launch, fp32 math whatever the input dtype.
 //
 // q, k, v: (B, N, D) with D = sum(head widths), any strides; head h owns columns [offset_h, offset_h + w_h).

@@ -19,12 +19,12 @@ import timm  # noqa: E402
 
 import vitslim  # noqa: E402
 import vitslim_kernels  # noqa: E402
-from vitslim_kernels import KernelFallbackWarning, info, runtime  # noqa: E402
+from vitslim_kernels import KernelFallbackWarning, dispatch, info, runtime  # noqa: E402
 
 from .interpreter import INTERPRETED, rerun_under_interpreter, require_interpreter  # noqa: E402
 
-KERNEL_MODULES = ("vitslim_kernels.triton.layernorm_token_scale", "vitslim_kernels.triton.gated_linear",
-                  "vitslim_kernels.triton.ragged_attention")
+# Every backend module of every op described to dispatch (a new op's are checked without naming them here).
+KERNEL_MODULES = tuple(sorted({m for info in dispatch.op_infos() for m in info.kernel_modules}))
 VIT = dict(img_size=24, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=10)
 
 
@@ -212,7 +212,8 @@ def test_compiled_import_every_launcher_is_guarded():
     """Every function of the Triton and CUDA modules that launches a kernel is a fail_safe launcher, and its op
     registered the PyTorch function it falls back to."""
     unguarded, without_fallback = [], []
-    for name in KERNEL_MODULES + ("vitslim_kernels.cuda.ragged_attention",):
+    assert "vitslim_kernels.cuda.ragged_attention" in KERNEL_MODULES and len(KERNEL_MODULES) >= 4
+    for name in KERNEL_MODULES:
         module = importlib.import_module(name)
         for fname, fn in vars(module).items():
             if not inspect.isfunction(fn) or fn.__module__ != module.__name__:

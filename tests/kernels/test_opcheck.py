@@ -210,6 +210,16 @@ OPCHECK_CASES = {
 }
 
 
+def test_every_library_op_of_the_registry_is_opchecked():
+    """The torch.library ops every described op declares (dispatch.op_infos) all have an opcheck case here (the
+    CUDA op: in test_ragged_attention_cuda.py), and every declared op exists."""
+    from vitslim_kernels import dispatch
+    declared = {name for info in dispatch.op_infos() for name in info.library_ops}
+    assert all(hasattr(torch.ops.vitslim, name) for name in declared), declared
+    checked = {case.split()[0] for case in OPCHECK_CASES} | {"ragged_attention_fwd_cuda"}
+    assert declared <= checked, declared - checked
+
+
 @pytest.mark.parametrize("case", list(OPCHECK_CASES))
 def test_opcheck(ops, case):
     op, args = OPCHECK_CASES[case](ops)
@@ -389,7 +399,7 @@ TRACED_CASES = {  # op name -> the op's arguments (fake CUDA tensors are made fr
 def no_sm_query(monkeypatch):
     """The launchers size some grids by the GPU's SM count and pick some configs by its architecture, which
     this machine may not have: an H100's."""
-    common = importlib.import_module("vitslim_kernels.triton._common")
+    common = importlib.import_module("vitslim_kernels.triton._launch")
     monkeypatch.setattr(common, "_cuda_sm_count", lambda device_index: 132)
     monkeypatch.setattr(common, "_cuda_arch", lambda device_index: 90)
 

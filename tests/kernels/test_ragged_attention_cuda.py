@@ -24,10 +24,10 @@ from .tolerance import assert_within_spec  # noqa: E402
 
 CSRC = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "csrc")
 
-SCALE = 64 ** -0.5  # a pruned head keeps its original width's scale (DESIGN.md section 4)
+SCALE = 64 ** -0.5  # a pruned head keeps its original width's scale (docs/design.md section 4)
 FORWARD_ONLY = "the CUDA kernel is forward-only; training uses triton"
 
-# Kernel error allowed on top of 2x the error of the reference run in the same dtype (CONVENTIONS.md), in units
+# Kernel error allowed on top of 2x the error of the reference run in the same dtype (docs/conventions.md), in units
 # of the dtype's eps times the largest |expected| value. fp32: the reference is itself very accurate while the
 # kernel sums in another order and takes exp2 of pre-scaled scores; an error of a few eps is rounding, while an
 # indexing or masking bug gives errors of order 1, so 32 eps keeps the test strict (the same floor as the

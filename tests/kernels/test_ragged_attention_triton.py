@@ -15,9 +15,9 @@ from vitslim_kernels.ops.ragged_attention import ragged_attention_triton  # noqa
 from .interpreter import INTERPRETED, rerun_under_interpreter, require_interpreter  # noqa: E402
 from .tolerance import assert_within_spec  # noqa: E402
 
-SCALE = 64 ** -0.5  # a pruned head keeps its original width's scale (DESIGN.md section 4)
+SCALE = 64 ** -0.5  # a pruned head keeps its original width's scale (docs/design.md section 4)
 
-# Kernel error allowed on top of 2x the error of the reference run in the same dtype (CONVENTIONS.md), in
+# Kernel error allowed on top of 2x the error of the reference run in the same dtype (docs/conventions.md), in
 # units of the dtype's eps times the largest |expected| value of the tensor. fp32: the fp32 reference is
 # itself very accurate while the kernel rescales its online softmax and recomputes P from the saved
 # logsumexp in base 2; measured up to ~5x the reference's error (dk: 4.0e-6 vs 7.6e-7 at max |dk| = 4.2), so
@@ -313,7 +313,7 @@ def test_slim_attention_keeps_padded_weights_for_inference_until_they_change():
 
 def test_tuned_picks_the_fastest_candidate_once_per_key(monkeypatch):
     import triton.testing
-    from vitslim_kernels.triton import _common
+    from vitslim_kernels.triton import _launch as _common
 
     monkeypatch.setattr(_common, "_TUNED", {})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)

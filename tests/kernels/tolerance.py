@@ -1,4 +1,4 @@
-"""The accuracy rule of CONVENTIONS.md for kernels run in low precision."""
+"""The accuracy rule of docs/conventions.md for kernels run in low precision."""
 import torch
 
 

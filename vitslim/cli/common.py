@@ -27,6 +27,13 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1        # the run itself failed (e.g. the loss became NaN)
 EXIT_INTERRUPTED = 130  # Ctrl-C, state saved
 
+# Recipe flags search and retrain share, unset by the user: (DeiT's default for real data, the default for the
+# embedded digits data). The DeiT augmentation and batch, and the threads (None: torch's default, the cores).
+SHARED_DEFAULTS = {
+    "batch_size": (128, 64), "mixup": (0.8, 0.0), "cutmix": (1.0, 0.0), "smoothing": (0.1, 0.0),
+    "reprob": (0.25, 0.0), "drop_path": (0.1, 0.0), "threads": (None, 1),
+}
+
 # Errors that come from the user's input, wherever they are raised (the library's are all UserErrors).
 USER_ERRORS = (UserError, FileNotFoundError)
 
@@ -147,6 +154,15 @@ def non_negative_int(name: str) -> Callable[[str], int]:
 
 def threads_text(n: int) -> str:
     return f"{n} thread" + ("" if n == 1 else "s")
+
+
+def add_process_args(group) -> None:
+    """--threads and --workers, shared by python -m vitslim.search and retrain."""
+    group.add_argument("--threads", type=positive_int("--threads"), default=None,
+                       help="torch's intra-op threads (CPU work); default: 1 on the embedded data (a tiny model at a "
+                            "small batch only loses to more threads), else torch's default (the cores)")
+    group.add_argument("--workers", type=non_negative_int("--workers"), default=4,
+                       help="data loading processes per rank (default: 4)")
 
 
 def add_loader_arg(group) -> None:

@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..latency import MAX_FIT_ERROR
 from ..reporting.figures import plot_tradeoff
 from ..slim import slim
-from ..targets import Alignment, PlanCost, _masks_of, align_plan, plan_for
+from ..planning import Alignment, PlanCost, _masks_of, align_plan, plan_for
 from ..threshold import gate_ranking, threshold
 from . import common as cli
 from .common import ArgumentParser

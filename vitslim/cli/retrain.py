@@ -26,15 +26,14 @@ from ..reporting.report import compare_throughput, format_report, kept_tokens, m
 from ..saving import load_slim, plain_cfg, save_slim
 from ..slim import resize_refusal, set_drop_path, set_pretrained_cfg, slim
 from . import common as cli
-from .common import ArgumentParser, add_bad_images_arg, add_loader_arg, run_data, threads_text
+from .common import (ArgumentParser, add_bad_images_arg, add_loader_arg, add_process_args, run_data,
+                     threads_text)
 from .plan import add_target_args, alignment_of, chosen_target, make_plan
 
 # Recipe flags: (DeiT's default for real data, the default for the embedded digits data).
 DEFAULTS = {
-    "epochs": (300, 30), "batch_size": (128, 64), "mixup": (0.8, 0.0), "cutmix": (1.0, 0.0),
-    "smoothing": (0.1, 0.0), "reprob": (0.25, 0.0), "drop_path": (0.1, 0.0), "warmup_epochs": (5, 2),
-    "model_ema_decay": (None, None), "lr": (None, 1e-3),  # None: LR_PER_512 x global batch / 512
-    "threads": (None, 1),  # None: torch's default
+    **cli.SHARED_DEFAULTS, "epochs": (300, 30), "warmup_epochs": (5, 2), "model_ema_decay": (None, None),
+    "lr": (None, 1e-3),  # None: LR_PER_512 x global batch / 512
 }
 # Fine-tuning a saved slim model (--slim) on real data: shorter and gentler than a retrain (a tenth of its rate per
 # 512 images: the weights are trained already), the DeiT augmentation kept; on the embedded data, its light recipe.
@@ -72,10 +71,7 @@ def build_parser() -> ArgumentParser:
                         "drops tokens, which are positions of the grid it was searched on)")
     g.add_argument("--data-path", default=None, help="train/ and val/ class folders (default: the data the "
                    "search used, if it was the embedded digits)")
-    g.add_argument("--threads", type=cli.positive_int("--threads"), default=None,
-                   help="torch's intra-op threads (CPU work); default: 1 on the embedded data (a tiny model at a "
-                        "small batch only loses to more threads), else torch's default (the cores)")
-    g.add_argument("--workers", type=cli.non_negative_int("--workers"), default=4)
+    add_process_args(g)
     g = p.add_argument_group("recipe (defaults: DeiT's; lighter ones on the embedded data)")
     add_bad_images_arg(g)
     add_loader_arg(g)

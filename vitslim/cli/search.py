@@ -30,15 +30,14 @@ from ..slim import set_pretrained_cfg
 from ..threshold import threshold
 from ..token_drop import alive_tokens, drop_tokens
 from . import common as cli
-from .common import ArgumentParser, add_bad_images_arg, add_loader_arg, run_data, threads_text
+from .common import (ArgumentParser, add_bad_images_arg, add_loader_arg, add_process_args, run_data,
+                     threads_text)
 
 # Recipe flags: (the paper's default for real data, the default for the embedded digits data).
 DEFAULTS = {
-    "epochs": (50, 30), "dense_epochs": (0, 30), "dense_lr": (5e-4, 3e-3), "batch_size": (128, 64),
-    "lr": (5e-4, 1e-3),
-    "mixup": (0.8, 0.0), "cutmix": (1.0, 0.0), "smoothing": (0.1, 0.0), "reprob": (0.25, 0.0),
-    "drop_path": (0.1, 0.0), "model_ema_decay": (0.99996, None),
-    "w1": (2e-4, 2e-3), "w2": (5e-5, 5e-4), "w3": (1e-4, 1e-3), "threads": (None, 1),
+    **cli.SHARED_DEFAULTS, "epochs": (50, 30), "dense_epochs": (0, 30), "dense_lr": (5e-4, 3e-3),
+    "lr": (5e-4, 1e-3), "model_ema_decay": (0.99996, None), "w1": (2e-4, 2e-3), "w2": (5e-5, 5e-4),
+    "w3": (1e-4, 1e-3),
 }
 EMBEDDED_MODEL = "vitslim_digits_vit"
 # Flags a resumed run must share with the run it continues (beyond the recipe): they change its result. The
@@ -65,11 +64,7 @@ def build_parser() -> ArgumentParser:
                         "are resampled); default: the model's (the embedded digits: 16)")
     g.add_argument("--data-path", default=None, help="folder with train/ and val/ class folders "
                    "(default: the embedded digits data)")
-    g.add_argument("--threads", type=cli.positive_int("--threads"), default=None,
-                   help="torch's intra-op threads (CPU work); default: 1 on the embedded data (a tiny model at a "
-                        "small batch only loses to more threads), else torch's default (the cores)")
-    g.add_argument("--workers", type=cli.non_negative_int("--workers"), default=4,
-                   help="data loading processes per rank (default: 4)")
+    add_process_args(g)
     g = p.add_argument_group("recipe (defaults: the paper's; lighter ones on the embedded data)")
     add_bad_images_arg(g)
     add_loader_arg(g)

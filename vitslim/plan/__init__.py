@@ -1,4 +1,4 @@
-"""SlimPlan: what each block keeps (DESIGN.md section 3), with its JSON form."""
+"""SlimPlan: what each block keeps (docs/design.md section 3), with its JSON form."""
 from __future__ import annotations
 
 import json

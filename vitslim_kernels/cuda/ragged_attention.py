@@ -11,12 +11,8 @@ from collections.abc import Sequence
 import torch
 
 from .. import _ext
+from ..runtime import alloc as _alloc
 from ..runtime import fail_safe
-
-
-def _alloc(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """Every buffer the kernel writes comes from here (tests swap in a NaN-filled one to prove full coverage)."""
-    return torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
 
 
 @fail_safe("ragged_attention_fwd_cuda")  # its fallback: ops/ragged_attention.py registers it

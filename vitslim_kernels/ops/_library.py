@@ -24,6 +24,20 @@ def ops_are_interpreted() -> bool:
     return runtime.interpreter_enabled() if imported is None else imported
 
 
+def math_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the references compute in, as the kernels do: float16, bfloat16 and float32 in float32; float64
+    stays float64."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an op's matmuls run in: the autocast dtype where autocast is on for x's device, else x.dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 def define_op(name: str, fn, fake):
     """The custom op `name` implemented by `fn` (schema from its annotations) with the fake implementation
     `fake`, as triton_op or custom_op (runtime.uses_triton_op). triton_op would trace `fn` itself as the fake
@@ -64,3 +78,20 @@ def formula_vjp(formula, args: tuple, cotangents: tuple, needs_input_grad: tuple
     for i, g in zip(wrt, pullback(cotangents[0] if single else cotangents)):
         grads[i] = g
     return tuple(grads)
+
+
+def sample_tensors(*shapes: tuple[int, ...], device: torch.device | str, dtype: torch.dtype, seed: int = 0,
+                   scale: float = 1.0, requires_grad: bool = False) -> list[torch.Tensor]:
+    """Random tensors for an op's sample_inputs: drawn in float64 on the CPU from `seed`, then scaled and cast, so
+    every dtype and device sees the same values (rounded)."""
+    g = torch.Generator().manual_seed(seed)
+    return [(scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
+            .requires_grad_(requires_grad) for shape in shapes]
+
+
+def refuse_dropout(what: str, remedy: str, kind: str = "dropout", **rates: float) -> None:
+    """The kernels have no RNG, so they have no dropout: a non-zero rate is refused with this ValueError rather than
+    silently ignored (the one place that rule is written)."""
+    for name, p in rates.items():
+        if p > 0.0:
+            raise ValueError(f"{what} has no {kind} (the kernels have no RNG), got {name}={p}; {remedy}")

@@ -1,4 +1,4 @@
-"""The two gated branches of a search block (DESIGN.md section 2), composed from the gated ops.
+"""The two gated branches of a search block (docs/design.md section 2), composed from the gated ops.
 
 gated_attention_branch:  proj(attention(split_heads((u @ Wqkv^T + bqkv) * attn_gate)))
 gated_mlp_branch:        fc2(GELU(w @ W1^T + b1) * mlp_gate)
@@ -14,8 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import no_refusals, register, select
+from ..dispatch import OpInfo, describe_op, no_refusals, register, select
 from ..runtime import triton_refusals
+from ._library import refuse_dropout, sample_tensors
+
+_UNFUSED = "the search recipe uses 0; for dropout use an unfused path (plain PyTorch layers)"
 from .gated_linear import gated_gelu_linear_ref, gated_gelu_linear_triton, gated_linear_ref
 from .qkv_attention import qkv_attention_triton
 from .ragged_attention import ragged_attention_ref
@@ -36,13 +39,6 @@ def check_gated_attention_branch_args(u: torch.Tensor, qkv_weight: torch.Tensor,
     if proj_weight.dim() != 2 or proj_weight.shape[1] != H * d:
         raise ValueError(f"proj_weight must be (C_out, H*d = {H * d}), got {tuple(proj_weight.shape)}")
     return H, d
-
-
-def _refuse_dropout(op: str, **rates: float) -> None:
-    for name, p in rates.items():
-        if p > 0.0:
-            raise ValueError(f"{op} has no dropout (its kernels have no RNG), got {name}={p}; the search recipe "
-                             f"uses 0; for dropout use an unfused path (plain PyTorch layers)")
 
 
 def gated_attention_branch_ref(u_scaled: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None,
@@ -102,7 +98,7 @@ def gated_attention_branch(u_scaled: torch.Tensor, qkv_weight: torch.Tensor, qkv
         (B, N, C_out). Under autocast the matmuls and the attention run in the autocast dtype.
     Gradients: u_scaled, every weight and bias, attn_gate.
     """
-    _refuse_dropout("gated_attention_branch", attn_drop=attn_drop, proj_drop=proj_drop)
+    refuse_dropout("gated_attention_branch", _UNFUSED, attn_drop=attn_drop, proj_drop=proj_drop)
     impl = select("gated_attention_branch", u_scaled, qkv_weight, qkv_bias, attn_gate, proj_weight, proj_bias,
                   num_heads, scale, forced=implementation)
     return impl(u_scaled, qkv_weight, qkv_bias, attn_gate, proj_weight, proj_bias, num_heads, scale)
@@ -126,30 +122,36 @@ def gated_mlp_branch(w_scaled: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias:
         (B, N, C_out). Under autocast the matmuls run in the autocast dtype.
     Gradients: w_scaled, every weight and bias, mlp_gate.
     """
-    _refuse_dropout("gated_mlp_branch", drop=drop)
+    refuse_dropout("gated_mlp_branch", _UNFUSED, drop=drop)
     impl = select("gated_mlp_branch", w_scaled, fc1_weight, fc1_bias, mlp_gate, fc2_weight, fc2_bias, approximate,
                   forced=implementation)
     return impl(w_scaled, fc1_weight, fc1_bias, mlp_gate, fc2_weight, fc2_bias, approximate)
 
 
-def _triton_refusals(x: torch.Tensor, *_, **__) -> list[str]:
-    return triton_refusals(x)
-
-
-register("gated_attention_branch", "triton", lambda: gated_attention_branch_triton, _triton_refusals)
+register("gated_attention_branch", "triton", lambda: gated_attention_branch_triton, triton_refusals)
 register("gated_attention_branch", "reference", lambda: gated_attention_branch_ref, no_refusals)
-register("gated_mlp_branch", "triton", lambda: gated_mlp_branch_triton, _triton_refusals)
+register("gated_mlp_branch", "triton", lambda: gated_mlp_branch_triton, triton_refusals)
 register("gated_mlp_branch", "reference", lambda: gated_mlp_branch_ref, no_refusals)
 
 
 def sample_inputs(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, requires_grad: bool = False
                   ) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) of calls of gated_attention_branch (H = 2 heads of width 8, a bias, 9 tokens); small
-    enough for the interpreter."""
-    g = torch.Generator().manual_seed(0)
-    H, d, C, N = 2, 8, 16, 9
-    t = [torch.randn(2, N, C, generator=g), torch.randn(3 * H * d, C, generator=g) * C ** -0.5,
-         torch.randn(3 * H * d, generator=g), torch.rand(H, d, generator=g), torch.randn(C, H * d, generator=g) * 0.2,
-         torch.randn(C, generator=g)]
-    t = [x.to(device=device, dtype=dtype).requires_grad_(requires_grad) for x in t]
-    return [((*t, H, d ** -0.5), {})]
+    """(args, kwargs) of calls of gated_attention_branch: 3 heads of 16, C = 48, N = 50, batch 2."""
+    t = sample_tensors((2, 50, 48), (144, 48), (144,), (3, 16), (48, 48), (48,), device=device, dtype=dtype,
+                       scale=0.5, requires_grad=requires_grad)
+    return [((*t, 3, 16 ** -0.5), {})]
+
+
+def gated_mlp_branch_sample_inputs(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                                   requires_grad: bool = False) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) of calls of gated_mlp_branch: C = 48, M = 96, N = 50, batch 2."""
+    t = sample_tensors((2, 50, 48), (96, 48), (96,), (96,), (48, 96), (48,), device=device, dtype=dtype,
+                       scale=0.5, requires_grad=requires_grad)
+    return [((*t, "none"), {})]
+
+
+describe_op(OpInfo("gated_attention_branch", gated_attention_branch, gated_attention_branch_ref, sample_inputs,
+                   kernels=("gated_linear_fold", "gated_linear_fold_bwd", "ragged_attention_fwd",
+                            "ragged_attention_bwd"), uses_dot=True))
+describe_op(OpInfo("gated_mlp_branch", gated_mlp_branch, gated_mlp_branch_ref, gated_mlp_branch_sample_inputs,
+                   kernels=("gated_gelu_fwd", "gated_gelu_bwd")))

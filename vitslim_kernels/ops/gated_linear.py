@@ -1,11 +1,11 @@
-"""Gated linear maps of the search model (DESIGN.md section 2): the qkv projection with the attention gate and
+"""Gated linear maps of the search model (docs/design.md section 2): the qkv projection with the attention gate and
 fc1 with bias, GELU and the MLP gate.
 
 gated_linear:       y = (x @ W^T + b) * gate[r % R] on output column r   (the qkv projection, R = H*d, the
                     same gate on the q, k and v rows)
 gated_gelu_linear:  h = GELU(x @ W^T + b) * gate                            (fc1 of the MLP)
 
-The important algebra (DESIGN.md section 5): a gate on an output row of a linear map is a scaling of that
+The important algebra (docs/design.md section 5): a gate on an output row of a linear map is a scaling of that
 row of the weight and bias, so y = x @ (g*W)^T + g*b exactly, and with W' = g*W, b' = g*b:
 dW = g * dW', db = g * db', dg[r] = sum_c dW'[r, c] * W[r, c] + db'[r] * b[r]: O(C^2) work, no activation pass.
 The MLP gate sits after the GELU, so it cannot be folded into fc1; its gradient is a column sum of
@@ -25,19 +25,11 @@ from typing import Optional  # custom_op schemas are inferred from typing.Option
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import no_refusals, register, select
+from ..dispatch import OpInfo, describe_op, no_refusals, register, select
 from ..runtime import compile_only_target, reference_on, register_fallback, triton_refusals
-from ._library import define_op, formula_vjp
+from ._library import define_op, formula_vjp, math_dtype, matmul_dtype, sample_tensors
 
 GELU_APPROXIMATIONS = ("none", "tanh")
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the matmuls run in: the autocast dtype where autocast is on for x's device, else x.dtype."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
 
 
 def check_gated_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -82,10 +74,6 @@ def gated_gelu_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return h * gate.to(h.dtype)
 
 
-def _math_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)  # fp16/bf16/fp32 in fp32 as the kernels do; fp64 stays
-
-
 def gated_linear_fold_bwd_ref(dweight_folded: torch.Tensor, dbias_folded: torch.Tensor | None,
                               weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,7 +83,7 @@ def gated_linear_fold_bwd_ref(dweight_folded: torch.Tensor, dbias_folded: torch.
     dW = g * dW', db = g * db', dg[j] = sum over rows r = j mod R of (sum_c dW'[r, c] * W[r, c] + db'[r] * b[r]).
     """
     O, R = weight.shape[0], gate.numel()
-    dtype = _math_dtype(weight)
+    dtype = math_dtype(weight)
     g = gate.reshape(-1).to(dtype).repeat(O // R)                                       # (O,)
     dwf = dweight_folded.to(dtype)
     per_row = (dwf * weight.to(dtype)).sum(1)                                           # (O,)
@@ -127,7 +115,7 @@ def gated_gelu_bwd_ref(dh: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor |
     dpre = dh * gate * GELU'(pre + bias), dbias = sum_rows dpre (before rounding to pre's dtype),
     dgate = sum_rows dh * GELU(pre + bias).
     """
-    dtype = _math_dtype(pre)
+    dtype = math_dtype(pre)
     a = pre.to(dtype) + bias.to(dtype) if bias is not None else pre.to(dtype)
     gelu, dgelu = _gelu_and_grad(a, approximate)
     dh = dh.to(dtype)
@@ -140,21 +128,19 @@ def _fold_reference(weight: torch.Tensor, bias: torch.Tensor | None, gate: torch
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """What _fold computes, in plain PyTorch: (g*W, g*b or (0,)) in `dtype`, row r scaled by gate[r % R]."""
     O = weight.shape[0]
-    math_dtype = torch.promote_types(weight.dtype, torch.float32)
-    g = gate.reshape(-1).to(math_dtype).repeat(O // gate.numel())
-    wf = (weight.to(math_dtype) * g[:, None]).to(dtype).contiguous()
-    bf = (bias.to(math_dtype) * g).to(dtype) if bias is not None else weight.new_empty((0,), dtype=dtype)
+    compute = math_dtype(weight)
+    g = gate.reshape(-1).to(compute).repeat(O // gate.numel())
+    wf = (weight.to(compute) * g[:, None]).to(dtype).contiguous()
+    bf = (bias.to(compute) * g).to(dtype) if bias is not None else weight.new_empty((0,), dtype=dtype)
     return wf, bf
 
 
 def _gelu_fwd_reference(pre: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, approximate: str
                         ) -> torch.Tensor:
     """What _gelu_fwd computes, in plain PyTorch: GELU(pre + bias) * gate in fp32, rounded to pre's dtype."""
-    math_dtype = torch.promote_types(pre.dtype, torch.float32)
-    a = pre.to(math_dtype) + bias.to(math_dtype) if bias is not None else pre.to(math_dtype)
-    return (torch.nn.functional.gelu(a, approximate=approximate) * gate.to(math_dtype)).to(pre.dtype)
-
-
+    compute = math_dtype(pre)
+    a = pre.to(compute) + bias.to(compute) if bias is not None else pre.to(compute)
+    return (torch.nn.functional.gelu(a, approximate=approximate) * gate.to(compute)).to(pre.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -398,7 +384,7 @@ def gated_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         ) -> torch.Tensor:
     """Triton (+ cuBLAS) implementation of vitslim_kernels.gated_linear: (..., K) -> (..., O)."""
     check_gated_linear_args(x, weight, bias, gate)
-    dtype = compute_dtype(x)
+    dtype = matmul_dtype(x)
     with torch.autocast(x.device.type, enabled=False):  # the matmuls run in `dtype` explicitly
         y = torch.ops.vitslim.gated_linear(x.to(dtype).reshape(-1, x.shape[-1]), weight, bias, gate.reshape(-1))
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -408,7 +394,7 @@ def gated_gelu_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.
                              approximate: str = "none") -> torch.Tensor:
     """Triton (+ cuBLAS) implementation of vitslim_kernels.gated_gelu_linear: (..., C) -> (..., M)."""
     check_gated_gelu_linear_args(x, weight, bias, gate, approximate)
-    dtype = compute_dtype(x)
+    dtype = matmul_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         h, _ = torch.ops.vitslim.gated_gelu_linear(x.to(dtype).reshape(-1, x.shape[-1]), weight, bias, gate,
                                                    approximate)
@@ -454,13 +440,9 @@ def gated_gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return impl(x, weight, bias, gate, approximate)
 
 
-def _triton_refusals(x: torch.Tensor, *_, **__) -> list[str]:
-    return triton_refusals(x)
-
-
-register("gated_linear", "triton", lambda: gated_linear_triton, _triton_refusals)
+register("gated_linear", "triton", lambda: gated_linear_triton, triton_refusals)
 register("gated_linear", "reference", lambda: gated_linear_ref, no_refusals)
-register("gated_gelu_linear", "triton", lambda: gated_gelu_linear_triton, _triton_refusals)
+register("gated_gelu_linear", "triton", lambda: gated_gelu_linear_triton, triton_refusals)
 register("gated_gelu_linear", "reference", lambda: gated_gelu_linear_ref, no_refusals)
 register_fallback("gated_linear_fold", _fold_reference)
 register_fallback("gated_linear_fold_bwd", gated_linear_fold_bwd_ref)
@@ -470,17 +452,27 @@ register_fallback("gated_gelu_bwd", gated_gelu_bwd_ref)
 
 def sample_inputs(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, requires_grad: bool = False
                   ) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) of calls of gated_linear (the qkv shape: one gate per head dim, repeated for q, k, v; with and
-    without a bias; an odd token count); small enough for the interpreter."""
-    cases = []
-    for C, R, T, bias in ((24, 12, 17, True), (16, 8, 5, False)):
-        g = torch.Generator().manual_seed(C)
-        x = torch.randn(2, T, C, generator=g).to(device=device, dtype=dtype)
-        w = torch.randn(3 * R, C, generator=g).to(device=device, dtype=dtype) * C ** -0.5
-        b = torch.randn(3 * R, generator=g).to(device=device, dtype=dtype) if bias else None
-        gate = torch.rand(R, generator=g).to(device=device, dtype=dtype)
-        for t in (x, w, b, gate):
-            if t is not None:
-                t.requires_grad_(requires_grad)
-        cases.append(((x, w, b, gate), {}))
-    return cases
+    """(args, kwargs) of calls of gated_linear: the qkv shape (3 heads of 16, one gate per head dim repeated for
+    q, k and v), C = 48, N = 50, batch 2."""
+    x, weight, bias, gate = sample_tensors((2, 50, 48), (144, 48), (144,), (48,), device=device, dtype=dtype,
+                                           scale=0.5, requires_grad=requires_grad)
+    return [((x, weight, bias, gate), {})]
+
+
+def gated_gelu_linear_sample_inputs(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                                    requires_grad: bool = False) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) of calls of gated_gelu_linear: fc1 of C = 48 to M = 96 units, N = 50, batch 2; exact and
+    tanh GELU."""
+    x, weight, bias, gate = sample_tensors((2, 50, 48), (96, 48), (96,), (96,), device=device, dtype=dtype,
+                                           scale=0.5, requires_grad=requires_grad)
+    return [((x, weight, bias, gate, "none"), {}), ((x, weight, bias, gate, "tanh"), {})]
+
+
+describe_op(OpInfo("gated_linear", gated_linear, gated_linear_ref, sample_inputs,
+                   library_ops=("gated_linear", "gated_linear_fold", "gated_linear_fold_bwd"),
+                   kernels=("gated_linear_fold", "gated_linear_fold_bwd"),
+                   kernel_modules=("vitslim_kernels.triton.gated_linear",)))
+describe_op(OpInfo("gated_gelu_linear", gated_gelu_linear, gated_gelu_linear_ref, gated_gelu_linear_sample_inputs,
+                   library_ops=("gated_gelu_linear", "gated_gelu_fwd", "gated_gelu_bwd"),
+                   kernels=("gated_gelu_fwd", "gated_gelu_bwd"),
+                   kernel_modules=("vitslim_kernels.triton.gated_linear",)))

@@ -1,4 +1,4 @@
-"""LayerNorm fused with the token gate scaling and an optional static token gather (DESIGN.md sections 2, 5).
+"""LayerNorm fused with the token gate scaling and an optional static token gather (docs/design.md sections 2, 5).
 
 Output row i of every image is the LayerNorm of input row src(i) times a per-position scale:
 
@@ -23,9 +23,9 @@ from typing import Optional  # custom_op schemas are inferred from typing.Option
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import no_refusals, register, select
+from ..dispatch import OpInfo, describe_op, no_refusals, register, select
 from ..runtime import reference_on, register_fallback, triton_refusals
-from ._library import define_op, formula_vjp
+from ._library import define_op, formula_vjp, math_dtype, sample_tensors
 
 GatherIndex = torch.Tensor | Sequence[int]
 
@@ -115,7 +115,7 @@ def layernorm_token_scale_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: t
     """What the op vitslim::layernorm_token_scale_fwd returns, in plain PyTorch: (y (B, N_out, C) in out_dtype,
     mean (B, N_out) and rstd = 1 / sqrt(var + eps) (B, N_out) float32, the statistics of each output row)."""
     rows = x if gather is None else x[:, gather]
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = math_dtype(x)
     xs = rows.to(dtype)
     mean = xs.mean(-1)
     rstd = torch.rsqrt((xs - mean.unsqueeze(-1)).square().mean(-1) + eps)
@@ -136,7 +136,7 @@ def layernorm_token_scale_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: tor
     dweight = sum g * xhat, dbias = sum g, dx = (g*w - xhat * mean_c(g*w*xhat) - mean_c(g*w)) * rstd_j, and
     dtoken_raw[j - R] = (1 - s_j^2) * sum over images and c of dy_j * (xhat * w + bias).
     """
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = math_dtype(x)
     B, N_in, C = x.shape
     N_out = mean.shape[1]
     scale = torch.cat([token_raw.new_ones(num_prefix), torch.tanh(token_raw)]).to(dtype)     # (N_out,)
@@ -307,29 +307,26 @@ def layernorm_token_scale(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return impl(x, weight, bias, eps, token_raw, num_prefix, gather_index, out_dtype=out_dtype)
 
 
-def _triton_refusals(x: torch.Tensor, *_, **__) -> list[str]:
-    return triton_refusals(x)
-
-
-register("layernorm_token_scale", "triton", lambda: layernorm_token_scale_triton, _triton_refusals)
+register("layernorm_token_scale", "triton", lambda: layernorm_token_scale_triton, triton_refusals)
 register("layernorm_token_scale", "reference", lambda: layernorm_token_scale_ref, no_refusals)
 register_fallback("layernorm_token_scale_fwd", layernorm_token_scale_fwd_ref)
 register_fallback("layernorm_token_scale_bwd", layernorm_token_scale_bwd_ref)
 
 
+SAMPLE_GATHER = tuple([0] + list(range(1, 50, 2)))  # the prefix row and every other patch of 50 rows
+
+
 def sample_inputs(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, requires_grad: bool = False
                   ) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) of calls of layernorm_token_scale: a class token and a gather that drops patches, no gather,
-    no prefix; odd widths; small enough for the interpreter."""
-    cases = []
-    for C, N, R, gather in ((40, 17, 1, (0, 1, 4, 9, 16)), (32, 9, 0, None)):
-        g = torch.Generator().manual_seed(C)
-        x = torch.randn(3, N, C, generator=g).to(device=device, dtype=dtype)
-        w = (1 + 0.1 * torch.randn(C, generator=g)).to(device=device, dtype=dtype)
-        b = (0.1 * torch.randn(C, generator=g)).to(device=device, dtype=dtype)
-        kept = (len(gather) if gather is not None else N) - R
-        raw = torch.randn(kept, generator=g).to(device=device, dtype=dtype)
-        for t in (x, w, b, raw):
-            t.requires_grad_(requires_grad)
-        cases.append(((x, w, b, 1e-6, raw, R, gather), {}))
-    return cases
+    """(args, kwargs) of calls of layernorm_token_scale: C = 48, N = 50, a class token, a gather that keeps every
+    other patch, batch 2."""
+    x, token_raw = sample_tensors((2, 50, 48), (len(SAMPLE_GATHER) - 1,), device=device, dtype=dtype,
+                                  requires_grad=requires_grad)
+    weight, bias = sample_tensors((48,), (48,), device=device, dtype=dtype, seed=2, requires_grad=requires_grad)
+    return [((x, weight, bias, 1e-6, token_raw, 1, SAMPLE_GATHER), {})]
+
+
+describe_op(OpInfo("layernorm_token_scale", layernorm_token_scale, layernorm_token_scale_ref, sample_inputs,
+                   library_ops=("layernorm_token_scale_fwd", "layernorm_token_scale_bwd"),
+                   kernels=("layernorm_token_scale_fwd", "layernorm_token_scale_bwd"),
+                   kernel_modules=("vitslim_kernels.triton.layernorm_token_scale",)))

@@ -1,4 +1,4 @@
-"""The qkv projection and the ragged attention of one block as one op (DESIGN.md sections 2, 4 and 5).
+"""The qkv projection and the ragged attention of one block as one op (docs/design.md sections 2, 4 and 5).
 
     qkv = x @ W'^T + b',   o = ragged_attention(q, k, v = the column thirds of qkv)
 
@@ -28,10 +28,10 @@ from typing import Optional  # custom_op schemas are inferred from typing.Option
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import no_refusals, register, select
+from ..dispatch import OpInfo, describe_op, no_refusals, register, select
 from ..runtime import triton_refusals
-from ._library import define_op, formula_vjp
-from .gated_linear import _fold, check_gated_linear_args, compute_dtype, gated_linear_ref, mm_out
+from ._library import define_op, formula_vjp, matmul_dtype, sample_tensors
+from .gated_linear import _fold, check_gated_linear_args, gated_linear_ref, mm_out
 from .ragged_attention import _fwd, _qkv_fwd_ref, _split_qkv, ragged_attention_ref
 
 
@@ -142,7 +142,7 @@ def qkv_attention_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """The op vitslim::qkv_attention (Triton fold + cuBLAS qkv + Triton ragged attention). Shapes as in
     qkv_attention."""
     dims = check_qkv_attention_args(x, weight, bias, gate, head_dims)
-    dtype = compute_dtype(x)
+    dtype = matmul_dtype(x)
     with torch.autocast(x.device.type, enabled=False):  # the matmul runs in `dtype` explicitly
         o, _, _ = torch.ops.vitslim.qkv_attention(x.to(dtype), weight, bias,
                                                   gate.reshape(-1) if gate is not None else None, dims, float(scale))
@@ -169,28 +169,25 @@ def qkv_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return impl(x, weight, bias, gate, head_dims, scale)
 
 
-def _triton_refusals(x: torch.Tensor, *_, **__) -> list[str]:
-    return triton_refusals(x)
-
-
-register("qkv_attention", "triton", lambda: qkv_attention_triton, _triton_refusals)
+register("qkv_attention", "triton", lambda: qkv_attention_triton, triton_refusals)
 register("qkv_attention", "reference", lambda: qkv_attention_ref, no_refusals)
 
 
 def sample_inputs(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, requires_grad: bool = False
                   ) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) of calls of qkv_attention: gated (the search) with a bias, ungated ragged widths with a
-    zero-width head and no bias (a slim model); small enough for the interpreter."""
-    cases = []
-    for C, head_dims, gated, bias in ((24, (8, 8, 8), True, True), (16, (17, 0, 5), False, False)):
-        g = torch.Generator().manual_seed(C)
-        D = sum(head_dims)
-        x = torch.randn(2, 9, C, generator=g).to(device=device, dtype=dtype)
-        w = (torch.randn(3 * D, C, generator=g) * C ** -0.5).to(device=device, dtype=dtype)
-        b = torch.randn(3 * D, generator=g).to(device=device, dtype=dtype) if bias else None
-        gate = torch.rand(D, generator=g).to(device=device, dtype=dtype) if gated else None
-        for t in (x, w, b, gate):
-            if t is not None:
-                t.requires_grad_(requires_grad)
-        cases.append(((x, w, b, gate, head_dims, max(head_dims) ** -0.5), {}))
-    return cases
+    """(args, kwargs) of calls of qkv_attention: the search (3 heads of 32, gated, with a bias: the qkv bias
+    gradient summed by the attention kernel) and a slim model (heads 17, 0 and 41 wide, no gate, no bias); C = 48,
+    N = 50, batch 2."""
+    x, weight, bias, gate = sample_tensors((2, 50, 48), (288, 48), (288,), (96,), device=device, dtype=dtype,
+                                           scale=0.5, requires_grad=requires_grad)
+    (slim_weight,) = sample_tensors((174, 48), device=device, dtype=dtype, seed=1, scale=0.5,
+                                    requires_grad=requires_grad)
+    return [((x, weight, bias, gate, (32, 32, 32), 32 ** -0.5), {}),
+            ((x, slim_weight, None, None, (17, 0, 41), 64 ** -0.5), {})]
+
+
+describe_op(OpInfo("qkv_attention", qkv_attention, qkv_attention_ref, sample_inputs, library_ops=("qkv_attention",),
+                   kernels=("gated_linear_fold", "gated_linear_fold_bwd", "ragged_attention_fwd",
+                            "ragged_attention_bwd"),
+                   kernel_modules=("vitslim_kernels.triton.gated_linear", "vitslim_kernels.triton.ragged_attention"),
+                   uses_dot=True))

@@ -1,4 +1,4 @@
-"""Ragged-width multi-head attention: every head has its own width (DESIGN.md section 5).
+"""Ragged-width multi-head attention: every head has its own width (docs/design.md section 5).
 
 q, k, v are (B, N, sum(head_dims)) with the heads packed in order; head h occupies columns
 [offset_h, offset_h + head_dims[h]). A zero-width head contributes nothing (its output slice is empty).
@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _ext
-from ..dispatch import no_refusals, register, select
+from ..dispatch import OpInfo, describe_op, no_refusals, register, select
 from ..runtime import reference_on, register_fallback, triton_refusals
-from ._library import define_op, formula_vjp
+from ._library import define_op, formula_vjp, math_dtype, refuse_dropout, sample_tensors
+
+_REFERENCE_FOR_DROPOUT = "use dropout_p=0.0 or implementation='reference'"
 
 
 def check_ragged_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int]) -> tuple[int, ...]:
@@ -73,10 +75,6 @@ def _head_slices(head_dims: Sequence[int]) -> list[slice]:
     return slices
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float32 if t.element_size() < 4 else t.dtype  # fp16/bf16 math in fp32, as the kernels do
-
-
 def _cat_heads(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """The per-head (B, N, w) pieces packed back into (B, N, D) like `like` (zero-width heads own no column)."""
     if not parts:
@@ -92,7 +90,7 @@ def ragged_attention_fwd_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     q_h k_h^T * scale of each query row, one row per head of non-zero width (the saved statistic of the
     backward). Math in float32 for fp16/bf16 inputs, else in the input dtype.
     """
-    dtype = _compute_dtype(q)
+    dtype = math_dtype(q)
     outs, lses = [], []
     for cols in _head_slices(head_dims):
         qh, kh, vh = (t[..., cols].to(dtype) for t in (q, k, v))
@@ -116,7 +114,7 @@ def ragged_attention_bwd_ref(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     At o and lse of the forward this is the gradient of attention; as a function of o and lse too it is what
     the kernel computes, so its derivatives are those of the op (double backward).
     """
-    dtype = _compute_dtype(q)
+    dtype = math_dtype(q)
     dqs, dks, dvs = [], [], []
     for h, cols in enumerate(_head_slices(head_dims)):
         doh, qh, kh, vh, oh = (t[..., cols].to(dtype) for t in (do, q, k, v, o))
@@ -286,7 +284,7 @@ def ragged_attention_qkv_bwd_ref(do: torch.Tensor, qkv: torch.Tensor, o: torch.T
     bias_grad their column sums (in fp32, or fp64 for fp64 inputs), else an empty (0,) tensor."""
     grads = ragged_attention_bwd_ref(do, *_split_qkv(qkv), o, lse, head_dims, scale)
     dqkv = torch.cat(grads, dim=-1)
-    sum_dtype = torch.promote_types(dqkv.dtype, torch.float32)
+    sum_dtype = math_dtype(dqkv)
     if not bias_grad:
         return dqkv, dqkv.new_empty((0,), dtype=sum_dtype)
     return dqkv, torch.cat([g.sum((0, 1), dtype=sum_dtype) for g in grads])
@@ -392,9 +390,8 @@ def ragged_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     """CUDA implementation of vitslim_kernels.ragged_attention (forward only).
     q, k, v, output: (B, N, sum(head_dims))."""
     dims = check_ragged_args(q, k, v, head_dims)
-    if dropout_p > 0.0:
-        raise ValueError(f"ragged_attention: the CUDA implementation has no attention dropout, got "
-                         f"dropout_p={dropout_p}; use dropout_p=0.0 or implementation='reference'")
+    refuse_dropout("ragged_attention: the CUDA implementation", _REFERENCE_FOR_DROPOUT, "attention dropout",
+                   dropout_p=dropout_p)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise RuntimeError(f"ragged_attention: {CUDA_FORWARD_ONLY} (run under torch.no_grad() or "
                            f"torch.inference_mode(), or use implementation='triton')")
@@ -410,9 +407,8 @@ def ragged_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h
                             scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """Triton implementation of vitslim_kernels.ragged_attention. q, k, v, output: (B, N, sum(head_dims))."""
     dims = check_ragged_args(q, k, v, head_dims)
-    if dropout_p > 0.0:
-        raise ValueError(f"ragged_attention: the Triton implementation has no attention dropout, got "
-                         f"dropout_p={dropout_p}; use dropout_p=0.0 or implementation='reference'")
+    refuse_dropout("ragged_attention: the Triton implementation", _REFERENCE_FOR_DROPOUT, "attention dropout",
+                   dropout_p=dropout_p)
     o, _ = torch.ops.vitslim.ragged_attention_fwd(q, k, v, list(dims), float(scale))
     return o
 
@@ -505,26 +501,29 @@ def cuda_refusals(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tenso
     return reasons
 
 
-def _triton_refusals(q: torch.Tensor, *_, **__) -> list[str]:
-    return triton_refusals(q)
-
-
-register("ragged_attention", "cuda", lambda: ragged_attention_cuda, cuda_refusals)
-register("ragged_attention", "triton", lambda: ragged_attention_triton, _triton_refusals)
+register("ragged_attention", "cuda", lambda: ragged_attention_cuda, cuda_refusals, forward_only=True)
+register("ragged_attention", "triton", lambda: ragged_attention_triton, triton_refusals)
 register("ragged_attention", "reference", lambda: ragged_attention_ref, no_refusals)
 register_fallback("ragged_attention_fwd", ragged_attention_fwd_ref)
 register_fallback("ragged_attention_bwd", _bwd_reference)
 register_fallback("ragged_attention_fwd_cuda", ragged_attention_ref)
 
 
+SAMPLE_HEAD_DIMS = (17, 0, 64, 41)  # odd widths, a pruned head, the full width
+
+
 def sample_inputs(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, requires_grad: bool = False
                   ) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) of calls of ragged_attention that cover its cases: ragged widths with a zero-width head
-    and odd ones, uniform widths, an odd sequence length; small enough for the interpreter."""
-    cases = []
-    for head_dims, N in (((17, 0, 41, 1), 17), ((16, 16), 50), ((8, 24, 3), 7)):
-        g = torch.Generator().manual_seed(len(cases))
-        q, k, v = (torch.randn(2, N, sum(head_dims), generator=g).to(device=device, dtype=dtype)
-                   .requires_grad_(requires_grad) for _ in range(3))
-        cases.append(((q, k, v, head_dims, max(head_dims) ** -0.5), {}))
-    return cases
+    """(args, kwargs) of calls of ragged_attention: heads 17, 0, 64 and 41 wide, N = 50, batch 2."""
+    D = sum(SAMPLE_HEAD_DIMS)
+    q, k, v = sample_tensors((2, 50, D), (2, 50, D), (2, 50, D), device=device, dtype=dtype,
+                             requires_grad=requires_grad)
+    return [((q, k, v, SAMPLE_HEAD_DIMS, 64 ** -0.5), {})]
+
+
+describe_op(OpInfo("ragged_attention", ragged_attention, ragged_attention_ref, sample_inputs,
+                   library_ops=("ragged_attention_fwd", "ragged_attention_bwd", "ragged_attention_qkv_fwd",
+                                "ragged_attention_qkv_bwd", "ragged_attention_fwd_cuda"),
+                   kernels=("ragged_attention_fwd", "ragged_attention_bwd", "ragged_attention_fwd_cuda"),
+                   kernel_modules=("vitslim_kernels.triton.ragged_attention", "vitslim_kernels.cuda.ragged_attention"),
+                   uses_dot=True))

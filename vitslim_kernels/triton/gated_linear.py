@@ -1,4 +1,4 @@
-"""Triton epilogues of the gated linear maps (DESIGN.md sections 2 and 5); the GEMMs themselves are cuBLAS.
+"""Triton epilogues of the gated linear maps (docs/design.md sections 2 and 5); the GEMMs themselves are cuBLAS.
 
 What is Triton and what is cuBLAS, and why:
 
@@ -36,9 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..runtime import alloc as _alloc
 from ..runtime import fail_safe
-from ._common import alloc as _alloc
-from ._common import check_device, interpreter_agrees, kernel_wrapper, sm_count
+from ._launch import check_device, interpreter_agrees, kernel_wrapper, sm_count
 
 
 @triton.jit

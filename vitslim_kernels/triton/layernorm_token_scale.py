@@ -1,4 +1,4 @@
-"""Triton LayerNorm + token gate scale + static token gather (DESIGN.md sections 2 and 5).
+"""Triton LayerNorm + token gate scale + static token gather (docs/design.md sections 2 and 5).
 
 out[b, i] = (xhat(x[b, src(i)]) * w + bias) * s_i,   s_i = 1 (prefix rows) or tanh(token_raw[i - R]).
 
@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..runtime import alloc as _alloc
 from ..runtime import fail_safe
-from ._common import alloc as _alloc
-from ._common import check_device, interpreter_agrees, kernel_wrapper, sm_count
+from ._launch import check_device, interpreter_agrees, kernel_wrapper, sm_count
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Triton ragged-width attention (DESIGN.md section 5): heads of different widths, all heads in one launch.
+"""Triton ragged-width attention (docs/design.md section 5): heads of different widths, all heads in one launch.
 
 q, k, v, o: (B, N, D) with D = sum(head_dims) and head h in columns [offset_h, offset_h + w_h).
 
@@ -31,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..runtime import alloc as _alloc
 from ..runtime import fail_safe
-from ._common import alloc as _alloc
-from ._common import arch, check_device, interpreter_agrees, kernel_wrapper, tracing, tuned, tuning_possible
+from ._launch import arch, check_device, interpreter_agrees, kernel_wrapper, tracing, tuned, tuning_possible
 
 _MIN_BLOCK_D = 16  # tl.dot needs every dimension >= 16 on NVIDIA GPUs
 
@@ -541,7 +541,7 @@ def _bwd_config(interpret: bool, dtype: torch.dtype, aligned: bool, arch: int = 
 
 
 def _fwd_candidates(interpret: bool, dtype: torch.dtype) -> list[tuple[dict, dict]]:
-    """The forward's autotune list (VITSLIM_AUTOTUNE=1), the default first. Short, as CONVENTIONS.md asks, and
+    """The forward's autotune list (VITSLIM_AUTOTUNE=1), the default first. Short, as docs/conventions.md asks, and
     every entry passes the compile gate (kernel_resources compiles them all): for 16-bit, the default 64 x 64,
     FlashAttention-2's 128-row tile for head widths <= 64 with 8 warps, and 64 x 32 with 3 stages. One config
     under the interpreter and for fp32 (FMA code, tiles bounded by spills)."""

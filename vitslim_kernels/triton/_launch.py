@@ -1,5 +1,5 @@
-"""Host-side helpers shared by the Triton launchers: buffer allocation, the interpreter/compiled checks, the
-device queries, `wrap_triton`, and the autotuner of the attention kernels."""
+"""Host-side helpers shared by the Triton launchers: the interpreter/compiled checks, the device queries,
+`wrap_triton`, and the autotuner of the attention kernels (buffer allocation is runtime.alloc)."""
 from __future__ import annotations
 
 import functools
@@ -13,11 +13,6 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from ..runtime import (autotune_enabled, compile_only_all_candidates, compile_only_target, tracing,
                        uses_triton_op)
-
-
-def alloc(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Every buffer a kernel writes comes from here (tests swap in a NaN-filled one to prove full coverage)."""
-    return torch.empty(tuple(shape), dtype=dtype or like.dtype, device=like.device)
 
 
 def interpreted(kernel) -> bool:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vitslim
-from vitslim.targets import Alignment, PlanCost, TargetError, align_plan, plan_for
+from vitslim.planning import Alignment, PlanCost, TargetError, align_plan, plan_for
 from vitslim.threshold import gate_ranking
 
 from .tiny_models import VARIANTS, make_vit, randomize_gates

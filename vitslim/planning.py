@@ -19,7 +19,7 @@ from torch import nn
 from .arch import build
 from . import latency
 from .errors import TargetError
-from .counting import count_flops, count_params
+from .counting import block_macs, count_flops, count_params
 from .plan import SlimPlan
 from .slim import slim
 from .threshold import GateRanking, gate_ranking, keep_masks, plan_from_masks
@@ -54,13 +54,13 @@ class PlanCost:
     """MACs (per image) and parameters of the slim model a plan builds, without building it.
 
     A block keeping attention width W, M MLP units and T tokens (prefix included) costs
-    T * (3WC + WC + 2MC) + 2 T^2 W MACs (counting.block_flops) and 3WC + WC + 2MC parameters plus the biases
+    T * (3WC + WC + 2MC) + 2 T^2 W MACs (counting.block_macs) and 3WC + WC + 2MC parameters plus the biases
     of qkv and fc1; everything else (patch embedding, norms, output biases, heads) is the dense model's.
     """
 
     def __init__(self, model: nn.Module, arch) -> None:
         self.arch = arch
-        C, W, M = arch.embed_dim, arch.num_heads * arch.head_dim, arch.mlp_hidden
+        W, M = arch.num_heads * arch.head_dim, arch.mlp_hidden
         T = arch.num_prefix_tokens + arch.num_patches
         # The dense model the search started from: every token in every block, whatever the search dropped.
         with torch.device("meta"):
@@ -70,8 +70,7 @@ class PlanCost:
                      "params": self.dense["params"] - arch.depth * self._block_params(W, M)}
 
     def _block_flops(self, width: int, units: int, tokens: int) -> int:
-        C = self.arch.embed_dim
-        return tokens * (4 * width * C + 2 * units * C) + 2 * tokens * tokens * width
+        return block_macs(self.arch.embed_dim, width, units, tokens)
 
     def _block_params(self, width: int, units: int) -> int:
         C = self.arch.embed_dim
