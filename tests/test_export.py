@@ -177,32 +177,20 @@ def test_command_line(tmp_path):
         f"error: SLIM_DIR {tmp_path / 'nowhere'} does not exist"]
 
 
-def test_a_fused_pt2_loads_in_a_fresh_process(slim_dirs, tmp_path):
-    # torch.export.load needs the op registered first; load_pt2 does that (a deployment script's only import).
+@pytest.mark.parametrize("triton_importable", [True, False])
+def test_a_fused_pt2_loads_in_a_fresh_process(slim_dirs, tmp_path, triton_importable):
+    """torch.export.load needs the op defined first; load_pt2 does that (a deployment script's only import). The op
+    is defined with its CPU implementation wherever vitslim_kernels imports: in a process where triton cannot be
+    imported too, the program loads and runs."""
     model = vitslim.load_slim(slim_dirs["registers"], fused=True)
     path = tmp_path / "m.pt2"
-    deploy.export_pt2(model, deploy.images(model, 2, 0), path, dynamic_batch=True)
-    x = deploy.images(model, 3, 1)
+    deploy.export_pt2(model, deploy.images(model, 2, 0), path, dynamic_batch=triton_importable)
+    x = deploy.images(model, 3 if triton_importable else 2, 1)
     torch.save(x, tmp_path / "x.pt")
-    code = ("import sys, torch; from vitslim.deploy.export import load_pt2; "
-            "torch.save(load_pt2(sys.argv[1]).module()(torch.load(sys.argv[2], weights_only=True)), sys.argv[3])")
-    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                   check=True, cwd=ROOT)
-    with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "y.pt", weights_only=True), model(x), rtol=0, atol=1e-6)
-
-
-def test_a_fused_pt2_loads_and_runs_without_triton(slim_dirs, tmp_path):
-    """The op a fused program calls is defined with its CPU implementation wherever vitslim_kernels imports: a
-    process in which triton cannot be imported loads and runs the program."""
-    model = vitslim.load_slim(slim_dirs["registers"], fused=True)
-    path = tmp_path / "m.pt2"
-    deploy.export_pt2(model, deploy.images(model, 2, 0), path, dynamic_batch=False)
-    x = deploy.images(model, 2, 1)
-    torch.save(x, tmp_path / "x.pt")
-    code = ("import sys; sys.modules['triton'] = None; import torch; from vitslim.deploy.export import load_pt2; "
-            "assert sys.modules['triton'] is None; "
-            "torch.save(load_pt2(sys.argv[1]).module()(torch.load(sys.argv[2], weights_only=True)), sys.argv[3])")
+    blocked = "" if triton_importable else "sys.modules['triton'] = None; "
+    code = (f"import sys; {blocked}import torch; from vitslim.deploy.export import load_pt2; "
+            "torch.save(load_pt2(sys.argv[1]).module()(torch.load(sys.argv[2], weights_only=True)), sys.argv[3]); "
+            f"assert {triton_importable} or sys.modules['triton'] is None")
     subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
                    check=True, cwd=ROOT)
     with torch.no_grad():

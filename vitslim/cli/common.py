@@ -156,6 +156,13 @@ def threads_text(n: int) -> str:
     return f"{n} thread" + ("" if n == 1 else "s")
 
 
+def add_data_args(group, img_size_help: str, data_path_help: str) -> None:
+    """--img-size and --data-path (each command says what they mean to it), --threads and --workers."""
+    group.add_argument("--img-size", type=positive_int("--img-size"), default=None, metavar="PX", help=img_size_help)
+    group.add_argument("--data-path", default=None, help=data_path_help)
+    add_process_args(group)
+
+
 def add_process_args(group) -> None:
     """--threads and --workers, shared by python -m vitslim.search and retrain."""
     group.add_argument("--threads", type=positive_int("--threads"), default=None,

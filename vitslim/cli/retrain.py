@@ -26,8 +26,7 @@ from ..reporting.report import compare_throughput, format_report, kept_tokens, m
 from ..saving import load_slim, plain_cfg, save_slim
 from ..slim import resize_refusal, set_drop_path, set_pretrained_cfg, slim
 from . import common as cli
-from .common import (ArgumentParser, add_bad_images_arg, add_loader_arg, add_process_args, run_data,
-                     threads_text)
+from .common import ArgumentParser, add_bad_images_arg, add_loader_arg, run_data, threads_text
 from .plan import add_target_args, alignment_of, chosen_target, make_plan
 
 # Recipe flags: (DeiT's default for real data, the default for the embedded digits data).
@@ -66,12 +65,10 @@ def build_parser() -> ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--new-head", action="store_true", help="a new classifier for the data's classes (transfer to "
                    "another dataset), initialised afresh; without it the data must have the model's classes")
-    g.add_argument("--img-size", type=cli.positive_int("--img-size"), default=None, metavar="PX",
-                   help="train and evaluate at this image size (timm's set_input_size; refused when the plan "
-                        "drops tokens, which are positions of the grid it was searched on)")
-    g.add_argument("--data-path", default=None, help="train/ and val/ class folders (default: the data the "
-                   "search used, if it was the embedded digits)")
-    add_process_args(g)
+    cli.add_data_args(g, "train and evaluate at this image size (timm's set_input_size; refused when the plan "
+                         "drops tokens, which are positions of the grid it was searched on)",
+                      "train/ and val/ class folders (default: the data the search used, if it was the embedded "
+                      "digits)")
     g = p.add_argument_group("recipe (defaults: DeiT's; lighter ones on the embedded data)")
     add_bad_images_arg(g)
     add_loader_arg(g)

@@ -30,8 +30,7 @@ from ..slim import set_pretrained_cfg
 from ..threshold import threshold
 from ..token_drop import alive_tokens, drop_tokens
 from . import common as cli
-from .common import (ArgumentParser, add_bad_images_arg, add_loader_arg, add_process_args, run_data,
-                     threads_text)
+from .common import ArgumentParser, add_bad_images_arg, add_loader_arg, run_data, threads_text
 
 # Recipe flags: (the paper's default for real data, the default for the embedded digits data).
 DEFAULTS = {
@@ -59,12 +58,9 @@ def build_parser() -> ArgumentParser:
                    help="after each epoch, remove a patch from a block and all later blocks once its "
                         "|tanh(gate)| is below EPS (default: off)")
     g = p.add_argument_group("data")
-    g.add_argument("--img-size", type=cli.positive_int("--img-size"), default=None, metavar="PX",
-                   help="search at this image size (timm builds the model for it; pretrained position embeddings "
-                        "are resampled); default: the model's (the embedded digits: 16)")
-    g.add_argument("--data-path", default=None, help="folder with train/ and val/ class folders "
-                   "(default: the embedded digits data)")
-    add_process_args(g)
+    cli.add_data_args(g, "search at this image size (timm builds the model for it; pretrained position embeddings "
+                         "are resampled); default: the model's (the embedded digits: 16)",
+                      "folder with train/ and val/ class folders (default: the embedded digits data)")
     g = p.add_argument_group("recipe (defaults: the paper's; lighter ones on the embedded data)")
     add_bad_images_arg(g)
     add_loader_arg(g)
