@@ -10,6 +10,7 @@ Every module of vitslim and vitslim_kernels is read with ast (nothing is importe
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -72,17 +73,23 @@ def _resolve(name: str, node: ast.ImportFrom | ast.Import, alias: ast.alias, mod
     return target or None
 
 
+@functools.lru_cache(maxsize=None)
+def _parsed(path: Path) -> tuple[ast.Module, list[str], frozenset[int]]:
+    """(the module's tree, its lines, the ids of its import nodes that sit inside a function), read once."""
+    source = path.read_text()
+    tree = ast.parse(source)
+    in_function: set[int] = set()
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            in_function |= {id(n) for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    return tree, source.splitlines(), frozenset(in_function)
+
+
 def _imports(modules: dict) -> list[tuple[str, str | None, str, bool, int, str]]:
     """(importer, project module or None, the imported name as written, inside a function, line, line text)."""
     found = []
     for name, path in modules.items():
-        source = path.read_text()
-        lines = source.splitlines()
-        tree = ast.parse(source)
-        in_function: set[int] = set()
-        for fn in ast.walk(tree):
-            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                in_function |= {id(n) for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))}
+        tree, lines, in_function = _parsed(path)
         for node in ast.walk(tree):
             if not isinstance(node, (ast.Import, ast.ImportFrom)):
                 continue
@@ -147,7 +154,7 @@ def check(modules: dict[str, Path]) -> list[str]:
             if not optional:
                 problems.append(f"{where}: import of {written} inside a function (only optional dependencies "
                                 f"may be imported lazily: {', '.join(OPTIONAL)})")
-            elif "#" not in text and "#" not in modules[importer].read_text().splitlines()[line - 2]:
+            elif "#" not in text and "#" not in _parsed(modules[importer])[1][line - 2]:
                 problems.append(f"{where}: the lazy import of {written} says nowhere why (a comment on its line)")
         if target is None or target == importer:
             continue

@@ -41,6 +41,7 @@ class OpInfo:
     kernels: tuple[str, ...] = ()
     kernel_modules: tuple[str, ...] = ()
     uses_dot: bool = False         # its kernels multiply with tl.dot (the interpreter gets bfloat16 dots wrong)
+    composite: bool = False        # made of other described ops only: its kernels are checked through theirs
 
 
 _REGISTRY: dict[str, list[Implementation]] = {}

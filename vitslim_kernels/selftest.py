@@ -1,6 +1,7 @@
 """`python -m vitslim_kernels.info --selftest`: every kernel launched once on this machine, against the reference.
 
-Every op described to dispatch (dispatch.op_infos: each ops/<op>.py describes its own), on its sample inputs
+Every op described to dispatch (dispatch.op_infos: each ops/<op>.py describes its own) but the composite ones
+(the search's branches: their kernels are checked through the ops they are made of), on its sample inputs
 (small odd shapes: N = 50, heads 0, 17, 41 and 64 wide, a token-dropping gather), forward and backward (forward
 only for a forward-only implementation), in float32, float16 and bfloat16 (where the device has them), through
 each implementation but the reference, forced. The
@@ -83,10 +84,10 @@ def _outputs(info: dispatch.OpInfo, implementation: str, dtype: torch.dtype, dev
 
 def _cases() -> tuple[tuple[str, str, str, dispatch.OpInfo], ...]:
     """(name, the kernels it launches, implementation, op) of every implementation of every described op but the
-    references (what the others are checked against)."""
+    references (what the others are checked against) and the composite ops (their kernels are their parts')."""
     return tuple((f"{info.name} ({impl.name})", ", ".join(info.kernels) or "(composed of the ops above)", impl.name,
                   info)
-                 for info in dispatch.op_infos() for impl in dispatch.implementations(info.name)
+                 for info in dispatch.op_infos() if not info.composite for impl in dispatch.implementations(info.name)
                  if impl.name != "reference")
 
 

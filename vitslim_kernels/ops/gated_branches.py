@@ -152,6 +152,6 @@ def gated_mlp_branch_sample_inputs(device: torch.device | str = "cpu", dtype: to
 
 describe_op(OpInfo("gated_attention_branch", gated_attention_branch, gated_attention_branch_ref, sample_inputs,
                    kernels=("gated_linear_fold", "gated_linear_fold_bwd", "ragged_attention_fwd",
-                            "ragged_attention_bwd"), uses_dot=True))
+                            "ragged_attention_bwd"), uses_dot=True, composite=True))
 describe_op(OpInfo("gated_mlp_branch", gated_mlp_branch, gated_mlp_branch_ref, gated_mlp_branch_sample_inputs,
-                   kernels=("gated_gelu_fwd", "gated_gelu_bwd")))
+                   kernels=("gated_gelu_fwd", "gated_gelu_bwd"), composite=True))
