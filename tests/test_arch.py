@@ -6,7 +6,8 @@ from timm.layers import GluMlp
 from timm.models.vision_transformer import ResPostBlock
 
 import vitslim
-from vitslim.arch import UnsupportedModelError, build, describe
+from vitslim.errors import UnsupportedModelError
+from vitslim.families.vit import build, describe
 
 from .tiny_models import TINY, make_vit
 

@@ -364,7 +364,7 @@ def test_the_dense_teacher_of_a_moved_run_folder_is_found_beside_its_checkpoint(
     torch.save(ckpt, moved / "checkpoint.pt")
     assert retrain.dense_weights(ckpt, moved / "checkpoint.pt") == moved / "dense.safetensors"
     args = retrain.build_parser().parse_args(["--searched", str(moved / "checkpoint.pt"), "--teacher", "dense"])
-    arch = vitslim.arch.ViTArch.from_dict(ckpt["arch"])
+    arch = vitslim.ViTArch.from_dict(ckpt["arch"])
     teacher = retrain._teacher(args, arch, ckpt, 10, 16)
     from safetensors.torch import load_file
     dense = load_file(str(moved / "dense.safetensors"))

@@ -3,7 +3,8 @@
 Every module of vitslim and vitslim_kernels is read with ast (nothing is imported). Checked:
 - no circle among the modules (imports at any depth, a function's included);
 - no import against the layer order: entry points -> cli -> engine/data/deploy/reporting -> model layer ->
-  layers -> core records -> vitslim_kernels; inside vitslim_kernels: tools -> ops -> backends -> runtime;
+  model families -> layers -> the family seam -> core records -> vitslim_kernels; inside vitslim_kernels:
+  tools -> ops -> backends -> runtime;
 - an import inside a function only for an optional dependency (triton, the extension, onnx, DALI,
   matplotlib, or our modules that need them), with a comment on its line saying so.
 """
@@ -24,9 +25,11 @@ LAYERS = {
     "vitslim.search": 9, "vitslim.retrain": 9, "vitslim.export": 9, "vitslim.plan.__main__": 9,
     "vitslim.cli": 8,
     "vitslim.engine": 7, "vitslim.data": 7, "vitslim.deploy": 7, "vitslim.reporting": 7,
-    "vitslim": 6,  # the public API (vitslim/__init__.py) and the model layer: threshold, targets, counting, ...
-    "vitslim.arch": 5, "vitslim.gates": 5, "vitslim.searchable": 5, "vitslim.slim": 5, "vitslim.intermediates": 5,
-    "vitslim.cuda_graphs": 5, "vitslim.digits": 5,
+    "vitslim": 6,  # the public API (vitslim/__init__.py) and the model layer: searchable, slim, threshold, ...
+    "vitslim.families": 5.5,  # the registry of model families, then each family, then the seam they implement
+    "vitslim.families.vit": 5.2,
+    "vitslim.gates": 5, "vitslim.layers": 5, "vitslim.cuda_graphs": 5, "vitslim.digits": 5,
+    "vitslim.families.base": 4.5,
     "vitslim.errors": 4, "vitslim.files": 4, "vitslim.distributed": 4, "vitslim.plan": 4,
     "vitslim.implementations": 4,
     # vitslim_kernels: tools -> the package's functionals -> ops -> backends -> runtime

@@ -1,10 +1,12 @@
-"""SlimPlan: JSON form (docs/design.md section 3), validation, check_fits, kept_fractions, summary."""
+"""SlimPlan: JSON form (docs/design.md section 3; version 2 with per-block widths), validation, check_fits,
+kept_fractions, summary."""
 from __future__ import annotations
 
 import copy
 import functools
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +14,8 @@ import timm
 import torch
 
 import vitslim
-from vitslim import BlockPlan, PlanMismatchError, SlimPlan
-from vitslim.arch import describe
+from vitslim import BlockPlan, BlockWidths, PlanMismatchError, SlimPlan
+from vitslim.families.vit import describe
 
 TOP_KEYS = {"version", "embed_dim", "num_heads", "head_dim", "mlp_hidden", "num_prefix_tokens", "num_patches",
             "search", "budgets", "blocks"}
@@ -186,7 +188,8 @@ INVALID = {
     "negative token": (_set(["blocks", 0, "tokens"], [-1, 0, 1]), ["token", "-1"]),
     "too few heads": (_set(["blocks", 0, "heads"], [[0], [1]]), ["heads", "3", "2"]),
     "too many heads": (_set(["blocks", 1, "heads"], [[0], [1], [], [2]]), ["heads", "3", "4"]),
-    "version 2": (_set(["version"], 2), ["version", "2"]),
+    "version 3": (_set(["version"], 3), ["version", "3"]),
+    "version 2 without a family": (_set(["version"], 2), ["family"]),
     "version 0": (_set(["version"], 0), ["version", "0"]),
     "version string": (_set(["version"], "1"), ["version", "'1'"]),
     "missing version": (_drop("version"), ["version"]),
@@ -334,3 +337,111 @@ def test_summary_has_one_line_per_block_thresholded(thresholded):
     for i, (row, b) in enumerate(zip(rows, thresholded.blocks)):
         assert row == [str(i), *map(str, b.head_dims), str(len(b.mlp)), str(len(b.tokens))]
     assert thresholded.search in thresholded.summary()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Version 1 files (what earlier releases wrote) and version 2: per-block widths
+# ---------------------------------------------------------------------------------------------------
+STORED_V1 = Path(__file__).parent / "data" / "plan_v1.json"  # written by vitslim.threshold before version 2
+
+
+def test_a_stored_version_1_file_loads_and_is_written_back_unchanged():
+    text = STORED_V1.read_text()
+    plan = SlimPlan.from_json(text)
+    assert plan.version == 1 and plan.family == "vit" and plan.widths is None
+    assert plan == _thresholded("dims")  # the plan the same threshold makes today
+    assert plan.to_json(indent=1) + "\n" == text
+    assert plan.block_widths == (BlockWidths(48, 3, 16, 192, 1, 16, 0, ("attn", "mlp", "tokens")),) * 3
+    assert plan.block_widths == _arch().block_widths()
+
+
+def _stage_widths(embed_dim: int, heads: int, grid: int) -> BlockWidths:
+    """Blocks of a windowed model stage: no prefix or token gates, 4-token windows."""
+    return BlockWidths(embed_dim=embed_dim, num_heads=heads, head_dim=4, mlp_hidden=2 * embed_dim,
+                       num_prefix_tokens=0, num_patches=grid, window=4, gates=("attn", "mlp"))
+
+
+def two_stage_plan_dict() -> dict:
+    """A version 2 plan: a stage of 2 heads (width 8, 16 tokens), then one of 3 heads (width 12, 4 tokens)."""
+    first, second = _stage_widths(8, 2, 16).to_dict(), _stage_widths(12, 3, 4).to_dict()
+    return {"version": 2, "family": "windowed", "embed_dim": None, "num_heads": None, "head_dim": 4,
+            "mlp_hidden": None, "num_prefix_tokens": 0, "num_patches": None, "search": "dims",
+            "budgets": {"attn": 0.5, "mlp": 0.5},
+            "blocks": [{"heads": [[0, 3], [1]], "mlp": [0, 5, 15], "tokens": [], "widths": first},
+                       {"heads": [[], [0, 1, 2, 3], [2]], "mlp": list(range(12)), "tokens": [], "widths": second}]}
+
+
+def test_version_2_round_trips_blocks_of_different_widths():
+    d = two_stage_plan_dict()
+    plan = SlimPlan.from_dict(d)
+    assert plan.version == 2 and plan.family == "windowed"
+    assert [w.embed_dim for w in plan.block_widths] == [8, 12] and plan.num_heads is None and plan.head_dim == 4
+    assert plan.to_dict() == d
+    assert SlimPlan.from_json(plan.to_json()) == plan
+    assert json.loads(plan.to_json(indent=2)) == d
+    # Without token gates a block keeps every token: its sequence is the whole grid.
+    assert [plan.tokens_in(i) for i in range(2)] == [16, 4]
+    assert plan.kept_fractions() == {"attn": (3 + 5) / (8 + 12), "mlp": (3 + 12) / (16 + 24), "tokens": 1.0}
+    rows = _block_rows(plan.summary())
+    assert rows == [["0", "2", "1", "(of", "4)", "3/16", "all"], ["1", "0", "4", "1", "(of", "4)", "12/24", "all"]]
+
+
+def test_the_constructor_keeps_one_form_of_the_widths():
+    """Per-block widths that a version 1 plan holds become the model-wide fields, so a plan compares equal
+    however it was made, and is written as version 1."""
+    direct = small_plan_direct()
+    given = SlimPlan(embed_dim=None, num_heads=None, head_dim=None, mlp_hidden=None, num_prefix_tokens=None,
+                     num_patches=None, search=direct.search, budgets=direct.budgets, blocks=direct.blocks,
+                     widths=direct.block_widths)
+    assert given == direct and given.widths is None and given.version == 1
+    assert given.to_dict() == small_plan_dict()
+    with pytest.raises(ValueError, match=r"embed_dim=16 disagrees with its blocks' widths \(\[12, 12\]\)"):
+        dataclasses.replace(given, embed_dim=16, widths=direct.block_widths)
+    with pytest.raises(ValueError, match="a windowed plan needs its blocks' widths"):
+        dataclasses.replace(direct, family="windowed")
+
+
+INVALID_V2 = {
+    "tokens on a block without token gates": (_set(["blocks", 0, "tokens"], [0, 1]),
+                                              ["block 0", "no token gates", "[0, 1]"]),
+    "heads of the next stage's count": (_set(["blocks", 0, "heads"], [[0], [1], [2]]),
+                                        ["block 0", "3 heads", "num_heads=2"]),
+    "an mlp unit past its block's width": (_set(["blocks", 0, "mlp"], [0, 16]), ["block 0 mlp", "[0, 16]"]),
+    "widths missing": (lambda d: d["blocks"][1].pop("widths"), ["widths"]),
+    "widths without num_heads": (lambda d: d["blocks"][1]["widths"].pop("num_heads"), ["block 1 widths"]),
+    "an unknown gate kind": (_set(["blocks", 1, "widths", "gates"], ["attn", "channels"]), ["gates", "channels"]),
+    "a zero embedding width": (_set(["blocks", 1, "widths", "embed_dim"], 0), ["embed_dim", "0"]),
+    "family not a name": (_set(["family"], 3), ["family", "3"]),
+    "wrong model-wide width": (_set(["head_dim"], 8), ["head_dim=8", "disagrees"]),
+}
+
+
+@pytest.mark.parametrize("mutate, expected", list(INVALID_V2.values()), ids=list(INVALID_V2))
+def test_version_2_rejects_invalid_plans(mutate, expected):
+    d = two_stage_plan_dict()
+    mutate(d)
+    with pytest.raises(ValueError) as info:
+        SlimPlan.from_dict(d)
+    for part in expected:
+        assert part in str(info.value), f"{part!r} not in {str(info.value)!r}"
+
+
+def test_check_fits_compares_family_and_each_blocks_widths():
+    plan = SlimPlan.from_dict(two_stage_plan_dict())
+
+    @dataclasses.dataclass(frozen=True)
+    class Arch:  # what a family's description of a model offers check_fits
+        family: str
+        widths: tuple
+
+        def block_widths(self):
+            return self.widths
+
+    assert plan.check_fits(Arch("windowed", plan.block_widths)) is None
+    with pytest.raises(PlanMismatchError, match="the plan is for a windowed model, the model is a vit model"):
+        plan.check_fits(Arch("vit", plan.block_widths))
+    other = (plan.block_widths[0], dataclasses.replace(plan.block_widths[1], mlp_hidden=48))
+    with pytest.raises(PlanMismatchError, match=r"block 1 mlp_hidden=24 \(model: 48\)"):
+        plan.check_fits(Arch("windowed", other))
+    with pytest.raises(PlanMismatchError, match=r"plan is for a vit model, the model is a windowed model"):
+        small_plan_direct().check_fits(Arch("windowed", plan.block_widths))

@@ -6,7 +6,7 @@ import pytest
 import vitslim
 from vitslim.cli import retrain
 from vitslim.cli import plan as command
-from vitslim.arch import build_meta
+from vitslim.families import VIT
 from vitslim.engine.checkpoints import load_search
 
 from .test_cli import FAST, run_cli, searched  # noqa: F401 - the module's search fixture
@@ -22,7 +22,7 @@ def test_a_flops_target_with_aligned_widths_writes_the_plan(searched, tmp_path, 
     model, arch, _ = load_search(searched / "checkpoint.pt")
     # The fraction is of the dense model the search started from; the search dropped tokens (31% of its MACs
     # are left), so 0.25 prunes further.
-    dense = vitslim.count_flops(build_meta(arch))
+    dense = vitslim.count_flops(VIT.build_meta(arch))
     slim = vitslim.slim(model, plan)
     assert 0.24 * dense < vitslim.count_flops(slim) <= 0.25 * dense < vitslim.count_flops(model)
     assert plan.target["met"] == vitslim.count_flops(slim)

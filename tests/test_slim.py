@@ -43,7 +43,7 @@ def test_slim_equals_search_model_with_pruned_entries_removed(variant, search, b
 
 
 def _manual_plan(model, heads, mlp, tokens):
-    arch = vitslim.arch.describe(model)
+    arch = vitslim.families.vit.describe(model)
     return SlimPlan.from_dict({
         "version": 1, "embed_dim": arch.embed_dim, "num_heads": arch.num_heads, "head_dim": arch.head_dim,
         "mlp_hidden": arch.mlp_hidden, "num_prefix_tokens": arch.num_prefix_tokens,

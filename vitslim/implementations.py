@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import warnings
+
 SEARCHABLE = ("eager", "folded", "fused")
 SLIM = ("reference", "fused")
 
@@ -24,3 +26,16 @@ def chosen(implementation: str | None, fused: bool, accepted: tuple[str, ...], p
     if fused and implementation != "fused":
         raise ValueError(f"fused=True and implementation={implementation!r} disagree; give one of them")
     return implementation
+
+
+_fused_warnings: set[str] = set()
+
+
+def fused_fallback(reason: str) -> str:
+    """"fused" asked of a searchable block but the kernels cannot run: say why once, and compute the same function
+    with "folded" (returned)."""
+    if reason not in _fused_warnings:
+        warnings.warn(f"fused search kernels not used ({reason}); using the folded PyTorch path (same function)",
+                      stacklevel=3)
+        _fused_warnings.add(reason)
+    return "folded"

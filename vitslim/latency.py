@@ -4,10 +4,10 @@ The table times whole slim models whose blocks all keep the same (width per head
 of those, at one batch size (eval mode; bf16 autocast and device-synchronised on CUDA; warm-up, then the median
 of timed repeats). A linear model in the terms a block costs,
 
-    ms = a0 + a1 * sum_l T_l + a2 * sum_l T_l W_l + a3 * sum_l T_l M_l + a4 * sum_l T_l^2 W_l
+    ms = a0 + a1 * sum_l T_l + a2 * sum_l T_l W_l + a3 * sum_l T_l M_l + a4 * sum_l T_l S_l W_l
 
-(T tokens, W attention width, M MLP units of block l; coefficients >= 0), is fitted to the grid and predicts
-any plan. Tables are cached as JSON under $VITSLIM_CACHE (default ~/.cache/vitslim)/latency, one per device,
+(T tokens, W attention width, M MLP units, S keys per query (T, or the window's tokens) of block l; coefficients
+>= 0) is fitted to the grid and predicts any plan. Tables are cached as JSON under $VITSLIM_CACHE (default ~/.cache/vitslim)/latency, one per device,
 versions, thread count (CPU: torch's intra-op threads the timings ran with), batch size and
 model shape. A table whose fit misses a sample by more than MAX_FIT_ERROR (after re-timing the worst samples
 once) was measured on a machine too noisy to time: it is refused, never cached, and the error says how to
@@ -28,10 +28,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .counting import block_terms
 from .errors import NoisyTableError
+from .families import block_terms
 from .plan import BlockPlan, SlimPlan
-from .saving import atomic_write
+from .files import atomic_write
 from .searchable import describe_searchable, search_mode
 from .slim import slim
 
@@ -44,9 +44,9 @@ MAX_FIT_ERROR = 0.5
 
 
 def _features(plan: SlimPlan) -> list[float]:
-    """1 and the sums over blocks of the cost terms (counting.block_terms): T, T*W, T*M, T^2*W."""
-    R = plan.num_prefix_tokens
-    terms = [block_terms(b.attn_width, len(b.mlp), R + len(b.tokens)) for b in plan.blocks]
+    """1 and the sums over blocks of the cost terms (vitslim.families.base.block_terms): T, T*W, T*M, T*S*W."""
+    terms = [block_terms(b.attn_width, len(b.mlp), plan.tokens_in(i), w.window)
+             for i, (b, w) in enumerate(zip(plan.blocks, plan.block_widths))]
     return [1.0, *(float(sum(column)) for column in zip(*terms))]
 
 

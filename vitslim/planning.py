@@ -16,10 +16,10 @@ from numbers import Real
 import torch
 from torch import nn
 
-from .arch import build
 from . import latency
 from .errors import TargetError
-from .counting import block_macs, count_flops, count_params
+from .counting import count_flops, count_params
+from .families import family_named
 from .plan import SlimPlan
 from .slim import slim
 from .threshold import GateRanking, gate_ranking, keep_masks, plan_from_masks
@@ -41,47 +41,49 @@ class Alignment:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise TargetError(f"Alignment.{name} must be a positive integer, got {value!r}")
 
-    def check_divides(self, head_dim: int, mlp_hidden: int) -> None:
-        if head_dim % self.head:
-            raise TargetError(f"--align-heads {self.head} does not divide the head width {head_dim}; "
-                              f"accepted: a divisor of {head_dim}")
-        if mlp_hidden % self.mlp:
-            raise TargetError(f"--align-mlp {self.mlp} does not divide the MLP width {mlp_hidden}; "
-                              f"accepted: a divisor of {mlp_hidden}")
+    def check_divides(self, arch) -> None:
+        """TargetError unless the multiples divide every block's head width and MLP width (arch: a family's)."""
+        widths = arch.block_widths()
+        for head_dim in sorted({w.head_dim for w in widths}):
+            if head_dim % self.head:
+                raise TargetError(f"--align-heads {self.head} does not divide the head width {head_dim}; "
+                                  f"accepted: a divisor of {head_dim}")
+        for mlp_hidden in sorted({w.mlp_hidden for w in widths}):
+            if mlp_hidden % self.mlp:
+                raise TargetError(f"--align-mlp {self.mlp} does not divide the MLP width {mlp_hidden}; "
+                                  f"accepted: a divisor of {mlp_hidden}")
 
 
 class PlanCost:
     """MACs (per image) and parameters of the slim model a plan builds, without building it.
 
-    A block keeping attention width W, M MLP units and T tokens (prefix included) costs
-    T * (3WC + WC + 2MC) + 2 T^2 W MACs (counting.block_macs) and 3WC + WC + 2MC parameters plus the biases
-    of qkv and fc1; everything else (patch embedding, norms, output biases, heads) is the dense model's.
+    A block costs what its family says (Family.block_cost: the one formula, vitslim.families.base.block_macs;
+    Family.block_params) for the attention width, MLP units and tokens it keeps; everything else (patch embedding,
+    norms, output biases, heads) is the dense model's.
     """
 
     def __init__(self, model: nn.Module, arch) -> None:
         self.arch = arch
-        W, M = arch.num_heads * arch.head_dim, arch.mlp_hidden
-        T = arch.num_prefix_tokens + arch.num_patches
+        self.family = family_named(arch.family)
+        self.widths = arch.block_widths()
         # The dense model the search started from: every token in every block, whatever the search dropped.
-        with torch.device("meta"):
-            dense = build(arch)
-        self.dense = {"flops": count_flops(dense), "params": count_params(model)}
-        self.base = {"flops": self.dense["flops"] - arch.depth * self._block_flops(W, M, T),
-                     "params": self.dense["params"] - arch.depth * self._block_params(W, M)}
+        dense = count_flops(self.family.build_meta(arch))
+        self.dense = {"flops": dense, "params": count_params(model)}
+        full = [(w.attn_width, w.mlp_hidden, w.num_prefix_tokens + w.num_patches, w.num_heads) for w in self.widths]
+        self.base = {"flops": dense - self._flops(full), "params": self.dense["params"] - self._params(full)}
 
-    def _block_flops(self, width: int, units: int, tokens: int) -> int:
-        return block_macs(self.arch.embed_dim, width, units, tokens)
+    def _flops(self, kept: list[tuple[int, int, int, int]]) -> int:
+        return sum(self.family.block_cost(w, width, units, tokens)
+                   for w, (width, units, tokens, _) in zip(self.widths, kept))
 
-    def _block_params(self, width: int, units: int) -> int:
-        C = self.arch.embed_dim
-        return 4 * width * C + 2 * units * C + (3 * width if self.arch.qkv_bias else 0) + units
+    def _params(self, kept: list[tuple[int, int, int, int]]) -> int:
+        return sum(self.family.block_params(self.arch, w, width, units, heads)
+                   for w, (width, units, _, heads) in zip(self.widths, kept))
 
     def __call__(self, plan: SlimPlan) -> dict[str, int]:
-        R = plan.num_prefix_tokens
-        return {"flops": self.base["flops"] + sum(self._block_flops(b.attn_width, len(b.mlp), R + len(b.tokens))
-                                                  for b in plan.blocks),
-                "params": self.base["params"] + sum(self._block_params(b.attn_width, len(b.mlp))
-                                                    for b in plan.blocks)}
+        kept = [(b.attn_width, len(b.mlp), plan.tokens_in(i), sum(1 for d in b.head_dims if d))
+                for i, b in enumerate(plan.blocks)]
+        return {"flops": self.base["flops"] + self._flops(kept), "params": self.base["params"] + self._params(kept)}
 
 
 def _check_mix(mix) -> dict[str, float]:
@@ -127,7 +129,7 @@ def _align_kind(importance: list[torch.Tensor], keep: list[torch.Tensor], multip
 
 def _aligned_masks(ranking: GateRanking, masks: dict, alignment: Alignment) -> tuple[dict, dict]:
     arch = ranking.arch
-    alignment.check_divides(arch.head_dim, arch.mlp_hidden)
+    alignment.check_divides(arch)
     masks, moved = dict(masks), {}
     heads_mode = ranking.attn[0].shape[-1] == 1  # an entry is a whole head: its width is already 0 or d
     if alignment.head > 1 and not heads_mode:
@@ -139,7 +141,7 @@ def _aligned_masks(ranking: GateRanking, masks: dict, alignment: Alignment) -> t
     return masks, record
 
 
-def _masks_of(plan: SlimPlan, ranking: GateRanking) -> dict[str, list[torch.Tensor]]:
+def masks_of(plan: SlimPlan, ranking: GateRanking) -> dict[str, list[torch.Tensor]]:
     """A plan's kept entries as masks like the ranking's tensors."""
     masks = {kind: [torch.zeros_like(t, dtype=torch.bool) for t in getattr(ranking, kind)] for kind in KINDS}
     for b, block in enumerate(plan.blocks):
@@ -157,7 +159,7 @@ def align_plan(model: nn.Module, plan: SlimPlan, alignment: Alignment) -> SlimPl
     MLP width a multiple of alignment.mlp; the plan's alignment record says how much gate magnitude moved."""
     ranking = gate_ranking(model)
     plan.check_fits(ranking.arch)
-    masks, record = _aligned_masks(ranking, _masks_of(plan, ranking), alignment)
+    masks, record = _aligned_masks(ranking, masks_of(plan, ranking), alignment)
     return plan_from_masks(ranking, masks, dict(plan.budgets), target=plan.target, alignment=record)
 
 
@@ -201,7 +203,7 @@ def plan_for(model: nn.Module, *, flops: float | None = None, params: float | No
     mix = _check_mix(mix)
     ranking = gate_ranking(model)
     if align is not None:
-        align.check_divides(ranking.arch.head_dim, ranking.arch.mlp_hidden)
+        align.check_divides(ranking.arch)
     counts = ranking.counts()
     pruned = [k for k in KINDS if mix[k] > 0]
     lead = max(pruned, key=lambda k: (mix[k], counts[k]))  # the finest of the kinds pruned hardest

@@ -13,14 +13,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .arch import ViTArch
 from .errors import SlimFileError
 from .files import atomic_write
 from .implementations import SLIM as SLIM_IMPLEMENTATIONS
 from .implementations import chosen
 from .cuda_graphs import use_cuda_graphs
 from .plan import SlimPlan
-from .slim import build_slim, set_fused, set_pretrained_cfg
+from .families import family_named
+from .families.base import set_pretrained_cfg
+from .slim import set_fused
 
 FORMAT = "vitslim-slim"
 FORMAT_VERSION = 1
@@ -88,9 +89,10 @@ def load_slim(path: str | os.PathLike, device: str | torch.device = "cpu", fused
     if config.get("version") != FORMAT_VERSION:
         raise SlimFileError(f"{config_file} has version {config.get('version')!r}; accepted: {FORMAT_VERSION}")
     try:
-        arch = ViTArch.from_dict(config["arch"])
         plan = SlimPlan.from_dict(config["plan"])
-        model = build_slim(arch, plan, token_scale=bool(config["token_scale"]))
+        family = family_named(plan.family)
+        arch = family.arch_from_dict(config["arch"])
+        model = family.build_slim(arch, plan, token_scale=bool(config["token_scale"]))
     except KeyError as e:
         raise SlimFileError(f"{config_file} has no {e.args[0]!r} entry (a config.json written by save_slim has "
                             f"'arch', 'plan' and 'token_scale')") from None

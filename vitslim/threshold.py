@@ -45,7 +45,7 @@ class GateRanking:
     mlp: list[torch.Tensor]      # per block |mlp|, (M,)
     tokens: list[torch.Tensor]   # per block |tanh(tokens)|, (P,)
     alive: list[torch.Tensor]    # per block, bool (P,): not dropped during the search
-    arch: object                 # the model's ViTArch
+    arch: object                 # the model's arch, from its family (vitslim.families)
     search: str
 
     def counts(self) -> dict[str, int]:
@@ -69,10 +69,10 @@ def gate_ranking(model: nn.Module) -> GateRanking:
 def keep_masks(ranking: GateRanking, budgets: dict[str, float]) -> dict[str, list[torch.Tensor]]:
     """The kept entries for budgets {"attn", "mlp", "tokens"}: bool masks like the ranking's tensors."""
     keep_tok = global_keep(ranking.tokens, budgets["tokens"], eligible=ranking.alive)
-    if ranking.arch.num_prefix_tokens == 0:  # no class token: an empty sequence would have nothing to pool
-        for keep, imp, ok in zip(keep_tok, ranking.tokens, ranking.alive):
-            if not keep.any() and ok.any():
-                keep[imp.masked_fill(~ok, -1.0).argmax()] = True
+    for keep, imp, ok, w in zip(keep_tok, ranking.tokens, ranking.alive, ranking.arch.block_widths()):
+        # No prefix token: an empty sequence would have nothing to pool.
+        if w.num_prefix_tokens == 0 and not keep.any() and ok.any():
+            keep[imp.masked_fill(~ok, -1.0).argmax()] = True
     for i in range(len(keep_tok) - 2, -1, -1):  # monotone: deeper keeps imply shallower keeps
         keep_tok[i] = keep_tok[i] | keep_tok[i + 1]
     return {"attn": global_keep(ranking.attn, budgets["attn"]), "mlp": global_keep(ranking.mlp, budgets["mlp"]),
@@ -82,16 +82,17 @@ def keep_masks(ranking: GateRanking, budgets: dict[str, float]) -> dict[str, lis
 def plan_from_masks(ranking: GateRanking, masks: dict[str, list[torch.Tensor]], budgets: dict,
                     **extra) -> SlimPlan:
     arch = ranking.arch
-    H, d = arch.num_heads, arch.head_dim
+    widths = arch.block_widths()
     plans = []
-    for ka, km, kt in zip(masks["attn"], masks["mlp"], masks["tokens"]):
+    for w, ka, km, kt in zip(widths, masks["attn"], masks["mlp"], masks["tokens"]):
+        H, d = w.num_heads, w.head_dim
         per_dim = ka.expand(H, d)  # heads: (H, 1) -> whole heads; uniform: (1, d) -> same dims in all heads
         heads = tuple(tuple(torch.nonzero(per_dim[h]).flatten().tolist()) for h in range(H))
-        plans.append(BlockPlan(heads=heads, mlp=tuple(torch.nonzero(km).flatten().tolist()),
-                               tokens=tuple(torch.nonzero(kt).flatten().tolist())))
-    return SlimPlan(embed_dim=arch.embed_dim, num_heads=H, head_dim=d, mlp_hidden=arch.mlp_hidden,
-                    num_prefix_tokens=arch.num_prefix_tokens, num_patches=arch.num_patches, search=ranking.search,
-                    budgets=budgets, blocks=tuple(plans), **extra)
+        tokens = tuple(torch.nonzero(kt).flatten().tolist()) if "tokens" in w.gates else ()
+        plans.append(BlockPlan(heads=heads, mlp=tuple(torch.nonzero(km).flatten().tolist()), tokens=tokens))
+    return SlimPlan(embed_dim=None, num_heads=None, head_dim=None, mlp_hidden=None, num_prefix_tokens=None,
+                    num_patches=None, search=ranking.search, budgets=budgets, blocks=tuple(plans), family=arch.family,
+                    widths=widths, **extra)
 
 
 def check_budgets(budget_attn, budget_mlp, budget_tokens) -> dict[str, float]:

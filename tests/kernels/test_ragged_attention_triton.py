@@ -244,7 +244,7 @@ def test_compiled_on_gpu(dtype, N, monkeypatch, poisoned):
 def test_slim_attention_pads_heads_to_aligned_widths_exactly(monkeypatch):
     """SlimAttention hands the Triton kernel heads padded to multiples of 8 with zero weights (16-byte aligned
     loads); output and every gradient are within the kernel spec of the float64 unpadded reference path."""
-    from vitslim.slim import SlimAttention
+    from vitslim.layers import SlimAttention
 
     torch.manual_seed(0)
     head_dims, C = (17, 0, 41, 1, 64), 48
@@ -280,7 +280,7 @@ def test_slim_attention_pads_heads_to_aligned_widths_exactly(monkeypatch):
 
 
 def test_slim_attention_keeps_padded_weights_for_inference_until_they_change():
-    from vitslim.slim import SlimAttention
+    from vitslim.layers import SlimAttention
 
     torch.manual_seed(0)
     fused = SlimAttention(48, (17, 0, 41, 1, 64), head_dim=64, qkv_bias=True, proj_bias=True).eval()

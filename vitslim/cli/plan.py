@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..latency import MAX_FIT_ERROR
 from ..reporting.figures import plot_tradeoff
 from ..slim import slim
-from ..planning import Alignment, PlanCost, _masks_of, align_plan, plan_for
+from ..planning import Alignment, PlanCost, align_plan, masks_of, plan_for
 from ..threshold import gate_ranking, threshold
 from . import common as cli
 from .common import ArgumentParser
@@ -194,7 +194,7 @@ def _costs(ranking, cost, plan) -> dict:
 
 def _kept_magnitude(ranking, plan) -> float:
     """Summed |gate| of the attention and MLP entries the plan keeps."""
-    masks = _masks_of(plan, ranking)
+    masks = masks_of(plan, ranking)
     return sum(float(t[m].sum()) for kind in ("attn", "mlp") for t, m in zip(getattr(ranking, kind), masks[kind]))
 
 

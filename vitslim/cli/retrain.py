@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..arch import ViTArch, build_meta
+from ..families import family_named
 from ..counting import count_flops
 from ..data.loaders import loaders
 from ..engine.checkpoints import (CHECKPOINT, IMAGENET_MEAN, IMAGENET_STD, checkpoint_file, dense_model, dense_weights,
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         if SlimPlan.from_dict(saved["plan"]) != plan:
             raise UserError(f"{trainer.checkpoint_path} was retraining another plan; use another --output-dir")
         trainer.resume(saved)
-    dense_flops = count_flops(build_meta(arch))
+    dense_flops = count_flops(family_named(arch.family).build_meta(arch))
     verb = "fine-tuning the slim model" if args.slim else "retraining the slim model"
     say(f"{verb} ({count_flops(student) / dense_flops:.1%} of the dense FLOPs) for "
         f"{args.epochs} epochs, lr {lr:g}, {dist.world_size} process(es) x batch {args.batch_size}"
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 
-def _retrain_plan(args, search_model, arch: ViTArch, target, device) -> SlimPlan:
+def _retrain_plan(args, search_model, arch, target, device) -> SlimPlan:
     """--plan, a --target-*, or the budgets (default 0.7 each)."""
     if args.plan is None:
         budgets = tuple(0.7 if b is None else b for b in (args.budget_attn, args.budget_mlp, args.budget_tokens))
@@ -288,7 +288,7 @@ def _check_same_classes(data, num_classes: int, known: tuple[str, ...], source: 
                         f"({source}); retrain on the data the search used, or add --new-head")
 
 
-def _teacher(args, arch: ViTArch, ckpt: dict | None, num_classes: int, img_size: int):
+def _teacher(args, arch, ckpt: dict | None, num_classes: int, img_size: int):
     """The distillation teacher, checked before any training: it must take the data's images and predict its
     classes (a teacher is never trained here, so a classifier for other classes would teach noise)."""
     if args.teacher == "dense":

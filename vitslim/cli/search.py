@@ -12,12 +12,12 @@ import json
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..arch import describe
 from ..counting import count_flops, count_params
 from ..data.loaders import loaders
 from ..digits import DIGITS_MEAN, DIGITS_STD
 from ..engine.checkpoints import CHECKPOINT, read_checkpoint
 from ..engine.trainer import Recipe, Trainer, check_recipe, check_resume_flags, cross_entropy_loss, evaluate
+from ..families import family_of
 from ..errors import UserError
 from ..files import atomic_write
 from ..gates import SparsityWeights
@@ -119,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     model = create_model(args.model, args.pretrained, args.checkpoint, drop_path_rate=args.drop_path,
                              **({"num_classes": 10} if embedded else {}),
                              **({"img_size": args.img_size} if args.img_size else {}))
-    arch = describe(model)  # refuses unsupported models before any data is read
+    family = family_of(model)  # refuses unsupported models before any data is read
+    arch = family.describe(model)
     mean, std = _mean_std(model, embedded)
     data = run_data(args, arch.img_size[0], mean, std, dist.device, say)
     if data.num_classes != arch.num_classes:
         model.reset_classifier(data.num_classes)
-        arch = describe(model)
+        arch = family.describe(model)
     # The data config this run trains with (size, mean/std, crop): saved with the search, carried to the slim model.
     set_pretrained_cfg(model, data.pretrained_cfg(getattr(model, "pretrained_cfg", None)))
     if not (embedded or args.pretrained or args.checkpoint or args.dense_epochs):
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             plot_structure(plan, out / "figures" / f"structure_epoch{epoch:03d}.png",
                            f"epoch {epoch}: structure at budgets {budgets}")
 
-    extra = {"arch": arch.to_dict(), "search": args.search, "model_name": args.model, "dense_eval": dense_eval,
+    extra = {"arch": arch.to_dict(), "family": family.name, "search": args.search, "model_name": args.model, "dense_eval": dense_eval,
              "dense_weights": str(dense_file.resolve()), "data": data.description, "classes": list(data.classes), "embedded": embedded,
              "mean_std": [list(mean), list(std)], "pretrained_cfg": plain_cfg(model.pretrained_cfg)}
     trainer = Trainer(model, recipe, train_loader, val_loader, sampler, dist, out, data.num_classes, loss_fn,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ..arch import ViTArch, build
+from ..families import family_named
 from ..errors import UserError
 from ..saving import cfg_from_plain
 from ..searchable import make_searchable
@@ -81,14 +81,15 @@ def load_search(path: Path):
     if ckpt.get("name") != "search":
         raise UserError(f"{path} is a {ckpt.get('name')!r} checkpoint; --searched takes the checkpoint.pt "
                         "of a vitslim.search run")
-    arch = ViTArch.from_dict(ckpt["arch"])
-    model = make_searchable(build(arch), search=ckpt["search"])
+    family = family_named(ckpt.get("family", "vit"))  # searches before the family record were of ViTs
+    arch = family.arch_from_dict(ckpt["arch"])
+    model = make_searchable(family.build(arch), search=ckpt["search"])
     model.load_state_dict(ckpt["model"])
     set_pretrained_cfg(model, search_data_config(ckpt, arch))
     return model, arch, ckpt
 
 
-def search_data_config(ckpt: dict, arch: ViTArch) -> dict:
+def search_data_config(ckpt: dict, arch) -> dict:
     """The data config (timm's pretrained_cfg) the search trained with; for a checkpoint older than that record,
     the one its input size and mean/std give."""
     if ckpt.get("pretrained_cfg"):
@@ -105,9 +106,9 @@ def dense_weights(ckpt: dict, searched: Path) -> Path:
     return beside if beside.is_file() else Path(ckpt.get("dense_weights", ""))
 
 
-def dense_model(arch: ViTArch, ckpt: dict, searched: Path):
+def dense_model(arch, ckpt: dict, searched: Path):
     """The dense model a search started from (its saved weights when present)."""
-    model = build(arch)
+    model = family_named(arch.family).build(arch)
     weights = dense_weights(ckpt, searched)
     if weights.is_file():
         model.load_state_dict(load_file(str(weights)))

@@ -1,0 +1,176 @@
+"""The layers of a slim model that every family builds its blocks from: attention with ragged heads (each its own
+width, one launch through vitslim_kernels) and a narrowed MLP (docs/design.md section 4)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vitslim_kernels
+from vitslim_kernels.ops.qkv_attention import qkv_attention_triton
+from vitslim_kernels.ops.ragged_attention import ragged_attention_fwd_op
+
+
+def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    # Weights always come from the search model or a file: no initialisation. Width 0 is valid here,
+    # so torch's "zero-element tensor" init warning is noise.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias)
+
+
+HEAD_ALIGNMENT = 8  # elements: 16 bytes of bf16/fp16, so a padded head starts where a 16-byte load can
+
+
+def _runs_triton(x: torch.Tensor, attention: "SlimAttention", dropout_p: float) -> bool:
+    """Whether dispatch sends this block's ragged attention to the Triton kernel (training on a GPU): the
+    predicates read what q would be (device, dtype under autocast, shape, whether it needs a gradient)."""
+    if dropout_p > 0.0:
+        return False
+    dev = x.device.type
+    q_like = SimpleNamespace(
+        device=x.device, shape=(x.shape[0], x.shape[1], attention.width),
+        dtype=torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype,
+        requires_grad=torch.is_grad_enabled() and (x.requires_grad or attention.qkv.weight.requires_grad))
+    for name, why_not in vitslim_kernels.explain("ragged_attention", q_like):
+        if why_not is None:
+            return name == "triton"
+    return False
+
+
+class _AlignedHeads:
+    """The padded layout of a block's ragged heads for the Triton kernel: head h keeps its w_h columns and gets
+    round_up(w_h, 8) - w_h zero columns after them, in q, k and v alike.
+
+    Why padding at run time and not a rounded plan: the plan (and so the accuracy, the parameter count and the
+    saved weights) stays what threshold chose; the cost is a gather of the qkv rows and proj columns per step
+    (O(C * width), against the O(B * N * C * width) matmuls that read them) and at most 7 zero columns per head
+    in those matmuls. A plan whose widths are already multiples of 8 needs none of it (needed is False).
+    """
+
+    def __init__(self, head_dims: tuple[int, ...]) -> None:
+        padded = tuple(-(-w // HEAD_ALIGNMENT) * HEAD_ALIGNMENT for w in head_dims)
+        self.head_dims, self.width = padded, sum(padded)
+        self.needed = padded != tuple(head_dims)
+        width = sum(head_dims)
+        columns, offset = [], 0  # source column of every padded column; `width` names the zero column
+        for w, wp in zip(head_dims, padded):
+            columns += list(range(offset, offset + w)) + [width] * (wp - w)
+            offset += w
+        self._columns = torch.tensor(columns, dtype=torch.long)
+        self._rows = torch.cat([torch.where(self._columns < width, self._columns + s * width,
+                                            torch.full_like(self._columns, 3 * width)) for s in range(3)])
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cached: tuple | None = None  # (weights' identity and versions, padded weights) for inference
+
+    def _index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._on:
+            self._on[device] = (self._rows.to(device), self._columns.to(device))
+        return self._on[device]
+
+    def padded(self, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, proj_weight: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The padded qkv weight and bias and proj weight. Without autograd (inference) they are kept until a
+        weight changes (its version counter moves), so an inference step gathers nothing."""
+        if not self.needed:
+            return qkv_weight, qkv_bias, proj_weight
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return (self.pad_rows(qkv_weight), self.pad_rows(qkv_bias) if qkv_bias is not None else None,
+                    self.pad_columns(proj_weight))
+        tensors = (qkv_weight, qkv_bias, proj_weight)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in tensors)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, (self.pad_rows(qkv_weight), self.pad_rows(qkv_bias) if qkv_bias is not None
+                                  else None, self.pad_columns(proj_weight)))
+        return self._cached[1]
+
+    def pad_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """(3 * width, ...) qkv weight or bias -> (3 * padded width, ...), zero rows in the gaps."""
+        rows, _ = self._index(t.device)
+        return torch.cat([t, t.new_zeros((1,) + t.shape[1:])]).index_select(0, rows)
+
+    def pad_columns(self, t: torch.Tensor) -> torch.Tensor:
+        """(C_out, width) proj weight -> (C_out, padded width), zero columns in the gaps."""
+        _, columns = self._index(t.device)
+        return torch.cat([t, t.new_zeros((t.shape[0], 1))], 1).index_select(1, columns)
+
+
+class SlimAttention(nn.Module):
+    """Attention with ragged heads. qkv rows: [q heads packed | k heads packed | v heads packed].
+
+    implementation None (slim(..., fused=True)): dispatch picks per device; under torch.export (and so
+    torch.onnx.export(dynamo=True)) the graph holds the op vitslim::ragged_attention_fwd itself, on any device,
+    not what dispatch would pick on the tracing device (on CPU the reference: plain ops).
+    "reference" (fused=False): the plain PyTorch per-head loop, also in exported graphs.
+    """
+
+    def __init__(self, embed_dim: int, head_dims: tuple[int, ...], head_dim: int, qkv_bias: bool,
+                 proj_bias: bool, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        self.implementation: str | None = None  # None: dispatch picks; "reference": plain PyTorch
+        self.head_dims = tuple(head_dims)
+        self.width = sum(self.head_dims)
+        self.scale = head_dim ** -0.5  # the ORIGINAL head width, whatever is kept
+        self.qkv = _linear(embed_dim, 3 * self.width, qkv_bias)
+        self.attn_drop_p = attn_drop
+        self.proj = _linear(self.width, embed_dim, proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._aligned = _AlignedHeads(self.head_dims)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: one clear line instead of TorchScript's error with an empty first line
+        raise RuntimeError("slim models do not support TorchScript (torch.jit.script); torch.export "
+                           "(python -m vitslim.export --format pt2), ONNX and torch.jit.trace do")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.implementation is None and torch.compiler.is_exporting() and not (self.training and self.attn_drop_p):
+            # The same graph whatever the tracing device; vitslim_kernels.onnx translates the op for ONNX.
+            q, k, v = self._split(self.qkv(x), self.width)
+            o, _ = ragged_attention_fwd_op()(q, k, v, list(self.head_dims), self.scale)
+            return self.proj_drop(self.proj(o))
+        dropout_p = self.attn_drop_p if self.training else 0.0
+        if self.implementation is None and _runs_triton(x, self, dropout_p):
+            return self.proj_drop(self._forward_aligned(x))
+        q, k, v = self._split(self.qkv(x), self.width)
+        o = vitslim_kernels.ragged_attention(q, k, v, self.head_dims, self.scale, dropout_p=dropout_p,
+                                             implementation=self.implementation)
+        return self.proj_drop(self.proj(o))
+
+    @staticmethod
+    def _split(qkv: torch.Tensor, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return qkv[..., :w], qkv[..., w:2 * w], qkv[..., 2 * w:]  # each (B, N, width); width may be 0
+
+    def _forward_aligned(self, x: torch.Tensor) -> torch.Tensor:
+        """The Triton kernel on heads "ragged but aligned": each head's q/k/v columns padded to a multiple of 8
+        with zero weights (see _AlignedHeads; nothing to pad when the widths already are), so that every head
+        starts on a 16-byte boundary and the kernel loads 16 bytes at a time, through qkv_attention (its
+        gradient is one dqkv, and the bias gradient comes with it). Exactly the same function: padded q and k
+        columns are 0 and add nothing to the scores, padded v columns give output columns that meet zero proj
+        columns."""
+        a = self._aligned
+        qkv_weight, qkv_bias, proj_weight = a.padded(self.qkv.weight, self.qkv.bias, self.proj.weight)
+        # The projection and the attention as one op: its backward takes the qkv bias gradient from the
+        # attention kernel instead of reading dqkv once more.
+        o = qkv_attention_triton(x, qkv_weight, qkv_bias, None, a.head_dims, self.scale)
+        return F.linear(o, proj_weight, self.proj.bias)
+
+    def extra_repr(self) -> str:
+        return f"head_dims={list(self.head_dims)}, scale={self.scale:.4g}"
+
+
+class SlimMlp(nn.Module):
+    """fc1 -> act -> drop -> fc2 -> drop with `hidden` kept units (0 allowed: output is fc2's bias)."""
+
+    def __init__(self, embed_dim: int, hidden: int, act: nn.Module, bias: bool, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = _linear(embed_dim, hidden, bias)
+        self.act = act
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = _linear(hidden, embed_dim, bias)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
