@@ -58,7 +58,8 @@ class Workload:
     run: Callable[[torch.dtype], None]
     aligned: bool                      # its attention layout is 16-byte aligned: the vector-load rules apply
     what: str
-    kernels: frozenset                 # the kernels it must launch (else a fallback skipped the Triton path)
+    kernels: frozenset | None          # the kernels it must launch (else a fallback skipped the Triton path);
+                                       # None: at least one (an op's own samples: whatever they launch)
 
 
 def _timm_vit(name: str, img_size: int = 224):
@@ -131,6 +132,25 @@ def _direct_ragged(dtype: torch.dtype) -> None:
         out.backward(torch.randn_like(out))  # a dense gradient, as in training (a .sum() gives a 0-stride one)
 
 
+def _op_step(info) -> Callable[[torch.dtype], None]:
+    """An op's own sample inputs (dispatch.op_infos: every op describes them) through its Triton implementation,
+    forward and backward: so an op's kernels are compiled and gated without a workload written for them."""
+    def run(dtype: torch.dtype) -> None:
+        for args, kwargs in info.sample_inputs("cpu", dtype, requires_grad=True):
+            out = info.functional(*args, implementation="triton", **kwargs)
+            out.backward(torch.randn_like(out))
+    return run
+
+
+def _op_workloads() -> list[Workload]:
+    """One fp32 workload per op with a Triton implementation (composite ops: through their parts)."""
+    from vitslim_kernels import dispatch
+    return [Workload(f"op_{info.name}_fp32", "fp32", _op_step(info), False,
+                     f"{info.name} on its sample inputs (dispatch.op_infos), forward and backward, fp32", None)
+            for info in dispatch.op_infos() if not info.composite
+            and any(impl.name == "triton" for impl in dispatch.implementations(info.name))]
+
+
 _ATTENTION = frozenset({"_ragged_attention_fwd_kernel", "_ragged_attention_bwd_preprocess_kernel",
                         "_ragged_attention_bwd_kernel"})
 _SEARCH = _ATTENTION | {f"_{op}_{d}_kernel" for op in ("layernorm_token_scale", "gated_linear", "gated_gelu_linear")
@@ -147,6 +167,7 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     *[Workload(f"direct_unaligned_{d}", d, _direct_ragged, False,
                f"ragged_attention on packed widths {SLIM_HEADS} (unaligned), {d}", _ATTENTION)
       for d in ("bf16", "fp32")],
+    *_op_workloads(),
 ]}
 
 

@@ -20,8 +20,8 @@ from .token_drop import drop_tokens
 
 __all__ = [
     "make_searchable", "gates", "sparsity_losses", "threshold", "slim", "count_params", "count_flops",
-    "save_slim", "load_slim", "set_implementation", "SlimPlan", "BlockPlan", "BlockWidths", "BlockGates", "SearchableBlock",
-    "SlimAttention", "SlimBlock", "SlimMlp", "ViTArch", "UnsupportedModelError", "PlanMismatchError",
+    "save_slim", "load_slim", "set_implementation", "SlimPlan", "BlockPlan", "BlockWidths", "BlockGates",
+    "SearchableBlock", "SlimAttention", "SlimBlock", "SlimMlp", "ViTArch", "UnsupportedModelError", "PlanMismatchError",
     "SlimFileError", "use_cuda_graphs", "plan_for", "align_plan", "Alignment", "TargetError",
 ]
 __version__ = "0.1.0"

@@ -7,8 +7,8 @@ of timed repeats). A linear model in the terms a block costs,
     ms = a0 + a1 * sum_l T_l + a2 * sum_l T_l W_l + a3 * sum_l T_l M_l + a4 * sum_l T_l S_l W_l
 
 (T tokens, W attention width, M MLP units, S keys per query (T, or the window's tokens) of block l; coefficients
->= 0) is fitted to the grid and predicts any plan. Tables are cached as JSON under $VITSLIM_CACHE (default ~/.cache/vitslim)/latency, one per device,
-versions, thread count (CPU: torch's intra-op threads the timings ran with), batch size and
+>= 0) is fitted to the grid and predicts any plan. Tables are cached as JSON under $VITSLIM_CACHE (default
+~/.cache/vitslim)/latency, one per device, versions, thread count (CPU: torch's intra-op threads the timings ran with), batch size and
 model shape. A table whose fit misses a sample by more than MAX_FIT_ERROR (after re-timing the worst samples
 once) was measured on a machine too noisy to time: it is refused, never cached, and the error says how to
 measure again (remeasure=True, `--remeasure`).

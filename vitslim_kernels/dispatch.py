@@ -31,8 +31,8 @@ class Implementation:
 class OpInfo:
     """What a tool needs to check an op it does not know: call it (`functional(*args, implementation=name,
     **kwargs)`), compare it (`reference`, float64-capable), feed it (`sample_inputs(device, dtype,
-    requires_grad) -> [(args, kwargs)]`), and find what it runs (its torch.library ops, the fail-safe names of
-    the kernels it launches, and the backend modules that hold them)."""
+    requires_grad) -> [(args, kwargs)]`; its library ops through `library_samples`), and find what it runs (its
+    torch.library ops, the fail-safe names of the kernels it launches, and the backend modules that hold them)."""
     name: str
     functional: Callable
     reference: Callable
@@ -40,6 +40,8 @@ class OpInfo:
     library_ops: tuple[str, ...] = ()
     kernels: tuple[str, ...] = ()
     kernel_modules: tuple[str, ...] = ()
+    # (label, torch.library op name, a function making its args) per case, for torch.library.opcheck
+    library_samples: Callable[[], list[tuple[str, str, Callable[[], tuple]]]] = list
     uses_dot: bool = False         # its kernels multiply with tl.dot (the interpreter gets bfloat16 dots wrong)
     composite: bool = False        # made of other described ops only: its kernels are checked through theirs
 

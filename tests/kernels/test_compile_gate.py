@@ -30,7 +30,11 @@ def test_kernels_compile_for_the_real_targets_within_the_rules(name, target):
     workload = WORKLOADS[name]
     compiled = compile_workload(workload, target, all_candidates=name in ALL_CANDIDATES)
     launched = {launch.name for launch, _ in compiled}
-    assert launched == workload.kernels, f"{name}: expected launches of {sorted(workload.kernels)}, got {sorted(launched)}"
+    if workload.kernels is None:  # an op's own samples: whatever they launch, but Triton kernels
+        assert launched, f"{name}: no Triton kernel launched"
+    else:
+        assert launched == workload.kernels, (f"{name}: expected launches of {sorted(workload.kernels)}, got "
+                                              f"{sorted(launched)}")
     failures = [f"{launch.name} {launch.constants}: {'; '.join(bad)}" for launch, res in compiled
                 if (bad := violations(workload, target, launch.name, launch.constants, res))]
     assert not failures, f"{name} on {target}:\n" + "\n".join(failures)

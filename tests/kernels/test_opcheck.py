@@ -22,6 +22,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from vitslim_kernels import dispatch  # noqa: E402
 from vitslim_kernels import (gated_gelu_linear_ref, gated_linear_ref, layernorm_token_scale_ref,  # noqa: E402
                              ragged_attention_ref)
 from vitslim_kernels.ops.gated_linear import gated_gelu_bwd_ref, gated_linear_fold_bwd_ref  # noqa: E402
@@ -35,8 +36,6 @@ SCALE = 64 ** -0.5
 HEAD_DIMS = [17, 0, 1]   # odd widths and a fully pruned head
 EPS = 1e-6
 GATHER = (0, 2, 3, 16)   # of 17 input rows: prefix row 0 and 3 patches, the last row too
-MODULES = ("vitslim_kernels.ops.ragged_attention", "vitslim_kernels.ops.gated_linear",
-           "vitslim_kernels.ops.layernorm_token_scale", "vitslim_kernels.ops.qkv_attention")
 
 
 @pytest.fixture(autouse=True)
@@ -51,9 +50,7 @@ def test_cpu_tests_under_the_interpreter():
 
 @pytest.fixture(scope="module", autouse=True)
 def ops():
-    for name in MODULES:  # registers the ops
-        importlib.import_module(name)
-    return torch.ops.vitslim
+    return torch.ops.vitslim  # every op module was imported (and its ops defined) with vitslim_kernels
 
 
 def _randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
@@ -170,60 +167,28 @@ def _gated_gelu_linear_args(dtype, approximate="none", bias=True):
 # opcheck of the Triton ops under the interpreter
 # ---------------------------------------------------------------------------------------------------------
 
-OPCHECK_CASES = {
-    "ragged_attention_fwd fp32": lambda ops: (ops.ragged_attention_fwd, _ragged_fwd_args(torch.float32)),
-    "ragged_attention_fwd all pruned": lambda ops: (ops.ragged_attention_fwd,
-                                                    _ragged_fwd_args(torch.float32, [0, 0], N=5)),
-    "ragged_attention_bwd fp32": lambda ops: (ops.ragged_attention_bwd, _ragged_bwd_args(ops, torch.float32)),
-    "ragged_attention_bwd fp16": lambda ops: (ops.ragged_attention_bwd, _ragged_bwd_args(ops, torch.float16)),
-    "ragged_attention_qkv_fwd fp32": lambda ops: (ops.ragged_attention_qkv_fwd, _ragged_qkv_fwd_args(torch.float32)),
-    "ragged_attention_qkv_bwd fp32": lambda ops: (ops.ragged_attention_qkv_bwd,
-                                                  _ragged_qkv_bwd_args(ops, torch.float32)),
-    "ragged_attention_qkv_bwd fp32 bias grad": lambda ops: (ops.ragged_attention_qkv_bwd,
-                                                            _ragged_qkv_bwd_args(ops, torch.float32, bias_grad=True)),
-    "qkv_attention fp32 gated": lambda ops: (ops.qkv_attention, _qkv_attention_args(torch.float32)),
-    "qkv_attention fp32 no gate": lambda ops: (ops.qkv_attention, _qkv_attention_args(torch.float32, gated=False)),
-    "qkv_attention fp16 gated no bias": lambda ops: (ops.qkv_attention,
-                                                     _qkv_attention_args(torch.float16, bias=False)),
-    "layernorm_token_scale_fwd fp32 gather": lambda ops: (ops.layernorm_token_scale_fwd,
-                                                          _ln_fwd_args(torch.float32)),
-    "layernorm_token_scale_fwd fp16 no gather": lambda ops: (ops.layernorm_token_scale_fwd,
-                                                             _ln_fwd_args(torch.float16, gather=None)),
-    "layernorm_token_scale_bwd fp32 gather": lambda ops: (ops.layernorm_token_scale_bwd,
-                                                          _ln_bwd_args(ops, torch.float32)),
-    "layernorm_token_scale_bwd fp32->bf16 no prefix": lambda ops: (
-        ops.layernorm_token_scale_bwd, _ln_bwd_args(ops, torch.float32, torch.bfloat16, num_prefix=0)),
-    "gated_linear_fold fp32->fp16": lambda ops: (ops.gated_linear_fold, _fold_args(torch.float32)),
-    "gated_linear_fold no bias": lambda ops: (ops.gated_linear_fold, _fold_args(torch.float32, bias=False)),
-    "gated_linear_fold_bwd": lambda ops: (ops.gated_linear_fold_bwd, _fold_bwd_args(torch.float32)),
-    "gated_linear_fold_bwd no bias": lambda ops: (ops.gated_linear_fold_bwd,
-                                                  _fold_bwd_args(torch.float32, bias=False)),
-    "gated_gelu_fwd fp32": lambda ops: (ops.gated_gelu_fwd, _gelu_fwd_args(torch.float32)),
-    "gated_gelu_fwd fp16 tanh": lambda ops: (ops.gated_gelu_fwd, _gelu_fwd_args(torch.float16, "tanh", False)),
-    "gated_gelu_bwd fp32 tanh": lambda ops: (ops.gated_gelu_bwd, _gelu_bwd_args(torch.float32)),
-    "gated_gelu_bwd fp16": lambda ops: (ops.gated_gelu_bwd, _gelu_bwd_args(torch.float16, "none", True)),
-    "gated_linear fp32": lambda ops: (ops.gated_linear, _gated_linear_args(torch.float32)),
-    "gated_linear fp16 no bias": lambda ops: (ops.gated_linear, _gated_linear_args(torch.float16, bias=False)),
-    "gated_gelu_linear fp32": lambda ops: (ops.gated_gelu_linear, _gated_gelu_linear_args(torch.float32)),
-    "gated_gelu_linear fp16 tanh": lambda ops: (ops.gated_gelu_linear,
-                                                _gated_gelu_linear_args(torch.float16, "tanh", False)),
-}
+# The torch.library ops that only run with the CUDA extension on a GPU, and where they are opchecked.
+ELSEWHERE = {"ragged_attention_fwd_cuda": "test_ragged_attention_cuda.py"}
+# "<library op> <label>" -> (library op, a function making its args): every case of every described op
+# (dispatch.op_infos: each ops/<op>.py gives its library_samples). Args are made in the test, under the interpreter.
+OPCHECK_CASES = {f"{op} {label}": (op, make_args) for info in dispatch.op_infos()
+                 for label, op, make_args in info.library_samples()}
 
 
 def test_every_library_op_of_the_registry_is_opchecked():
-    """The torch.library ops every described op declares (dispatch.op_infos) all have an opcheck case here (the
-    CUDA op: in test_ragged_attention_cuda.py), and every declared op exists."""
-    from vitslim_kernels import dispatch
+    """The torch.library ops every described op declares all have an opcheck case in its library_samples (the
+    CUDA op: in test_ragged_attention_cuda.py), every case names a declared op, and every declared op exists."""
     declared = {name for info in dispatch.op_infos() for name in info.library_ops}
     assert all(hasattr(torch.ops.vitslim, name) for name in declared), declared
-    checked = {case.split()[0] for case in OPCHECK_CASES} | {"ragged_attention_fwd_cuda"}
-    assert declared <= checked, declared - checked
+    checked = {op for op, _ in OPCHECK_CASES.values()}
+    assert checked <= declared, checked - declared
+    assert declared <= checked | set(ELSEWHERE), declared - checked - set(ELSEWHERE)
 
 
 @pytest.mark.parametrize("case", list(OPCHECK_CASES))
 def test_opcheck(ops, case):
-    op, args = OPCHECK_CASES[case](ops)
-    _opcheck(op, args)
+    op, make_args = OPCHECK_CASES[case]
+    _opcheck(getattr(ops, op), make_args())
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..deploy.export import (FORMATS, MIN_OPSET, RAGGED_OP, TORCH_NOISE, check, export_onnx, export_pt2, images)
 from ..errors import UserError
+from ..families import family_of
 from ..saving import load_slim
 from . import common as cli
 from .common import ArgumentParser
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             ops = export_onnx(model, example, out, args.dynamic_batch, args.opset)
         else:
             ops = export_pt2(model, example, out, args.dynamic_batch)
-        depth = len(model.blocks)
+        depth = len(family_of(model).blocks(model))
         if args.fused and ops != depth:
             raise RuntimeError(f"--fused: the exported graph holds {ops} {RAGGED_OP} nodes, expected one per "
                                f"block ({depth})")

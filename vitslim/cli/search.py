@@ -202,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             plot_structure(plan, out / "figures" / f"structure_epoch{epoch:03d}.png",
                            f"epoch {epoch}: structure at budgets {budgets}")
 
-    extra = {"arch": arch.to_dict(), "family": family.name, "search": args.search, "model_name": args.model, "dense_eval": dense_eval,
-             "dense_weights": str(dense_file.resolve()), "data": data.description, "classes": list(data.classes), "embedded": embedded,
-             "mean_std": [list(mean), list(std)], "pretrained_cfg": plain_cfg(model.pretrained_cfg)}
+    extra = {"arch": arch.to_dict(), "family": family.name, "search": args.search, "model_name": args.model,
+             "dense_eval": dense_eval, "dense_weights": str(dense_file.resolve()), "data": data.description,
+             "classes": list(data.classes), "embedded": embedded, "mean_std": [list(mean), list(std)],
+             "pretrained_cfg": plain_cfg(model.pretrained_cfg)}
     trainer = Trainer(model, recipe, train_loader, val_loader, sampler, dist, out, data.num_classes, loss_fn,
                       penalty=weights.penalty, epoch_end=epoch_end, checkpoint_extra=extra,
                       progress=args.progress, name="search",

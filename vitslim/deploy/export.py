@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitslim_kernels.ops.ragged_attention import ragged_attention_fwd_op
+import vitslim_kernels.ops.ragged_attention  # noqa: F401 - defines the op a fused .pt2 calls (load_pt2)
 
 from ..files import atomic_write
 from ..errors import UserError
@@ -106,11 +106,10 @@ def run_onnx(path: Path, x: torch.Tensor) -> tuple[torch.Tensor, str]:
 
 def load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
     """torch.export.load a file written by `--format pt2`, fused or not (a fused program calls
-    vitslim::ragged_attention_fwd, defined by importing vitslim_kernels, with or without Triton).
+    vitslim::ragged_attention_fwd, defined by this module's import of its op, with or without Triton).
 
     Call .module() on the result for an nn.Module: images (B, in_chans, H, W) -> logits (B, num_classes).
     """
-    ragged_attention_fwd_op()  # (the op this module's import defined: what loading resolves)
     return torch.export.load(str(path))
 
 

@@ -44,20 +44,30 @@ def plot_gate_histograms(model: nn.Module, path: Path, title: str = "") -> None:
 def plot_structure(plan: SlimPlan, path: Path, title: str = "") -> None:
     """Kept width of every head in every block (heat map), MLP width and tokens per block (bars)."""
     plt = _pyplot()
-    widths = torch.tensor([b.head_dims for b in plan.blocks], dtype=torch.float32)  # (L, H)
+    dense = plan.block_widths
+    most = max(w.num_heads for w in dense)
+    widths = torch.full((plan.depth, most), float("nan"))  # (L, H); blocks with fewer heads (Swin's stages): NaN
+    for i, b in enumerate(plan.blocks):
+        widths[i, :len(b.heads)] = torch.tensor(b.head_dims, dtype=torch.float32)
     blocks = range(plan.depth)
+    steps = [i - 0.5 for i in blocks] + [plan.depth - 0.5]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    im = axes[0].imshow(widths.T.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=plan.head_dim)
+    head_dim = max(w.head_dim for w in dense)
+    im = axes[0].imshow(widths.T.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=head_dim)
     axes[0].set_xlabel("block")
     axes[0].set_ylabel("head")
-    axes[0].set_title(f"kept head width (of {plan.head_dim})")
+    axes[0].set_title(f"kept head width (of {plan.head_dim or head_dim})")
     fig.colorbar(im, ax=axes[0])
-    axes[1].bar(blocks, [len(b.mlp) for b in plan.blocks], color="#3b6ea8")
-    axes[1].axhline(plan.mlp_hidden, color="gray", lw=0.8)
-    axes[1].set_title(f"MLP width (of {plan.mlp_hidden})")
-    axes[2].bar(blocks, [len(b.tokens) for b in plan.blocks], color="#a8603b")
-    axes[2].axhline(plan.num_patches, color="gray", lw=0.8)
-    axes[2].set_title(f"patch tokens (of {plan.num_patches})")
+    bars = {"MLP width": ([len(b.mlp) for b in plan.blocks], [w.mlp_hidden for w in dense], "#3b6ea8"),
+            "patch tokens": ([plan.tokens_in(i) - dense[i].num_prefix_tokens for i in blocks],
+                             [w.num_patches for w in dense], "#a8603b")}
+    for ax, (name, (kept, full, color)) in zip(axes[1:], bars.items()):
+        ax.bar(blocks, kept, color=color)
+        ax.stairs(full, steps, color="gray", lw=0.8)  # each block's dense width
+        shared = set(full)
+        ax.set_title(f"{name} (of {shared.pop()})" if len(shared) == 1 else f"{name} (of each block's: gray)")
+    if not any("tokens" in w.gates for w in dense):
+        axes[2].set_title("patch tokens (no token gates: all kept)")
     for ax in axes[1:]:
         ax.set_xlabel("block")
     fig.suptitle(title or f"structure at budgets {plan.budgets}")

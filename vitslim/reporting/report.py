@@ -69,8 +69,8 @@ def model_row(model: nn.Module, accuracy: dict | None, throughput: dict) -> dict
 def kept_tokens(plan) -> dict:
     """The plan's kept patch tokens: per block (a fraction of the patches) and overall (of all block x patch
     slots, the fraction budget_tokens asks for; the plan's monotone rule keeps more in early blocks)."""
-    P = plan.num_patches
-    per_block = [len(b.tokens) / P for b in plan.blocks]
+    widths = plan.block_widths
+    per_block = [(plan.tokens_in(i) - w.num_prefix_tokens) / w.num_patches for i, w in enumerate(widths)]
     return {"per_block": per_block, "overall": sum(per_block) / len(per_block)}
 
 

@@ -20,6 +20,7 @@ compute the reference math on CPU tensors without the interpreter.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Optional  # custom_op schemas are inferred from typing.Optional on every torch we support
 
 import torch
@@ -468,11 +469,62 @@ def gated_gelu_linear_sample_inputs(device: torch.device | str = "cpu", dtype: t
     return [((x, weight, bias, gate, "none"), {}), ((x, weight, bias, gate, "tanh"), {})]
 
 
+def library_samples() -> list[tuple[str, str, Callable[[], tuple]]]:
+    """(label, torch.library op, a function making its args) for torch.library.opcheck of gated_linear's ops: the
+    fold of a (48, 17) weight by a 16-entry gate (repeated for q, k, v) into fp16, with and without a bias, its
+    backward, and the composite gated_linear on 17 rows of C = 24 in fp32 and fp16."""
+    def fold(bias: bool) -> tuple:
+        weight, b, gate = sample_tensors((48, 17), (48,), (16,), device="cpu", dtype=torch.float32)
+        return weight, b if bias else None, gate, torch.float16
+
+    def fold_backward(bias: bool) -> tuple:
+        weight, b, gate, _ = fold(bias)
+        grad_weight, grad_bias = sample_tensors((48, 17), (48,), device="cpu", dtype=torch.float32, seed=3)
+        return grad_weight, grad_bias if bias else None, weight, b, gate
+
+    def linear(dtype: torch.dtype, bias: bool) -> tuple:
+        x, weight, b, gate = sample_tensors((17, 24), (48, 24), (48,), (16,), device="cpu", dtype=dtype)
+        return x, weight / 24 ** 0.5, b if bias else None, gate
+
+    return [("fp32->fp16", "gated_linear_fold", lambda: fold(True)),
+            ("no bias", "gated_linear_fold", lambda: fold(False)),
+            ("fp32", "gated_linear_fold_bwd", lambda: fold_backward(True)),
+            ("no bias", "gated_linear_fold_bwd", lambda: fold_backward(False)),
+            ("fp32", "gated_linear", lambda: linear(torch.float32, True)),
+            ("fp16 no bias", "gated_linear", lambda: linear(torch.float16, False))]
+
+
+def gated_gelu_linear_library_samples() -> list[tuple[str, str, Callable[[], tuple]]]:
+    """(label, torch.library op, a function making its args) for torch.library.opcheck of gated_gelu_linear's ops:
+    the gated GELU of 17 rows of 96 units (exact and tanh, with and without the fc1 bias), its backward, and the
+    composite on 17 rows of C = 24 to 40 units."""
+    def gelu(dtype: torch.dtype, approximate: str, bias: bool) -> tuple:
+        pre, b, gate = sample_tensors((17, 96), (96,), (96,), device="cpu", dtype=dtype)
+        return 2.0 * pre, b if bias else None, gate, approximate
+
+    def gelu_backward(dtype: torch.dtype, approximate: str, bias: bool) -> tuple:
+        (grad,) = sample_tensors((17, 96), device="cpu", dtype=dtype, seed=3)
+        return (grad, *gelu(dtype, approximate, bias))
+
+    def linear(dtype: torch.dtype, approximate: str, bias: bool) -> tuple:
+        x, weight, b, gate = sample_tensors((17, 24), (40, 24), (40,), (40,), device="cpu", dtype=dtype)
+        return x, 2.0 * weight / 24 ** 0.5, b if bias else None, gate, approximate
+
+    return [("fp32", "gated_gelu_fwd", lambda: gelu(torch.float32, "none", True)),
+            ("fp16 tanh", "gated_gelu_fwd", lambda: gelu(torch.float16, "tanh", False)),
+            ("fp32 tanh", "gated_gelu_bwd", lambda: gelu_backward(torch.float32, "tanh", False)),
+            ("fp16", "gated_gelu_bwd", lambda: gelu_backward(torch.float16, "none", True)),
+            ("fp32", "gated_gelu_linear", lambda: linear(torch.float32, "none", True)),
+            ("fp16 tanh", "gated_gelu_linear", lambda: linear(torch.float16, "tanh", False))]
+
+
 describe_op(OpInfo("gated_linear", gated_linear, gated_linear_ref, sample_inputs,
                    library_ops=("gated_linear", "gated_linear_fold", "gated_linear_fold_bwd"),
                    kernels=("gated_linear_fold", "gated_linear_fold_bwd"),
-                   kernel_modules=("vitslim_kernels.triton.gated_linear",)))
+                   kernel_modules=("vitslim_kernels.triton.gated_linear",),
+                   library_samples=library_samples))
 describe_op(OpInfo("gated_gelu_linear", gated_gelu_linear, gated_gelu_linear_ref, gated_gelu_linear_sample_inputs,
                    library_ops=("gated_gelu_linear", "gated_gelu_fwd", "gated_gelu_bwd"),
                    kernels=("gated_gelu_fwd", "gated_gelu_bwd"),
-                   kernel_modules=("vitslim_kernels.triton.gated_linear",)))
+                   kernel_modules=("vitslim_kernels.triton.gated_linear",),
+                   library_samples=gated_gelu_linear_library_samples))

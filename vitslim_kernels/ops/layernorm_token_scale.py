@@ -17,7 +17,7 @@ math on CPU tensors without the interpreter.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional  # custom_op schemas are inferred from typing.Optional on every torch we support
 
 import torch
@@ -326,7 +326,38 @@ def sample_inputs(device: torch.device | str = "cpu", dtype: torch.dtype = torch
     return [((x, weight, bias, 1e-6, token_raw, 1, SAMPLE_GATHER), {})]
 
 
+def library_samples() -> list[tuple[str, str, Callable[[], tuple]]]:
+    """(label, torch.library op, a function making its args) for torch.library.opcheck of this module's ops: C = 24,
+    17 input rows, a gather of the prefix row and 3 patches (the last row too) or none, a prefix row or none, a bf16
+    output. A backward op's saved tensors come from its forward op, run when the args are made."""
+    eps = 1e-6
+
+    def forward_args(dtype: torch.dtype, gather_index, num_prefix: int = 1, out_dtype=None) -> tuple:
+        (x,) = sample_tensors((3, 17, 24), device="cpu", dtype=dtype, scale=2.0)
+        gather, inverse = gather_tensors(gather_index, 17, x.device)
+        rows = 17 if gather is None else gather.numel()
+        weight, bias, raw = sample_tensors((24,), (24,), (rows - num_prefix,), device="cpu", dtype=torch.float32,
+                                           seed=1)
+        return (x + 0.5, 1 + 0.5 * weight, 0.5 * bias, 1.5 * raw, gather, inverse, num_prefix, eps,
+                out_dtype or dtype)
+
+    def backward_args(dtype: torch.dtype, out_dtype=None, num_prefix: int = 1) -> tuple:
+        x, weight, bias, raw, gather, inverse, num_prefix, _, out_dtype = forward_args(
+            dtype, (0, 2, 3, 16), num_prefix, out_dtype)
+        y, mean, rstd = torch.ops.vitslim.layernorm_token_scale_fwd(x, weight, bias, raw, gather, inverse, num_prefix,
+                                                                    eps, out_dtype)
+        (grad,) = sample_tensors(tuple(y.shape), device="cpu", dtype=y.dtype, seed=4)
+        return (grad, x, weight, bias, raw, inverse, mean, rstd, num_prefix)
+
+    return [("fp32 gather", "layernorm_token_scale_fwd", lambda: forward_args(torch.float32, (0, 2, 3, 16))),
+            ("fp16 no gather", "layernorm_token_scale_fwd", lambda: forward_args(torch.float16, None)),
+            ("fp32 gather", "layernorm_token_scale_bwd", lambda: backward_args(torch.float32)),
+            ("fp32->bf16 no prefix", "layernorm_token_scale_bwd",
+             lambda: backward_args(torch.float32, torch.bfloat16, 0))]
+
+
 describe_op(OpInfo("layernorm_token_scale", layernorm_token_scale, layernorm_token_scale_ref, sample_inputs,
                    library_ops=("layernorm_token_scale_fwd", "layernorm_token_scale_bwd"),
                    kernels=("layernorm_token_scale_fwd", "layernorm_token_scale_bwd"),
-                   kernel_modules=("vitslim_kernels.triton.layernorm_token_scale",)))
+                   kernel_modules=("vitslim_kernels.triton.layernorm_token_scale",),
+                   library_samples=library_samples))

@@ -22,7 +22,7 @@ backward, the fold and its backward, matmuls), each with its own backward.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional  # custom_op schemas are inferred from typing.Optional on every torch we support
 
 import torch
@@ -186,8 +186,23 @@ def sample_inputs(device: torch.device | str = "cpu", dtype: torch.dtype = torch
             ((x, slim_weight, None, None, (17, 0, 41), 64 ** -0.5), {})]
 
 
+def library_samples() -> list[tuple[str, str, Callable[[], tuple]]]:
+    """(label, torch.library op, a function making its args) for torch.library.opcheck of qkv_attention: x (2, 17, 24), heads 17, 0 and
+    1 wide, with a gate and a bias, without the gate, and in fp16 without the bias."""
+    def args(dtype: torch.dtype, gated: bool, bias: bool) -> tuple:
+        heads, width = [17, 0, 1], 18
+        x, weight, b, gate = sample_tensors((2, 17, 24), (3 * width, 24), (3 * width,), (width,), device="cpu",
+                                            dtype=dtype)
+        return (x, weight * 1.5 / 24 ** 0.5, b if bias else None, 1 + 0.5 * gate if gated else None, heads,
+                64 ** -0.5)
+
+    return [("fp32 gated", "qkv_attention", lambda: args(torch.float32, True, True)),
+            ("fp32 no gate", "qkv_attention", lambda: args(torch.float32, False, True)),
+            ("fp16 gated no bias", "qkv_attention", lambda: args(torch.float16, True, False))]
+
+
 describe_op(OpInfo("qkv_attention", qkv_attention, qkv_attention_ref, sample_inputs, library_ops=("qkv_attention",),
                    kernels=("gated_linear_fold", "gated_linear_fold_bwd", "ragged_attention_fwd",
                             "ragged_attention_bwd"),
                    kernel_modules=("vitslim_kernels.triton.gated_linear", "vitslim_kernels.triton.ragged_attention"),
-                   uses_dot=True))
+                   library_samples=library_samples, uses_dot=True))

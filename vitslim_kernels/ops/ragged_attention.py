@@ -14,7 +14,7 @@ so they run, and torch.export of a fused model traces them, anywhere.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -521,9 +521,48 @@ def sample_inputs(device: torch.device | str = "cpu", dtype: torch.dtype = torch
     return [((q, k, v, SAMPLE_HEAD_DIMS, 64 ** -0.5), {})]
 
 
+def library_samples() -> list[tuple[str, str, Callable[[], tuple]]]:
+    """(label, torch.library op, a function making its args) for torch.library.opcheck of this module's ops: odd
+    widths and a fully pruned head (17, 0, 1), every head pruned, N = 17, batch 2; q/k/v as views of one packed qkv,
+    as a model gives them. A backward op's saved tensors come from its forward op, run when the args are made.
+    (The CUDA op: test_ragged_attention_cuda.py.)"""
+    heads, scale = [17, 0, 1], 64 ** -0.5
+
+    def packed(dtype: torch.dtype, head_dims: list[int], n: int = 17) -> torch.Tensor:
+        (qkv,) = sample_tensors((2, n, 3 * sum(head_dims)), device="cpu", dtype=dtype, scale=1.5)
+        return qkv
+
+    def split(qkv: torch.Tensor, head_dims: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        width = sum(head_dims)
+        return qkv[..., :width], qkv[..., width:2 * width], qkv[..., 2 * width:]
+
+    def forward(head_dims: list[int], n: int) -> tuple:
+        return (*split(packed(torch.float32, head_dims, n), head_dims), head_dims, scale)
+
+    def backward(dtype: torch.dtype) -> tuple:
+        q, k, v = split(packed(dtype, heads), heads)
+        o, lse = torch.ops.vitslim.ragged_attention_fwd(q, k, v, heads, scale)
+        (grad,) = sample_tensors(tuple(o.shape), device="cpu", dtype=dtype, seed=1)
+        return (grad, q, k, v, o, lse, heads, scale)
+
+    def packed_backward(bias_grad: bool) -> tuple:
+        qkv = packed(torch.float32, heads)
+        o, lse = torch.ops.vitslim.ragged_attention_qkv_fwd(qkv, heads, scale)
+        (grad,) = sample_tensors(tuple(o.shape), device="cpu", dtype=torch.float32, seed=1)
+        return (grad, qkv, o, lse, heads, scale, bias_grad)
+
+    return [("fp32", "ragged_attention_fwd", lambda: forward(heads, 17)),
+            ("all pruned", "ragged_attention_fwd", lambda: forward([0, 0], 5)),
+            ("fp32", "ragged_attention_bwd", lambda: backward(torch.float32)),
+            ("fp16", "ragged_attention_bwd", lambda: backward(torch.float16)),
+            ("fp32", "ragged_attention_qkv_fwd", lambda: (packed(torch.float32, heads), heads, scale)),
+            ("fp32", "ragged_attention_qkv_bwd", lambda: packed_backward(False)),
+            ("fp32 bias grad", "ragged_attention_qkv_bwd", lambda: packed_backward(True))]
+
+
 describe_op(OpInfo("ragged_attention", ragged_attention, ragged_attention_ref, sample_inputs,
                    library_ops=("ragged_attention_fwd", "ragged_attention_bwd", "ragged_attention_qkv_fwd",
                                 "ragged_attention_qkv_bwd", "ragged_attention_fwd_cuda"),
                    kernels=("ragged_attention_fwd", "ragged_attention_bwd", "ragged_attention_fwd_cuda"),
                    kernel_modules=("vitslim_kernels.triton.ragged_attention", "vitslim_kernels.cuda.ragged_attention"),
-                   uses_dot=True))
+                   library_samples=library_samples, uses_dot=True))

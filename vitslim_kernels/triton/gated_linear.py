@@ -221,12 +221,13 @@ def _weight_blocks() -> dict:
     return dict(BLOCK_K=128, num_warps=4)
 
 
-def _gelu_blocks() -> tuple[int, int, int]:
+def _gelu_blocks(backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_M, num_warps)."""
     if _INTERPRETED:
         return 16, 64, 1  # T = 51 or 150 rows, M = 96 or 192: partial row tiles and column blocks
-    # Not yet measured: 32 x 128 tiles (4K elements, 16 B vector loads of bf16 along M), 4 warps.
-    return 32, 128, 4
+    # Not yet measured: 32 x 128 tiles (4K elements, 16 B vector loads of bf16 along M), 4 warps; the backward holds
+    # pre, dh, the GELU and its derivative per element: 8 warps, or the tanh GELU with a bias spills on sm_80 (fp32).
+    return 32, 128, 8 if backward else 4
 
 
 def _row_programs(num_tiles: int, col_blocks: int, device: torch.device) -> int:
@@ -311,7 +312,7 @@ def _gelu_bwd(dh: torch.Tensor, pre: torch.Tensor, bias: torch.Tensor | None, ga
     _check_device(pre)
     gate = gate.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    block_t, block_m, num_warps = _gelu_blocks()
+    block_t, block_m, num_warps = _gelu_blocks(backward=True)
     col_blocks = triton.cdiv(M, block_m)
     num_tiles = triton.cdiv(T, block_t)
     programs = _row_programs(num_tiles, col_blocks, pre.device)
