@@ -130,8 +130,8 @@ def build_search_model(config: ModelConfig, variant: str, device: torch.device) 
 
 def fused_fell_back(fn: Callable[[], object]) -> bool:
     """Run fn once; True if the searchable model said it used the folded path instead of the fused kernels."""
-    import vitslim.searchable as searchable
-    searchable._fused_warnings.clear()  # the fallback warns once per reason per process: let it warn here again
+    from vitslim import implementations
+    implementations._fused_warnings.clear()  # the fallback warns once per reason per process: let it warn here again
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fn()
