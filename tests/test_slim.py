@@ -137,17 +137,6 @@ def test_slim_of_a_plain_timm_model_and_its_errors():
         vitslim.slim(deeper, plan)
 
 
-@pytest.mark.filterwarnings("ignore:.*torch.jit.script.*deprecated:FutureWarning")  # torch >= 2.14 says so first
-def test_torchscript_is_refused_in_one_clear_line():
-    model = searchable_copy(make_vit(dtype=torch.float32))
-    slim = vitslim.slim(model, vitslim.threshold(model, 0.7, 0.7, 0.7))
-    with pytest.raises(RuntimeError) as error:
-        torch.jit.script(slim)
-    assert str(error.value).splitlines()[0] == (
-        "slim models do not support TorchScript (torch.jit.script); torch.export (python -m vitslim.export "
-        "--format pt2), ONNX and torch.jit.trace do")
-
-
 def test_implementation_keyword_of_slim_and_load_slim(tmp_path):
     """slim/load_slim take implementation="reference" | "fused" (fused=True is "fused"); each block's ragged
     attention then lets dispatch choose (None) or keeps the reference."""

@@ -1,5 +1,6 @@
-"""Slim models stay timm citizens: timm's data config survives slim / save / load, and forward_intermediates
-works (NLC) or says why not (NCHW) when tokens are dropped."""
+"""Slim models stay timm citizens: timm's data config survives slim / save / load, forward_intermediates works
+(NLC) or says why not (NCHW) when tokens are dropped, blocks take timm's attention masks, and FX feature extraction
+and TorchScript work as on timm's own ViTs."""
 import re
 
 import pytest
@@ -132,3 +133,108 @@ def _pickled(model, io):
     torch.save(model, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=False)  # a test's own object; real files are safetensors
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention masks, FX tracing and TorchScript, as timm's own ViTs have them (issue 26)
+# ---------------------------------------------------------------------------------------------------------
+def _keep_all_slim(name="deit_small_patch16_224", **overrides):
+    """A dense model and the slim model of a plan keeping everything: the same function, block by block."""
+    dense = make_vit(name, **overrides)
+    searchable = searchable_copy(dense)
+    return dense, vitslim.slim(searchable, vitslim.threshold(searchable, 1.0, 1.0, 1.0))
+
+
+def _block_masks(B: int, N: int, H: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    keep = (torch.rand(B, 1, N, N, generator=g) < 0.5) | torch.eye(N, dtype=torch.bool)  # every query keeps itself
+    return {"bool (B, 1, N, N)": keep, "bool (N, N)": keep[0, 0],
+            "additive (B, H, N, N)": torch.randn(B, H, N, N, generator=g, dtype=torch.float64)}
+
+
+@pytest.mark.parametrize("mask", list(_block_masks(2, 17, 3)))
+def test_slim_blocks_apply_attention_masks_as_timms_blocks_do(mask):
+    dense, slim = _keep_all_slim()
+    attn_mask = _block_masks(2, 17, 3)[mask]
+    h = torch.randn(2, 17, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for dense_block, slim_block in zip(dense.blocks, slim.blocks):
+            expected = dense_block(h, attn_mask=attn_mask)
+            torch.testing.assert_close(slim_block(h, attn_mask=attn_mask), expected, rtol=0, atol=1e-12)
+            assert not torch.allclose(expected, dense_block(h))  # the mask mattered
+            h = expected
+
+
+def test_a_causal_slim_block_is_the_lower_triangle_mask():
+    _, slim = _keep_all_slim()
+    h = torch.randn(2, 17, 48, dtype=torch.float64)
+    tril = torch.ones(17, 17, dtype=torch.bool).tril()
+    with torch.no_grad():
+        torch.testing.assert_close(slim.blocks[0](h, is_causal=True), slim.blocks[0](h, attn_mask=tril),
+                                   rtol=0, atol=0)
+    with pytest.raises(ValueError, match="give attn_mask or is_causal=True, not both"):
+        slim.blocks[0](h, attn_mask=tril, is_causal=True)
+
+
+def test_a_mask_follows_the_tokens_a_block_keeps():
+    """A block that drops tokens cuts the mask to them: masking out a dropped token changes nothing, masking a kept
+    one does what masking it in the block's own (shorter) sequence does."""
+    _, slim, kept = _token_dropped_slim()
+    i = next(i for i, b in enumerate(slim.blocks) if b.gather_index is not None)
+    block, gather = slim.blocks[i], slim.blocks[i].gather_index
+    n_in = slim.num_prefix_tokens + kept[i - 1]  # the previous block's output
+    h = torch.randn(2, n_in, 48, dtype=torch.float64)
+    dropped = sorted(set(range(n_in)) - set(gather.tolist()))
+    keep = torch.ones(n_in, n_in, dtype=torch.bool)
+    keep[:, dropped] = False
+    with torch.no_grad():
+        torch.testing.assert_close(block(h, attn_mask=keep), block(h), rtol=0, atol=0)
+        kept_key = int(gather[-1])
+        keep[:, kept_key] = False
+        inner = torch.ones(len(gather), len(gather), dtype=torch.bool)
+        inner[:, -1] = False
+        expected = block.drop_path1(block.ls1(block.attn(block._scale(block.norm1(h.index_select(1, gather))),
+                                                         attn_mask=inner)))
+        got = block(h, attn_mask=keep)
+        x = h.index_select(1, gather) + expected
+        torch.testing.assert_close(got, x + block.drop_path2(block.ls2(block.mlp(block._scale(block.norm2(x))))),
+                                   rtol=0, atol=1e-12)
+
+
+def test_fx_feature_extraction_on_a_token_dropped_slim_model():
+    """timm's FX feature extraction (detection and segmentation frameworks take ViT features so) traces through slim
+    blocks, and its outputs and gradients are the eager model's."""
+    from timm.models import create_feature_extractor
+    _, slim, kept = _token_dropped_slim()
+    x = images_for(slim, batch=2)
+    nodes = {f"blocks.{i}": f"block{i}" for i in range(len(slim.blocks))} | {"head": "logits"}
+    extractor = create_feature_extractor(slim, return_nodes=nodes)
+    out = extractor(x)
+    _, intermediates = slim.forward_intermediates(x, output_fmt="NLC")
+    for i, t in enumerate(intermediates):
+        torch.testing.assert_close(out[f"block{i}"][:, slim.num_prefix_tokens:], t, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out["logits"], slim(x), rtol=0, atol=1e-12)
+    out["logits"].sum().backward()
+    missing = [n for n, p in extractor.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("variant", ["deit", "deit_distilled", "registers", "avgpool_no_cls"])
+def test_torchscript_slim_models_compute_the_eager_model(variant):
+    """torch.jit.script works on slim models, as on timm's ViTs (the PyTorch path: kernels are not scripted), with
+    dropped tokens and folded token scales too, and the scripted blocks take masks."""
+    name, overrides = VARIANTS[variant]
+    searchable = searchable_copy(make_vit(name, **overrides))
+    randomize_gates(searchable)
+    slim = vitslim.slim(searchable, vitslim.threshold(searchable, 0.6, 0.6, 0.5), fold_gates=True).eval()
+    assert any(b.gather_index is not None for b in slim.blocks)
+    scripted = torch.jit.script(slim)
+    x = images_for(slim, batch=2)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), slim(x), rtol=0, atol=1e-12)
+        block = slim.blocks[0]
+        h = torch.randn(2, slim.num_prefix_tokens + 16, 48, dtype=torch.float64)
+        mask = torch.randn(2, 3, h.shape[1], h.shape[1], dtype=torch.float64)
+        torch.testing.assert_close(torch.jit.script(block)(h, attn_mask=mask), block(h, attn_mask=mask), rtol=0,
+                                   atol=1e-12)

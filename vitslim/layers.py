@@ -3,15 +3,17 @@ width, one launch through vitslim_kernels) and a narrowed MLP (docs/design.md se
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Optional  # TorchScript reads SlimAttention.forward's annotations
 import warnings
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import nn
 
 import vitslim_kernels
 from vitslim_kernels.ops.qkv_attention import qkv_attention_triton
-from vitslim_kernels.ops.ragged_attention import ragged_attention_fwd_op
+from vitslim_kernels.ops.ragged_attention import attention_per_head, ragged_attention_fwd_op
 
 
 def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
@@ -98,6 +100,18 @@ class _AlignedHeads:
         return torch.cat([t, t.new_zeros((t.shape[0], 1))], 1).index_select(1, columns)
 
 
+def causal_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, n: int, device: torch.device
+                ) -> Optional[torch.Tensor]:
+    """The mask scaled_dot_product_attention applies for (attn_mask, is_causal): attn_mask, or with is_causal the
+    (n, n) lower triangle (a query sees itself and the keys before it); both is an error, as in SDPA."""
+    if not is_causal:
+        return attn_mask
+    if attn_mask is not None:
+        raise ValueError("give attn_mask or is_causal=True, not both (as scaled_dot_product_attention)")
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+
+
+@register_notrace_module  # timm's FX tracing (features_only, feature extraction) keeps it whole
 class SlimAttention(nn.Module):
     """Attention with ragged heads. qkv rows: [q heads packed | k heads packed | v heads packed].
 
@@ -105,6 +119,8 @@ class SlimAttention(nn.Module):
     torch.onnx.export(dynamo=True)) the graph holds the op vitslim::ragged_attention_fwd itself, on any device,
     not what dispatch would pick on the tracing device (on CPU the reference: plain ops).
     "reference" (fused=False): the plain PyTorch per-head loop, also in exported graphs.
+    attn_mask and is_causal as timm's Attention takes them (scaled_dot_product_attention's meaning); the kernels take
+    no mask, so a masked call runs the PyTorch reference. Under torch.jit.script the PyTorch reference runs.
     """
 
     def __init__(self, embed_dim: int, head_dims: tuple[int, ...], head_dim: int, qkv_bias: bool,
@@ -112,6 +128,7 @@ class SlimAttention(nn.Module):
         super().__init__()
         self.implementation: str | None = None  # None: dispatch picks; "reference": plain PyTorch
         self.head_dims = tuple(head_dims)
+        self.head_dim_list: list[int] = list(head_dims)  # the same, as TorchScript takes it
         self.width = sum(self.head_dims)
         self.scale = head_dim ** -0.5  # the ORIGINAL head width, whatever is kept
         self.qkv = _linear(embed_dim, 3 * self.width, qkv_bias)
@@ -120,18 +137,36 @@ class SlimAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self._aligned = _AlignedHeads(self.head_dims)
 
-    def __prepare_scriptable__(self):
-        # torch.jit.script calls this first: one clear line instead of TorchScript's error with an empty first line
-        raise RuntimeError("slim models do not support TorchScript (torch.jit.script); torch.export "
-                           "(python -m vitslim.export --format pt2), ONNX and torch.jit.trace do")
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+                ) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_scripted(x, attn_mask, is_causal)
+        return self._forward(x, attn_mask, is_causal)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_scripted(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool
+                          ) -> torch.Tensor:
+        """The PyTorch reference, in code TorchScript compiles."""
+        w = self.width
+        qkv = self.qkv(x)
+        o = attention_per_head(qkv[..., :w], qkv[..., w:2 * w], qkv[..., 2 * w:], self.head_dim_list, self.scale,
+                               causal_mask(attn_mask, is_causal, x.shape[1], x.device),
+                               self.attn_drop_p if self.training else 0.0)
+        return self.proj_drop(self.proj(o))
+
+    @torch.jit.unused
+    def _forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+        dropout_p = self.attn_drop_p if self.training else 0.0
+        if attn_mask is not None or is_causal:
+            q, k, v = self._split(self.qkv(x), self.width)
+            o = vitslim_kernels.ragged_attention(q, k, v, self.head_dims, self.scale, dropout_p,
+                                                 attn_mask=causal_mask(attn_mask, is_causal, x.shape[1], x.device),
+                                                 implementation=self.implementation)
+            return self.proj_drop(self.proj(o))
         if self.implementation is None and torch.compiler.is_exporting() and not (self.training and self.attn_drop_p):
             # The same graph whatever the tracing device; vitslim_kernels.onnx translates the op for ONNX.
             q, k, v = self._split(self.qkv(x), self.width)
             o, _ = ragged_attention_fwd_op()(q, k, v, list(self.head_dims), self.scale)
             return self.proj_drop(self.proj(o))
-        dropout_p = self.attn_drop_p if self.training else 0.0
         if self.implementation is None and _runs_triton(x, self, dropout_p):
             return self.proj_drop(self._forward_aligned(x))
         q, k, v = self._split(self.qkv(x), self.width)

@@ -1,13 +1,14 @@
 """The ragged-attention reference against an independent computation: each head padded with zeros to the
-widest head and run through F.scaled_dot_product_attention (zero columns change no score)."""
+widest head and run through F.scaled_dot_product_attention (zero columns change no score), masks included."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+import vitslim_kernels
 from vitslim_kernels import ragged_attention, ragged_attention_ref
 
 
-def padded_sdpa(q, k, v, head_dims, scale):
+def padded_sdpa(q, k, v, head_dims, scale, attn_mask=None):
     B, N, _ = q.shape
     wmax = max(max(head_dims), 1)
     out = torch.zeros_like(q)
@@ -17,7 +18,7 @@ def padded_sdpa(q, k, v, head_dims, scale):
         pads.append([F.pad(t[..., offset:offset + w], (0, wmax - w)) for t in (q, k, v)])
         offset += w
     qp, kp, vp = (torch.stack([p[i] for p in pads], dim=1) for i in range(3))  # (B, H, N, wmax)
-    o = F.scaled_dot_product_attention(qp, kp, vp, scale=scale)
+    o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=attn_mask, scale=scale)
     offset = 0
     for h, w in enumerate(head_dims):
         out[..., offset:offset + w] = o[:, h, :, :w]
@@ -54,3 +55,44 @@ def test_bad_arguments():
         ragged_attention(q, q, torch.zeros(2, 6, 8), (4, 4), 0.1)
     with pytest.raises(ValueError, match=r"\(B, N, sum\(head_dims\)\)"):
         ragged_attention(q[0], q[0], q[0], (4, 4), 0.1)
+
+
+def _masks(B: int, H: int, n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Masks of every shape scaled_dot_product_attention broadcasts to (B, H, n, n); each keeps the diagonal, so no
+    query loses every key."""
+    keep = lambda *shape: (torch.rand(*shape, n, n, generator=g) < 0.6) | torch.eye(n, dtype=torch.bool)  # noqa: E731
+    return {"bool (n, n)": keep(), "bool (B, 1, n, n)": keep(B, 1), "bool (B, H, n, n)": keep(B, H),
+            "bool (H, n, n)": keep(H), "additive (n, n)": torch.randn(n, n, generator=g, dtype=torch.float64),
+            "additive (1, H, n, n)": torch.randn(1, H, n, n, generator=g, dtype=torch.float64),
+            "additive -inf (B, 1, 1, n)": torch.zeros(B, 1, 1, n, dtype=torch.float64).index_fill_(-1,
+                                                                                                torch.tensor([2]),
+                                                                                                float("-inf"))}
+
+
+@pytest.mark.parametrize("mask", list(_masks(3, 4, 17, torch.Generator().manual_seed(0))))
+def test_masked_reference_matches_padded_sdpa(mask):
+    head_dims = (17, 0, 41, 1)
+    g = torch.Generator().manual_seed(0)
+    attn_mask = _masks(3, 4, 17, g)[mask]
+    q, k, v = (torch.randn(3, 17, sum(head_dims), generator=g, dtype=torch.float64) for _ in range(3))
+    expected = padded_sdpa(q, k, v, head_dims, 64 ** -0.5, attn_mask)
+    got = ragged_attention(q, k, v, head_dims, 64 ** -0.5, attn_mask=attn_mask)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-13)
+    unmasked = ragged_attention(q, k, v, head_dims, 64 ** -0.5)
+    assert not torch.allclose(got[..., :17], unmasked[..., :17])  # the mask changed something
+
+
+def test_a_mask_refuses_the_kernels_and_runs_the_reference():
+    q = k = v = torch.randn(2, 5, 6)
+    mask = torch.ones(5, 5, dtype=torch.bool)
+    reasons = dict(vitslim_kernels.explain("ragged_attention", q, k, v, (4, 2), 0.5, 0.0, attn_mask=mask))
+    for kernel in ("triton", "cuda"):
+        assert "the kernels take no attention mask" in reasons[kernel]
+    assert reasons["reference"] is None
+    with pytest.raises(RuntimeError, match="'triton' cannot run here: the kernels take no attention mask"):
+        ragged_attention(q, k, v, (4, 2), 0.5, attn_mask=mask, implementation="triton")
+    with pytest.raises(ValueError, match=r"attn_mask of shape \(4, 5, 5\) does not broadcast to \(B, heads, N, N\) = "
+                                         r"\(2, 2, 5, 5\)"):
+        ragged_attention(q, k, v, (4, 2), 0.5, attn_mask=torch.ones(4, 5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask must be a boolean or floating tensor, got torch.int64"):
+        ragged_attention(q, k, v, (4, 2), 0.5, attn_mask=torch.ones(5, 5, dtype=torch.long))

@@ -13,11 +13,11 @@ import functools
 import inspect
 from dataclasses import dataclass
 from functools import partial
-from typing import ClassVar
+from typing import ClassVar, Optional  # TorchScript reads SlimBlock.forward's annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm, to_2tuple
+from timm.layers import LayerNorm, register_notrace_function, to_2tuple
 from timm.models._features import feature_take_indices
 from timm.models.deit import VisionTransformerDistilled
 # Imported from vision_transformer, which defines them in older timm and re-exports them in newer timm.
@@ -540,6 +540,22 @@ def install_checked_forward_intermediates(model: nn.Module) -> None:
         model.forward_intermediates = functools.partial(checked_forward_intermediates, model)
 
 
+@register_notrace_function  # timm's FX tracing calls it whole: the mask is a proxy there, None at run time
+def gathered_mask(attn_mask: Optional[torch.Tensor], gather_index: torch.Tensor) -> Optional[torch.Tensor]:
+    """A mask over a block's input sequence, cut to the tokens it keeps: its query and key positions (a dimension
+    of size 1 broadcasts and stays)."""
+    if attn_mask is None:
+        return None
+    if attn_mask.shape[-2] > 1:
+        attn_mask = attn_mask.index_select(-2, gather_index)
+    if attn_mask.shape[-1] > 1:
+        attn_mask = attn_mask.index_select(-1, gather_index)
+    return attn_mask
+
+
+torch.fx.wrap("gathered_mask")  # and torch.fx's own tracing (torchvision's feature extraction)
+
+
 # -- the slim block (docs/design.md section 4) -------------------------------------------------------------
 class SlimBlock(nn.Module):
     """A pre-norm block of the slim model. Input (B, N_in, C) -> output (B, R + len(tokens), C).
@@ -569,13 +585,13 @@ class SlimBlock(nn.Module):
         ones = self.token_scale.new_ones(self.num_prefix_tokens)
         return u * torch.cat([ones, self.token_scale]).to(u.dtype).unsqueeze(-1)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
                 ) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError("slim blocks take no attention mask (ViT self-attention is unmasked)")
         if self.gather_index is not None:
             x = x.index_select(1, self.gather_index)  # static token drop: the same positions for every image
-        x = x + self.drop_path1(self.ls1(self.attn(self._scale(self.norm1(x)))))
+            attn_mask = gathered_mask(attn_mask, self.gather_index)
+        x = x + self.drop_path1(self.ls1(self.attn(self._scale(self.norm1(x)), attn_mask=attn_mask,
+                                                   is_causal=is_causal)))
         x = x + self.drop_path2(self.ls2(self.mlp(self._scale(self.norm2(x)))))
         return x
 

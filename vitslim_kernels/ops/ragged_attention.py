@@ -15,6 +15,7 @@ so they run, and torch.export of a fused model traces them, anywhere.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import List, Optional  # TorchScript reads attention_per_head's annotations
 
 import torch
 import torch.nn.functional as F
@@ -46,21 +47,59 @@ def check_ragged_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_di
 
 
 def ragged_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int],
-                         scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+                         scale: float, dropout_p: float = 0.0, attn_mask: torch.Tensor | None = None
+                         ) -> torch.Tensor:
     """The specification: one explicit softmax attention per head, in the input dtype
-    (softmax in float32 for half types). q, k, v, output: (B, N, sum(head_dims))."""
+    (softmax in float32 for half types). q, k, v, output: (B, N, sum(head_dims)).
+
+    attn_mask: as torch.nn.functional.scaled_dot_product_attention takes it (timm's blocks pass it on): boolean
+    (True: the key takes part) or added to the scores, broadcastable to (B, heads, N, N), head h of it for head h."""
     dims = check_ragged_args(q, k, v, head_dims)
+    if attn_mask is not None:
+        check_attn_mask(attn_mask, q, len(dims))
+    return attention_per_head(q, k, v, list(dims), float(scale), attn_mask, dropout_p)
+
+
+def check_attn_mask(attn_mask: torch.Tensor, q: torch.Tensor, heads: int) -> None:
+    """ValueError unless attn_mask is a boolean or floating mask broadcastable to (B, heads, N, N)."""
+    B, N = q.shape[0], q.shape[1]
+    if not isinstance(attn_mask, torch.Tensor) or not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+        what = getattr(attn_mask, "dtype", type(attn_mask).__name__)
+        raise ValueError(f"attn_mask must be a boolean or floating tensor, got {what}")
+    try:
+        torch.broadcast_shapes(tuple(attn_mask.shape), (B, heads, N, N))
+        fits = attn_mask.dim() <= 4
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (B, heads, N, N) = "
+                         f"{(B, heads, N, N)}")
+
+
+def attention_per_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: List[int], scale: float,
+                       attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """The arithmetic of ragged_attention_ref on checked arguments, TorchScript-compatible (slim models script with
+    it). attn_mask: broadcastable to (B, heads, N, N), as scaled_dot_product_attention takes it."""
     out = torch.empty_like(q)
     softmax_dtype = torch.float32 if q.element_size() < 4 else q.dtype  # fp16/bf16 softmax in fp32
     offset = 0
-    for w in dims:
+    for h, w in enumerate(head_dims):
         if w > 0:
-            cols = slice(offset, offset + w)
-            scores = (q[..., cols] @ k[..., cols].transpose(-2, -1)) * scale            # (B, N, N)
+            scores = (q[..., offset:offset + w] @ k[..., offset:offset + w].transpose(-2, -1)) * scale  # (B, N, N)
+            if attn_mask is not None:
+                mask = attn_mask
+                if mask.dim() == 4:  # (B or 1, heads or 1, N, N): this head's
+                    mask = mask[:, h if mask.shape[1] > 1 else 0]
+                elif mask.dim() == 3:  # (heads or 1, N, N): broadcast from the right, as SDPA does
+                    mask = mask[h if mask.shape[0] > 1 else 0]
+                if mask.dtype == torch.bool:
+                    scores = scores.masked_fill(torch.logical_not(mask), float("-inf"))
+                else:
+                    scores = scores + mask
             probs = scores.softmax(dim=-1, dtype=softmax_dtype).to(q.dtype)
             if dropout_p > 0.0:
                 probs = F.dropout(probs, p=dropout_p)
-            out[..., cols] = probs @ v[..., cols]
+            out[..., offset:offset + w] = probs @ v[..., offset:offset + w]
         offset += w
     return out
 
@@ -433,8 +472,8 @@ def ragged_attention_fwd_op() -> torch._ops.OpOverload:
 
 
 def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int],
-                     scale: float, dropout_p: float = 0.0, *, implementation: str | None = None
-                     ) -> torch.Tensor:
+                     scale: float, dropout_p: float = 0.0, *, attn_mask: torch.Tensor | None = None,
+                     implementation: str | None = None) -> torch.Tensor:
     """Multi-head attention whose heads have different widths, all heads in one call.
 
     Args:
@@ -442,14 +481,29 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim
         head_dims: width of each head; 0 is allowed.
         scale: softmax scale (for a pruned head, the original head width's ** -0.5).
         dropout_p: attention-probability dropout (training only).
+        attn_mask: boolean (True: the key takes part) or added to the scores, broadcastable to
+            (B, len(head_dims), N, N) as scaled_dot_product_attention takes it; the kernels take none (dispatch
+            refuses them, and the reference runs).
         implementation: force one implementation by name (see vitslim_kernels.explain); default: dispatch.
     Returns:
         (B, N, sum(head_dims)).
     """
     if dropout_p > 0.0 and implementation is None:
         implementation = "reference"  # only the reference has attention dropout (the kernels have no RNG)
-    impl = select("ragged_attention", q, k, v, head_dims, scale, dropout_p, forced=implementation)
+    impl = select("ragged_attention", q, k, v, head_dims, scale, dropout_p, attn_mask=attn_mask,
+                  forced=implementation)
+    if attn_mask is not None:  # only the reference takes one: dispatch refused the kernels
+        return impl(q, k, v, head_dims, scale, dropout_p, attn_mask)
     return impl(q, k, v, head_dims, scale, dropout_p)
+
+
+def _mask_refusal(attn_mask: torch.Tensor | None) -> list[str]:
+    return [] if attn_mask is None else ["the kernels take no attention mask (attn_mask): the reference applies it"]
+
+
+def triton_ragged_refusals(q: torch.Tensor, *args, attn_mask: torch.Tensor | None = None, **kwargs) -> list[str]:
+    """Every reason the Triton kernels cannot run this call: an attention mask, and runtime.triton_refusals."""
+    return _mask_refusal(attn_mask) + triton_refusals(q, *args, **kwargs)
 
 
 # -- implementations, in order of preference, with their refusal rules -------------------------------------------
@@ -466,11 +520,11 @@ RAGGED_CUDA_MAX_WORK = 2 ** 27
 
 
 def cuda_refusals(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
-                  head_dims: Sequence[int] | None = None, *_, **__) -> list[str]:
-    """Every reason the CUDA forward kernel cannot run this call: device, dtype, a gradient needed (of any of q,
-    k, v), the extension or the GPU, the widest head and the head count it takes, and the size above which Triton
+                  head_dims: Sequence[int] | None = None, *_, attn_mask: torch.Tensor | None = None, **__) -> list[str]:
+    """Every reason the CUDA forward kernel cannot run this call: an attention mask, device, dtype, a gradient needed
+    (of any of q, k, v), the extension or the GPU, the widest head and the head count it takes, and the size above which Triton
     is expected faster (RAGGED_CUDA_MAX_WORK). Works on a stand-in without a shape (vitslim_kernels.info)."""
-    reasons = []
+    reasons = _mask_refusal(attn_mask)
     on_cuda = q.device.type == "cuda"
     if not on_cuda:
         reasons.append(f"{'CPU' if q.device.type == 'cpu' else q.device.type} tensor: the CUDA kernel runs on CUDA "
@@ -502,7 +556,7 @@ def cuda_refusals(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tenso
 
 
 register("ragged_attention", "cuda", lambda: ragged_attention_cuda, cuda_refusals, forward_only=True)
-register("ragged_attention", "triton", lambda: ragged_attention_triton, triton_refusals)
+register("ragged_attention", "triton", lambda: ragged_attention_triton, triton_ragged_refusals)
 register("ragged_attention", "reference", lambda: ragged_attention_ref, no_refusals)
 register_fallback("ragged_attention_fwd", ragged_attention_fwd_ref)
 register_fallback("ragged_attention_bwd", _bwd_reference)
