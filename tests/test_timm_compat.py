@@ -1,7 +1,6 @@
-"""Slim models stay timm citizens: timm's data config survives slim / save / load, forward_intermediates works
-(NLC) or says why not (NCHW) when tokens are dropped, blocks take timm's attention masks, and FX feature extraction
-and TorchScript work as on timm's own ViTs."""
-import re
+"""Slim models stay timm citizens: timm's data config survives slim / save / load, forward_intermediates gives each
+block's tokens (NLC) or its whole grid (NCHW) when tokens are dropped, blocks take timm's attention masks, and FX
+feature extraction and TorchScript work as on timm's own ViTs."""
 
 import pytest
 import timm
@@ -94,16 +93,46 @@ def test_forward_intermediates_nlc_on_a_token_dropped_slim_model():
         torch.testing.assert_close(t, h[:, slim.num_prefix_tokens:], rtol=0, atol=0)
 
 
-def test_forward_intermediates_nchw_refuses_blocks_with_dropped_tokens_and_serves_the_others():
+def _full_grid_reference(model, x, kept_per_block: list[list[int]], norm: bool = False) -> list[torch.Tensor]:
+    """Every block's whole grid, position by position: a patch takes a block's output where the block holds it and
+    keeps its last value where it does not (the embedding if block 0 dropped it). (B, C, H, W) per block."""
+    R = model.num_prefix_tokens
+    h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    last = {p: h[:, R + p] for p in range(16)}
+    maps = []
+    for block, kept in zip(model.blocks, kept_per_block):
+        h = block(h)
+        for j, p in enumerate(kept):
+            last[p] = h[:, R + j]
+        grid = torch.stack([last[p] for p in range(16)], dim=1)  # (B, 16, C)
+        grid = model.norm(grid) if norm else grid
+        maps.append(grid.reshape(x.shape[0], 4, 4, -1).permute(0, 3, 1, 2))
+    return maps
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_forward_intermediates_nchw_gives_every_blocks_whole_grid_after_dropped_tokens(norm):
     _, slim, kept = _token_dropped_slim()
     x = images_for(slim, batch=2)
-    short = [i for i, n in enumerate(kept) if n < 16]
-    expected = rf"needs all 16 patches .* block\(s\) {re.escape(str(short))} .* use output_fmt='NLC'"
-    with pytest.raises(ValueError, match=expected):
-        slim.forward_intermediates(x)  # NCHW is timm's default
-    full = [i for i, n in enumerate(kept) if n == 16]
-    maps = slim.forward_intermediates(x, indices=full, intermediates_only=True)
-    assert [m.shape for m in maps] == [(2, 48, 4, 4)] * len(full)
+    kept_per_block = [list(b.tokens) for b in slim.slim_plan.blocks]
+    expected = _full_grid_reference(slim, x, kept_per_block, norm)
+    final, maps = slim.forward_intermediates(x, norm=norm)  # NCHW is timm's default
+    assert [m.shape for m in maps] == [(2, 48, 4, 4)] * len(kept)
+    for got, want in zip(maps, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(final, slim.forward_features(x), rtol=0, atol=0)
+    # Chosen blocks, prefix tokens, intermediates only: as timm gives them.
+    last = slim.forward_intermediates(x, indices=[len(kept) - 1], intermediates_only=True, return_prefix_tokens=True,
+                                      norm=norm)
+    (grid, prefix), = last
+    torch.testing.assert_close(grid, expected[-1], rtol=0, atol=1e-12)
+    assert prefix.shape == (2, slim.num_prefix_tokens, 48)
+    # Where the last block dropped patches, its map holds their values from the block before (not zeros).
+    gone = sorted(set(range(16)) - set(kept_per_block[-1]))
+    assert gone and kept_per_block[-2] != kept_per_block[-1]
+    rows, cols = torch.tensor(gone) // 4, torch.tensor(gone) % 4
+    torch.testing.assert_close(maps[-1][..., rows, cols], maps[-2][..., rows, cols], rtol=0, atol=0)
+    assert maps[-1][..., rows, cols].abs().min() > 0
 
 
 def test_forward_intermediates_on_a_search_model_after_drop_tokens():
@@ -111,10 +140,25 @@ def test_forward_intermediates_on_a_search_model_after_drop_tokens():
     randomize_gates(model, token_range=1.0)
     assert vitslim.drop_tokens(model, 0.5) > 0
     x = images_for(model, batch=2)
-    with pytest.raises(ValueError, match="use output_fmt='NLC'"):
-        model.forward_intermediates(x)
     _, intermediates = model.forward_intermediates(x, output_fmt="NLC")
     assert intermediates[-1].shape[1] < 16
+    alive = [torch.nonzero(b.token_alive).flatten().tolist() for b in model.blocks]
+    maps = model.forward_intermediates(x, intermediates_only=True)
+    for got, want in zip(maps, _full_grid_reference(model, x, alive)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_features_only_on_a_token_dropped_slim_model():
+    """timm's features_only wrapper of a ViT (FeatureGetterNet) takes NCHW intermediates: every block's grid."""
+    from timm.models._features import FeatureGetterNet
+    _, slim, kept = _token_dropped_slim()
+    x = images_for(slim, batch=2)
+    expected = _full_grid_reference(slim, x, [list(b.tokens) for b in slim.slim_plan.blocks])
+    features = FeatureGetterNet(slim, out_indices=(0, len(kept) - 1))  # prunes what follows the last index
+    got = features(x)
+    assert len(got) == 2
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[1], expected[-1], rtol=0, atol=1e-12)
 
 
 def test_checked_forward_intermediates_survives_copy_and_pickle(tmp_path):
@@ -122,10 +166,12 @@ def test_checked_forward_intermediates_survives_copy_and_pickle(tmp_path):
     import io
 
     _, slim, _ = _token_dropped_slim()
+    x = images_for(slim, batch=1)
+    expected = slim.forward_intermediates(x, intermediates_only=True)
     for other in (copy.deepcopy(slim), _pickled(slim, io)):
         assert other.forward_intermediates.args[0] is other  # bound to the copy, not the original
-        with pytest.raises(ValueError, match="use output_fmt='NLC'"):
-            other.forward_intermediates(images_for(other, batch=1))
+        for got, want in zip(other.forward_intermediates(x, intermediates_only=True), expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def _pickled(model, io):

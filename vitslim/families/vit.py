@@ -496,41 +496,66 @@ class SearchableBlock(nn.Module):
 # -- forward_intermediates on shortened sequences ---------------------------------------------------------
 # timm reshapes every requested block output to an (H, W) grid for output_fmt="NCHW", which only a block that
 # still holds every patch can fill; with dropped tokens it fails deep inside with a reshape error. The models
-# vitslim makes carry a checked `forward_intermediates`: "NLC" works for every block (each output is
-# (B, its own token count, C)), and "NCHW" works for blocks that still hold every patch; asking for a block
-# that dropped tokens raises an error saying which blocks can and what else works.
+# vitslim makes carry their own `forward_intermediates`: "NLC" gives each block's output as it is (B, its own
+# token count, C); "NCHW" gives the whole grid of every block: a patch a block no longer holds keeps the value it had
+# when it was dropped (the residual stream stops updating it), as token-pruning methods give dense prediction heads.
 def patches_out(block: nn.Module, num_patches: int) -> int:
     """How many patch tokens `block` outputs (SlimBlock, SearchableBlock; timm's Block keeps them all)."""
-    alive = getattr(block, "token_alive", None)
+    return num_patches if (kept := kept_patches(block)) is None else int(kept.numel())
+
+
+def kept_patches(block: nn.Module) -> torch.Tensor | None:
+    """The grid positions of the patches `block` outputs, in order (None: all of them)."""
+    alive = getattr(block, "token_alive", None)  # a searchable block after drop_tokens
     if alive is not None:
-        return int(alive.sum())
-    return int(getattr(block, "num_patches_out", num_patches))
-
-
-def _requested(model: nn.Module, bound: inspect.BoundArguments) -> tuple[list[int], str]:
-    args = bound.arguments
-    indices, _ = feature_take_indices(len(model.blocks), args.get("indices"))
-    return list(indices), args.get("output_fmt", "NCHW")
+        return None if bool(alive.all()) else torch.nonzero(alive).flatten()
+    return getattr(block, "kept_patch_index", None)  # a slim block that dropped tokens
 
 
 def checked_forward_intermediates(model: nn.Module, *args, **kwargs):
-    """timm's VisionTransformer.forward_intermediates, after checking NCHW is possible (see module doc)."""
+    """timm's VisionTransformer.forward_intermediates; "NCHW" on a model whose blocks dropped tokens gives every
+    block's whole grid (see above)."""
     method = type(model).forward_intermediates
     bound = inspect.signature(method).bind(model, *args, **kwargs)
     bound.apply_defaults()
-    indices, output_fmt = _requested(model, bound)
-    if output_fmt == "NCHW":
-        grid = model.patch_embed.num_patches
-        short = {i: patches_out(model.blocks[i], grid) for i in indices}
-        short = {i: n for i, n in short.items() if n != grid}
-        if short:
-            full = [i for i in range(len(model.blocks)) if patches_out(model.blocks[i], grid) == grid]
-            raise ValueError(
-                f"forward_intermediates(output_fmt='NCHW') needs all {grid} patches of the image grid, but "
-                f"block(s) {sorted(short)} of this model keep only {[short[i] for i in sorted(short)]} (tokens "
-                f"dropped by the plan); use output_fmt='NLC' (each block's kept tokens, in order) or indices "
-                f"among the blocks that keep every patch: {full}")
-    return method(model, *args, **kwargs)
+    options = dict(bound.arguments)
+    options.pop("self")
+    take, max_index = feature_take_indices(len(model.blocks), options["indices"])
+    if options["output_fmt"] != "NCHW" or all(kept_patches(b) is None for b in model.blocks[:max_index + 1]):
+        return method(model, *args, **kwargs)
+    return _full_grid_intermediates(model, method, options, list(take), max_index)
+
+
+def _full_grid_intermediates(model: nn.Module, method, options: dict, take: list[int], max_index: int):
+    """forward_intermediates(output_fmt="NCHW") of a model whose blocks dropped tokens: timm's own pass gives every
+    block's kept tokens (NLC, before any norm), and a (B, P, C) grid that starts as the block input's patches takes
+    each block's, in order."""
+    x, R = options["x"], model.num_prefix_tokens
+    passed = {k: v for k, v in options.items() if k in ("attn_mask", "is_causal")}
+    final, outputs = method(model, x, indices=list(range(max_index + 1)), return_prefix_tokens=True, norm=False,
+                            stop_early=options["stop_early"], output_fmt="NLC", intermediates_only=False, **passed)
+    grid = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))[:, R:]
+    grids, prefixes = [], []
+    for i, (patches, prefix) in enumerate(outputs):
+        kept = kept_patches(model.blocks[i])
+        grid = patches if kept is None else grid.index_copy(1, kept.to(grid.device), patches)
+        if i in take:
+            grids.append(model.norm(grid) if options["norm"] else grid)
+            prefixes.append(model.norm(prefix) if options["norm"] else prefix)
+    B, _, height, width = x.shape
+    H, W = (model.patch_embed.dynamic_feat_size((height, width)) if hasattr(model.patch_embed, "dynamic_feat_size")
+            else model.patch_embed.grid_size)
+    maps = [g.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for g in grids]
+    if options.get("output_dict"):
+        result = {"image_intermediates": maps}
+        if R and options["return_prefix_tokens"]:
+            result["image_intermediates_prefix"] = prefixes
+        if not options["intermediates_only"]:
+            result["image_features"] = final
+        return result
+    if R and options["return_prefix_tokens"]:
+        maps = list(zip(maps, prefixes))
+    return maps if options["intermediates_only"] else (final, maps)
 
 
 def install_checked_forward_intermediates(model: nn.Module) -> None:
@@ -575,6 +600,8 @@ class SlimBlock(nn.Module):
         self.mlp = SlimMlp(arch.embed_dim, mlp_hidden, mlp.act, arch.proj_bias, mlp.drop1.p)
         self.num_prefix_tokens = arch.num_prefix_tokens
         self.num_patches_out = num_kept_patches
+        # The grid positions of its patches when it dropped any (forward_intermediates' NCHW maps); from the plan.
+        self.register_buffer("kept_patch_index", None, persistent=False)
         # Derived from the plan, so not saved: load_slim rebuilds it.
         self.register_buffer("gather_index", gather_index, persistent=False)
         self.register_buffer("token_scale", torch.ones(num_kept_patches) if token_scale else None)
@@ -618,6 +645,8 @@ def build_slim(arch: ViTArch, plan: SlimPlan, token_scale: bool) -> nn.Module:
     for i, (b, gather) in enumerate(zip(plan.blocks, _gather_indices(plan))):
         model.blocks[i] = SlimBlock(model.blocks[i], arch, b.head_dims, len(b.mlp), gather, len(b.tokens),
                                     token_scale)
+        if len(b.tokens) != plan.num_patches:
+            model.blocks[i].kept_patch_index = torch.tensor(b.tokens, dtype=torch.long)
     model.slim_plan = plan
     model.slim_arch = arch
     install_checked_forward_intermediates(model)
