@@ -536,12 +536,13 @@ def _full_grid_intermediates(model: nn.Module, method, options: dict, take: list
                             stop_early=options["stop_early"], output_fmt="NLC", intermediates_only=False, **passed)
     grid = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))[:, R:]
     grids, prefixes = [], []
-    for i, (patches, prefix) in enumerate(outputs):
+    for i, output in enumerate(outputs):
+        patches, prefix = output if R else (output, None)  # timm pairs them only when there are prefix tokens
         kept = kept_patches(model.blocks[i])
         grid = patches if kept is None else grid.index_copy(1, kept.to(grid.device), patches)
         if i in take:
             grids.append(model.norm(grid) if options["norm"] else grid)
-            prefixes.append(model.norm(prefix) if options["norm"] else prefix)
+            prefixes.append(model.norm(prefix) if options["norm"] and R else prefix)
     B, _, height, width = x.shape
     H, W = (model.patch_embed.dynamic_feat_size((height, width)) if hasattr(model.patch_embed, "dynamic_feat_size")
             else model.patch_embed.grid_size)
