@@ -247,6 +247,28 @@ def test_a_mask_follows_the_tokens_a_block_keeps():
                                    rtol=0, atol=1e-12)
 
 
+def test_a_model_level_mask_follows_every_blocks_tokens():
+    """timm's forward_features gives every block the same mask over the full sequence: each block cuts it to the
+    tokens it holds, after drops in earlier blocks too (the reference cuts it to each block's input first)."""
+    _, slim, kept = _token_dropped_slim()
+    R = slim.num_prefix_tokens
+    x = images_for(slim, batch=2)
+    full = R + 16
+    mask = (torch.rand(full, full, generator=torch.Generator().manual_seed(5)) < 0.6) | torch.eye(full, dtype=torch.bool)
+    with torch.no_grad():
+        h0 = slim.norm_pre(slim._pos_embed(slim.patch_embed(x)))
+        h, expected, positions = h0, h0, list(range(full))  # positions: the block input's, in the full sequence
+        for block, b in zip(slim.blocks, slim.slim_plan.blocks):
+            h = block(h, attn_mask=mask)
+            expected = block(expected, attn_mask=mask[positions][:, positions])
+            torch.testing.assert_close(h, expected, rtol=0, atol=1e-12)
+            positions = list(range(R)) + [R + p for p in b.tokens]
+        unmasked = h0
+        for block in slim.blocks:
+            unmasked = block(unmasked)
+        assert not torch.allclose(h, unmasked)  # the mask mattered
+
+
 def test_fx_feature_extraction_on_a_token_dropped_slim_model():
     """timm's FX feature extraction (detection and segmentation frameworks take ViT features so) traces through slim
     blocks, and its outputs and gradients are the eager model's."""

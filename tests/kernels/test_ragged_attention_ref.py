@@ -96,3 +96,22 @@ def test_a_mask_refuses_the_kernels_and_runs_the_reference():
         ragged_attention(q, k, v, (4, 2), 0.5, attn_mask=torch.ones(4, 5, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="attn_mask must be a boolean or floating tensor, got torch.int64"):
         ragged_attention(q, k, v, (4, 2), 0.5, attn_mask=torch.ones(5, 5, dtype=torch.long))
+    one_head = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match=r"attn_mask of shape \(2, 5, 5\) does not broadcast"):  # SDPA refuses it too
+        ragged_attention(one_head, one_head, one_head, (4,), 0.5, attn_mask=torch.ones(2, 5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"attn_mask of shape \(5,\) does not broadcast"):
+        ragged_attention(q, k, v, (4, 2), 0.5, attn_mask=torch.ones(5, dtype=torch.bool))
+
+
+def test_a_query_that_may_see_no_key_gets_zeros():
+    """As scaled_dot_product_attention gives (not NaN), for boolean and all -inf additive masks."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 5, 6, generator=g, dtype=torch.float64) for _ in range(3))
+    keep = torch.ones(5, 5, dtype=torch.bool)
+    keep[1] = False
+    additive = torch.zeros(5, 5, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    for mask in (keep, additive):
+        out = ragged_attention(q, k, v, (4, 2), 0.5, attn_mask=mask)
+        assert torch.isfinite(out).all()
+        assert (out[:, 1] == 0).all()
+        torch.testing.assert_close(out[:, [0, 2, 3, 4]], ragged_attention(q, k, v, (4, 2), 0.5)[:, [0, 2, 3, 4]])

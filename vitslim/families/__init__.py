@@ -18,7 +18,9 @@ __all__ = ["FAMILIES", "Family", "block_macs", "block_terms", "family_named", "f
 
 
 def family_of(model: nn.Module) -> Family:
-    """The family of `model`; UnsupportedModelError naming what vitslim supports when none takes it."""
+    """The family of `model` (of the model a torch.compile wrapper holds); UnsupportedModelError naming what vitslim
+    supports when none takes it."""
+    model = getattr(model, "_orig_mod", model)
     for family in FAMILIES.values():
         if family.matches(model):
             return family

@@ -499,11 +499,6 @@ class SearchableBlock(nn.Module):
 # vitslim makes carry their own `forward_intermediates`: "NLC" gives each block's output as it is (B, its own
 # token count, C); "NCHW" gives the whole grid of every block: a patch a block no longer holds keeps the value it had
 # when it was dropped (the residual stream stops updating it), as token-pruning methods give dense prediction heads.
-def patches_out(block: nn.Module, num_patches: int) -> int:
-    """How many patch tokens `block` outputs (SlimBlock, SearchableBlock; timm's Block keeps them all)."""
-    return num_patches if (kept := kept_patches(block)) is None else int(kept.numel())
-
-
 def kept_patches(block: nn.Module) -> torch.Tensor | None:
     """The grid positions of the patches `block` outputs, in order (None: all of them)."""
     alive = getattr(block, "token_alive", None)  # a searchable block after drop_tokens
@@ -528,13 +523,18 @@ def checked_forward_intermediates(model: nn.Module, *args, **kwargs):
 
 def _full_grid_intermediates(model: nn.Module, method, options: dict, take: list[int], max_index: int):
     """forward_intermediates(output_fmt="NCHW") of a model whose blocks dropped tokens: timm's own pass gives every
-    block's kept tokens (NLC, before any norm), and a (B, P, C) grid that starts as the block input's patches takes
-    each block's, in order."""
+    block's kept tokens (NLC, before any norm), and a (B, P, C) grid that starts as block 0's input patches (taken from
+    that pass) takes each block's, in order."""
     x, R = options["x"], model.num_prefix_tokens
     passed = {k: v for k, v in options.items() if k in ("attn_mask", "is_causal")}
-    final, outputs = method(model, x, indices=list(range(max_index + 1)), return_prefix_tokens=True, norm=False,
-                            stop_early=options["stop_early"], output_fmt="NLC", intermediates_only=False, **passed)
-    grid = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))[:, R:]
+    first_input = []  # what block 0 takes: the grid's starting values, from the same pass (and dropout draw)
+    hook = model.blocks[0].register_forward_pre_hook(lambda _, args, __: first_input.append(args[0]), with_kwargs=True)
+    try:
+        final, outputs = method(model, x, indices=list(range(max_index + 1)), return_prefix_tokens=True, norm=False,
+                                stop_early=options["stop_early"], output_fmt="NLC", intermediates_only=False, **passed)
+    finally:
+        hook.remove()
+    grid = first_input[0][:, R:]
     grids, prefixes = [], []
     for i, output in enumerate(outputs):
         patches, prefix = output if R else (output, None)  # timm pairs them only when there are prefix tokens
@@ -567,15 +567,20 @@ def install_checked_forward_intermediates(model: nn.Module) -> None:
 
 
 @register_notrace_function  # timm's FX tracing calls it whole: the mask is a proxy there, None at run time
-def gathered_mask(attn_mask: Optional[torch.Tensor], gather_index: torch.Tensor) -> Optional[torch.Tensor]:
-    """A mask over a block's input sequence, cut to the tokens it keeps: its query and key positions (a dimension
-    of size 1 broadcasts and stays)."""
+def gathered_mask(attn_mask: Optional[torch.Tensor], gather_index: Optional[torch.Tensor], token_index: torch.Tensor,
+                  full_tokens: int) -> Optional[torch.Tensor]:
+    """An attention mask cut to the tokens a block keeps, along its query and key dimensions: a mask over the
+    model's full sequence (full_tokens long: what timm's forward_features gives every block) by the block's positions
+    in it (token_index); a mask over the block's own input by gather_index. A dimension of size 1 broadcasts and
+    stays."""
     if attn_mask is None:
         return None
-    if attn_mask.shape[-2] > 1:
-        attn_mask = attn_mask.index_select(-2, gather_index)
-    if attn_mask.shape[-1] > 1:
-        attn_mask = attn_mask.index_select(-1, gather_index)
+    for dim in (-2, -1):
+        size = attn_mask.shape[dim]
+        if size == full_tokens:
+            attn_mask = attn_mask.index_select(dim, token_index)
+        elif size > 1 and gather_index is not None:
+            attn_mask = attn_mask.index_select(dim, gather_index)
     return attn_mask
 
 
@@ -600,9 +605,11 @@ class SlimBlock(nn.Module):
                                   attn.attn_drop.p, attn.proj_drop.p)
         self.mlp = SlimMlp(arch.embed_dim, mlp_hidden, mlp.act, arch.proj_bias, mlp.drop1.p)
         self.num_prefix_tokens = arch.num_prefix_tokens
-        self.num_patches_out = num_kept_patches
-        # The grid positions of its patches when it dropped any (forward_intermediates' NCHW maps); from the plan.
+        # When tokens were dropped here or before, from the plan: the grid positions of its patches (forward_intermediates'
+        # NCHW maps), and the positions of its tokens in the model's full sequence (a model-level attention mask's).
         self.register_buffer("kept_patch_index", None, persistent=False)
+        self.register_buffer("token_index", None, persistent=False)
+        self.full_tokens = arch.num_prefix_tokens + arch.num_patches
         # Derived from the plan, so not saved: load_slim rebuilds it.
         self.register_buffer("gather_index", gather_index, persistent=False)
         self.register_buffer("token_scale", torch.ones(num_kept_patches) if token_scale else None)
@@ -617,7 +624,8 @@ class SlimBlock(nn.Module):
                 ) -> torch.Tensor:
         if self.gather_index is not None:
             x = x.index_select(1, self.gather_index)  # static token drop: the same positions for every image
-            attn_mask = gathered_mask(attn_mask, self.gather_index)
+        if self.token_index is not None:
+            attn_mask = gathered_mask(attn_mask, self.gather_index, self.token_index, self.full_tokens)
         x = x + self.drop_path1(self.ls1(self.attn(self._scale(self.norm1(x)), attn_mask=attn_mask,
                                                    is_causal=is_causal)))
         x = x + self.drop_path2(self.ls2(self.mlp(self._scale(self.norm2(x)))))
@@ -648,6 +656,8 @@ def build_slim(arch: ViTArch, plan: SlimPlan, token_scale: bool) -> nn.Module:
                                     token_scale)
         if len(b.tokens) != plan.num_patches:
             model.blocks[i].kept_patch_index = torch.tensor(b.tokens, dtype=torch.long)
+            model.blocks[i].token_index = torch.tensor(list(range(arch.num_prefix_tokens))
+                                                       + [arch.num_prefix_tokens + p for p in b.tokens])
     model.slim_plan = plan
     model.slim_arch = arch
     install_checked_forward_intermediates(model)
@@ -677,8 +687,6 @@ def _set_input_size(model: nn.Module, timm_set_input_size, img_size=None, patch_
     model.slim_arch = dataclasses.replace(arch, img_size=size)
     model.slim_plan = dataclasses.replace(plan, num_patches=patches, blocks=tuple(
         dataclasses.replace(b, tokens=tuple(range(patches))) for b in plan.blocks))
-    for block in model.blocks:
-        block.num_patches_out = patches
     cfg = getattr(model, "pretrained_cfg", None)
     if cfg:
         set_pretrained_cfg(model, {**cfg, "input_size": (3, *size)})

@@ -66,14 +66,14 @@ def check_attn_mask(attn_mask: torch.Tensor, q: torch.Tensor, heads: int) -> Non
     if not isinstance(attn_mask, torch.Tensor) or not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
         what = getattr(attn_mask, "dtype", type(attn_mask).__name__)
         raise ValueError(f"attn_mask must be a boolean or floating tensor, got {what}")
+    target = (B, heads, N, N)
     try:
-        torch.broadcast_shapes(tuple(attn_mask.shape), (B, heads, N, N))
-        fits = attn_mask.dim() <= 4
+        fits = 2 <= attn_mask.dim() <= 4 and torch.broadcast_shapes(tuple(attn_mask.shape), target) == target
     except RuntimeError:
         fits = False
     if not fits:
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (B, heads, N, N) = "
-                         f"{(B, heads, N, N)}")
+                         f"{target}; accepted: 2 to 4 dimensions, each 1 or the target's")
 
 
 def attention_per_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: List[int], scale: float,
@@ -97,6 +97,8 @@ def attention_per_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_d
                 else:
                     scores = scores + mask
             probs = scores.softmax(dim=-1, dtype=softmax_dtype).to(q.dtype)
+            if attn_mask is not None:  # a query that may see no key gets 0, as scaled_dot_product_attention gives
+                probs = probs.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
             if dropout_p > 0.0:
                 probs = F.dropout(probs, p=dropout_p)
             out[..., offset:offset + w] = probs @ v[..., offset:offset + w]
@@ -577,8 +579,8 @@ def sample_inputs(device: torch.device | str = "cpu", dtype: torch.dtype = torch
 
 def library_samples() -> list[tuple[str, str, Callable[[], tuple]]]:
     """(label, torch.library op, a function making its args) for torch.library.opcheck of this module's ops: odd
-    widths and a fully pruned head (17, 0, 1), every head pruned, N = 17, batch 2; q/k/v as views of one packed qkv,
-    as a model gives them. A backward op's saved tensors come from its forward op, run when the args are made.
+    widths and a fully pruned head (17, 0, 1) at N = 17, every head pruned at N = 5, batch 2; q/k/v as views of one
+    packed qkv, as a model gives them. A backward op's saved tensors come from its forward op, run when the args are made.
     (The CUDA op: test_ragged_attention_cuda.py.)"""
     heads, scale = [17, 0, 1], 64 ** -0.5
 
