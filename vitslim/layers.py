@@ -156,21 +156,17 @@ class SlimAttention(nn.Module):
     @torch.jit.unused
     def _forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
         dropout_p = self.attn_drop_p if self.training else 0.0
-        if attn_mask is not None or is_causal:
-            q, k, v = self._split(self.qkv(x), self.width)
-            o = vitslim_kernels.ragged_attention(q, k, v, self.head_dims, self.scale, dropout_p,
-                                                 attn_mask=causal_mask(attn_mask, is_causal, x.shape[1], x.device),
-                                                 implementation=self.implementation)
-            return self.proj_drop(self.proj(o))
-        if self.implementation is None and torch.compiler.is_exporting() and not (self.training and self.attn_drop_p):
+        mask = causal_mask(attn_mask, is_causal, x.shape[1], x.device)  # a mask takes the reference (dispatch)
+        if (mask is None and self.implementation is None and torch.compiler.is_exporting()
+                and not (self.training and self.attn_drop_p)):
             # The same graph whatever the tracing device; vitslim_kernels.onnx translates the op for ONNX.
             q, k, v = self._split(self.qkv(x), self.width)
             o, _ = ragged_attention_fwd_op()(q, k, v, list(self.head_dims), self.scale)
             return self.proj_drop(self.proj(o))
-        if self.implementation is None and _runs_triton(x, self, dropout_p):
+        if mask is None and self.implementation is None and _runs_triton(x, self, dropout_p):
             return self.proj_drop(self._forward_aligned(x))
         q, k, v = self._split(self.qkv(x), self.width)
-        o = vitslim_kernels.ragged_attention(q, k, v, self.head_dims, self.scale, dropout_p=dropout_p,
+        o = vitslim_kernels.ragged_attention(q, k, v, self.head_dims, self.scale, dropout_p, attn_mask=mask,
                                              implementation=self.implementation)
         return self.proj_drop(self.proj(o))
 

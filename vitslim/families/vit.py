@@ -504,7 +504,8 @@ def kept_patches(block: nn.Module) -> torch.Tensor | None:
     alive = getattr(block, "token_alive", None)  # a searchable block after drop_tokens
     if alive is not None:
         return None if bool(alive.all()) else torch.nonzero(alive).flatten()
-    return getattr(block, "kept_patch_index", None)  # a slim block that dropped tokens
+    token_index = getattr(block, "token_index", None)  # a slim block after a drop: its prefix, then its patches
+    return None if token_index is None else token_index[block.num_prefix_tokens:] - block.num_prefix_tokens
 
 
 def checked_forward_intermediates(model: nn.Module, *args, **kwargs):
@@ -605,9 +606,8 @@ class SlimBlock(nn.Module):
                                   attn.attn_drop.p, attn.proj_drop.p)
         self.mlp = SlimMlp(arch.embed_dim, mlp_hidden, mlp.act, arch.proj_bias, mlp.drop1.p)
         self.num_prefix_tokens = arch.num_prefix_tokens
-        # When tokens were dropped here or before, from the plan: the grid positions of its patches (forward_intermediates'
-        # NCHW maps), and the positions of its tokens in the model's full sequence (a model-level attention mask's).
-        self.register_buffer("kept_patch_index", None, persistent=False)
+        # When tokens were dropped here or before, from the plan: the positions of its tokens in the model's full
+        # sequence (a model-level attention mask's; less the prefix, its patches' grid positions for NCHW maps).
         self.register_buffer("token_index", None, persistent=False)
         self.full_tokens = arch.num_prefix_tokens + arch.num_patches
         # Derived from the plan, so not saved: load_slim rebuilds it.
@@ -655,7 +655,6 @@ def build_slim(arch: ViTArch, plan: SlimPlan, token_scale: bool) -> nn.Module:
         model.blocks[i] = SlimBlock(model.blocks[i], arch, b.head_dims, len(b.mlp), gather, len(b.tokens),
                                     token_scale)
         if len(b.tokens) != plan.num_patches:
-            model.blocks[i].kept_patch_index = torch.tensor(b.tokens, dtype=torch.long)
             model.blocks[i].token_index = torch.tensor(list(range(arch.num_prefix_tokens))
                                                        + [arch.num_prefix_tokens + p for p in b.tokens])
     model.slim_plan = plan
