@@ -27,7 +27,7 @@ LAYERS = {
     "vitslim.engine": 7, "vitslim.data": 7, "vitslim.deploy": 7, "vitslim.reporting": 7,
     "vitslim": 6,  # the public API (vitslim/__init__.py) and the model layer: searchable, slim, threshold, ...
     "vitslim.families": 5.5,  # the registry of model families, then each family, then the seam they implement
-    "vitslim.families.vit": 5.2,
+    "vitslim.families.vit": 5.2, "vitslim.families.swin": 5.2,
     "vitslim.gates": 5, "vitslim.layers": 5, "vitslim.cuda_graphs": 5, "vitslim.digits": 5,
     "vitslim.families.base": 4.5,
     "vitslim.errors": 4, "vitslim.files": 4, "vitslim.distributed": 4, "vitslim.plan": 4,

@@ -444,6 +444,8 @@ BAD_BUDGETS = [0, -0.1, 1.5, float("nan"), True, "0.7", None, float("inf")]
 @pytest.mark.parametrize("bad", BAD_BUDGETS, ids=repr)
 @pytest.mark.parametrize("name", ["budget_attn", "budget_mlp", "budget_tokens"])
 def test_bad_budget_raises_value_error_naming_it(_cached_models, name, bad):
+    if name == "budget_tokens" and bad is None:
+        pytest.skip("budget_tokens=None is the default (0.7 where the model has token gates): test_default_budgets")
     model = _cached_models["dims"]
     kwargs = dict(budget_attn=0.7, budget_mlp=0.7, budget_tokens=0.7)
     kwargs[name] = bad
@@ -454,6 +456,12 @@ def test_bad_budget_raises_value_error_naming_it(_cached_models, name, bad):
     assert repr(bad) in msg
     others = {"budget_attn", "budget_mlp", "budget_tokens"} - {name}
     assert not any(o in msg for o in others)
+
+
+def test_default_budgets(_cached_models):
+    model = _cached_models["dims"]
+    assert vitslim.threshold(model) == vitslim.threshold(model, 0.7, 0.7, 0.7)
+    assert vitslim.threshold(model, budget_tokens=None).budgets == {"attn": 0.7, "mlp": 0.7, "tokens": 0.7}
 
 
 def test_bad_budget_message_exact_example(_cached_models):

@@ -1,4 +1,4 @@
-"""Tiny real timm ViTs and gate helpers shared by the tests."""
+"""Tiny real timm ViTs and Swins and gate helpers shared by the tests."""
 import copy
 
 import timm
@@ -37,6 +37,27 @@ def make_vit(name: str = "deit_small_patch16_224", dtype=torch.float64, fused_at
             t = getattr(model, name_, None)
             if t is not None:
                 t.normal_()
+    return model.to(dtype).eval()
+
+
+# A tiny Swin (timm's SwinTransformer): 56 px in 4 px patches, three stages on 14x14, 7x7 and 4x4 grids, windows of
+# 7: stage 1 has shifted blocks with their mask, stage 2 fits one window, stage 3 one window of 4 (timm clamps it).
+TINY_SWIN = dict(img_size=56, embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), num_classes=10)
+
+
+def make_swin(name: str = "swin_tiny_patch4_window7_224", dtype=torch.float64, seed: int = 0, **overrides
+              ) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, **{**TINY_SWIN, **overrides})
+    with torch.no_grad():  # non-trivial norms, biases and relative-position biases: every weight matters
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.uniform_(-0.2, 0.2)
+            if hasattr(m, "relative_position_bias_table"):
+                m.relative_position_bias_table.normal_()
     return model.to(dtype).eval()
 
 

@@ -205,6 +205,10 @@ def plan_for(model: nn.Module, *, flops: float | None = None, params: float | No
     if align is not None:
         align.check_divides(ranking.arch)
     counts = ranking.counts()
+    if counts["tokens"] == 0:  # a model without token gates (Swin) keeps every token whatever the mix says
+        mix["tokens"] = 0.0
+    if not any(mix[k] > 0 for k in KINDS):
+        raise TargetError("mix prunes tokens only, and this model has no token gates; give attn or mlp a share")
     pruned = [k for k in KINDS if mix[k] > 0]
     lead = max(pruned, key=lambda k: (mix[k], counts[k]))  # the finest of the kinds pruned hardest
     steps = counts[lead]

@@ -72,8 +72,13 @@ def set_implementation(model: nn.Module, implementation: str) -> nn.Module:
     blocks = searchable_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} is not searchable: call vitslim.make_searchable(model) first")
-    for block in blocks:
-        block.implementation = implementation
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {', '.join(map(repr, IMPLEMENTATIONS))}, "
+                         f"got {implementation!r}")
+    for block in blocks:  # the block itself (ViT) or its gated layers (Swin) hold the setting
+        for module in block.modules():
+            if hasattr(module, "implementation"):
+                module.implementation = implementation
     return model
 
 

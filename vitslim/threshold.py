@@ -30,6 +30,8 @@ def global_keep(importances: list[torch.Tensor], budget: float,
     if eligible is not None:
         importances = [imp.masked_fill(~ok, 0.0) for imp, ok in zip(importances, eligible)]
     flat = torch.cat([imp.reshape(-1) for imp in importances])
+    if flat.numel() == 0:  # no gate of this kind (Swin's tokens): nothing to keep or drop
+        return [torch.zeros_like(imp, dtype=torch.bool) for imp in importances]
     # min(): for budgets below float64 resolution, 1 - budget rounds to 1.0 and the index to n.
     index = min(math.floor((1.0 - budget) * flat.numel()), flat.numel() - 1)
     thr = flat.sort().values[index]
@@ -54,6 +56,14 @@ class GateRanking:
                 "tokens": sum(t.numel() for t in self.tokens)}
 
 
+def _token_alive(block: nn.Module) -> torch.Tensor:
+    """The block's patches not dropped during the search: (P,) bool; (0,) for a block without token gates."""
+    alive = getattr(block, "token_alive", None)
+    if alive is None:
+        return torch.ones(block.gates.tokens.shape[0], dtype=torch.bool)
+    return alive.detach().cpu()
+
+
 @torch.no_grad()
 def gate_ranking(model: nn.Module) -> GateRanking:
     blocks = searchable_blocks(model)
@@ -62,7 +72,7 @@ def gate_ranking(model: nn.Module) -> GateRanking:
     cpu = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731 - ranking is done once, exactly
     return GateRanking(attn=[cpu(g.attn).abs() for g in gates], mlp=[cpu(g.mlp).abs() for g in gates],
                        tokens=[cpu(g.tokens).tanh().abs() for g in gates],
-                       alive=[b.token_alive.detach().cpu() for b in blocks], arch=describe_searchable(model),
+                       alive=[_token_alive(b) for b in blocks], arch=describe_searchable(model),
                        search=search)
 
 
@@ -95,15 +105,30 @@ def plan_from_masks(ranking: GateRanking, masks: dict[str, list[torch.Tensor]], 
                     widths=widths, **extra)
 
 
-def check_budgets(budget_attn, budget_mlp, budget_tokens) -> dict[str, float]:
-    return {"attn": check_budget("budget_attn", budget_attn), "mlp": check_budget("budget_mlp", budget_mlp),
-            "tokens": check_budget("budget_tokens", budget_tokens)}
+DEFAULT_BUDGET = 0.7
+
+
+def check_budgets(budget_attn, budget_mlp, budget_tokens, arch=None) -> dict[str, float]:
+    """The three budgets checked. budget_tokens None: DEFAULT_BUDGET where the model (its arch) has token gates, 1.0
+    (everything) where it has none; a token budget below 1 for a model without token gates is an error."""
+    token_gates = arch is None or any("tokens" in w.gates for w in arch.block_widths())
+    if budget_tokens is None:
+        budget_tokens = DEFAULT_BUDGET if token_gates else 1.0
+    budgets = {"attn": check_budget("budget_attn", budget_attn), "mlp": check_budget("budget_mlp", budget_mlp),
+               "tokens": check_budget("budget_tokens", budget_tokens)}
+    if not token_gates and budgets["tokens"] < 1.0:
+        raise ValueError(f"budget_tokens={budget_tokens!r}: {arch.family} models have no token gates (windows and "
+                         "patch merging need the whole grid); leave it unset or give 1.0")
+    return budgets
 
 
 @torch.no_grad()
-def threshold(model: nn.Module, budget_attn: float = 0.7, budget_mlp: float = 0.7,
-              budget_tokens: float = 0.7) -> SlimPlan:
+def threshold(model: nn.Module, budget_attn: float = DEFAULT_BUDGET, budget_mlp: float = DEFAULT_BUDGET,
+              budget_tokens: float | None = None) -> SlimPlan:
     """The plan keeping the given fraction of attention entries, MLP units and patch tokens.
+
+    budget_tokens unset: 0.7 for a model with token gates (ViT), 1.0 for one without (Swin, where a smaller token
+    budget is refused).
 
     Each kind is ranked over all blocks by gate magnitude (|attn|, |mlp|, |tanh(tokens)|). Tokens dropped
     during the search (vitslim.drop_tokens) rank as importance 0 and are never kept; budget_tokens stays
@@ -111,6 +136,6 @@ def threshold(model: nn.Module, budget_attn: float = 0.7, budget_mlp: float = 0.
     kept by every shallower one (where it is alive too, since dropping is monotone). A model without prefix
     tokens keeps at least its strongest patch in every block.
     """
-    budgets = check_budgets(budget_attn, budget_mlp, budget_tokens)
     ranking = gate_ranking(model)
+    budgets = check_budgets(budget_attn, budget_mlp, budget_tokens, ranking.arch)
     return plan_from_masks(ranking, keep_masks(ranking, budgets), budgets)

@@ -33,6 +33,9 @@ def drop_tokens(model: nn.Module, eps: float) -> int:
     blocks = searchable_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} is not searchable: call vitslim.make_searchable(model) first")
+    if not all(hasattr(block, "token_alive") for block in blocks):
+        raise ValueError(f"drop_tokens: {type(model).__name__} has no token gates (Swin: windows and patch merging "
+                         "need the whole grid); nothing can be dropped")
     dropped = 0
     gone = None  # (P,) bool: dropped in some earlier block, hence in this one too
     for block in blocks:

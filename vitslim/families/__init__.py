@@ -2,7 +2,7 @@
 
 `family_of(model)` finds the family of a timm model (dense, searchable or slim), `family_named(name)` the family a
 plan or a saved model names. The seam itself (`Family`, `BlockWidths`, the cost formula) is in
-vitslim.families.base; each family is one module: vitslim.families.vit today.
+vitslim.families.base; each family is one module: vitslim.families.vit and vitslim.families.swin.
 """
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import Family, block_macs, block_terms
+from .swin import SWIN
 from .vit import VIT
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (VIT,)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (VIT, SWIN)}
 
 __all__ = ["FAMILIES", "Family", "block_macs", "block_terms", "family_named", "family_of"]
 

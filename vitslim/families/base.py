@@ -35,6 +35,15 @@ def block_macs(embed_dim: int, attn_width: int, mlp_width: int, tokens: int, win
     return embed_dim * (4 * tw + 2 * tm) + 2 * tsw
 
 
+def qkv_rows(plan_heads: tuple[tuple[int, ...], ...], head_dim: int) -> tuple[list[int], list[int]]:
+    """Rows of a dense qkv weight (q, k, v heads packed) kept for q, k, v, in that order, and the proj columns
+    kept, for a plan's kept dims of every head."""
+    H = len(plan_heads)
+    cols = [h * head_dim + j for h, dims in enumerate(plan_heads) for j in dims]
+    rows = [part * H * head_dim + c for part in range(3) for c in cols]
+    return rows, cols
+
+
 def set_pretrained_cfg(model: nn.Module, cfg: dict | None) -> None:
     """Give `model` timm's pretrained_cfg (and its old alias default_cfg): input size, mean/std, crop,
     interpolation, ... so timm.data.resolve_data_config(model=model) preprocesses as for the dense model."""

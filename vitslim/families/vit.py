@@ -33,7 +33,7 @@ from ..implementations import SEARCHABLE as IMPLEMENTATIONS
 from ..implementations import fused_fallback
 from ..layers import SlimAttention, SlimMlp
 from ..plan import BlockWidths, SlimPlan
-from .base import Family, block_macs, set_pretrained_cfg
+from .base import Family, block_macs, qkv_rows, set_pretrained_cfg
 
 
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax")
@@ -701,14 +701,6 @@ def resize_refusal(model: nn.Module) -> str | None:
     return None
 
 
-def _qkv_rows(plan_heads: tuple[tuple[int, ...], ...], head_dim: int) -> tuple[list[int], list[int]]:
-    """Rows of the dense qkv weight kept for q, k, v (in that order) and the proj columns kept."""
-    H = len(plan_heads)
-    cols = [h * head_dim + j for h, dims in enumerate(plan_heads) for j in dims]
-    rows = [part * H * head_dim + c for part in range(3) for c in cols]
-    return rows, cols
-
-
 @torch.no_grad()
 def _slim_state_dict(model: nn.Module, plan: SlimPlan, gate_list: list | None, fold_gates: bool
                      ) -> dict[str, torch.Tensor]:
@@ -720,7 +712,7 @@ def _slim_state_dict(model: nn.Module, plan: SlimPlan, gate_list: list | None, f
         for name in ("norm1", "norm2", "ls1", "ls2"):
             for key, value in getattr(block, name).state_dict().items():
                 state[f"{p}{name}.{key}"] = value
-        rows, cols = _qkv_rows(b.heads, d)
+        rows, cols = qkv_rows(b.heads, d)
         rows_t, cols_t = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
         units = torch.tensor(b.mlp, dtype=torch.long)
         qkv, proj, fc1, fc2 = block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2
