@@ -8,6 +8,7 @@ from numbers import Real
 import torch
 from torch import nn
 
+from .errors import UserError
 from .plan import BlockPlan, SlimPlan
 from .searchable import describe_searchable, search_mode, searchable_blocks
 
@@ -117,7 +118,7 @@ def check_budgets(budget_attn, budget_mlp, budget_tokens, arch=None) -> dict[str
     budgets = {"attn": check_budget("budget_attn", budget_attn), "mlp": check_budget("budget_mlp", budget_mlp),
                "tokens": check_budget("budget_tokens", budget_tokens)}
     if not token_gates and budgets["tokens"] < 1.0:
-        raise ValueError(f"budget_tokens={budget_tokens!r}: {arch.family} models have no token gates (windows and "
+        raise UserError(f"budget_tokens={budget_tokens!r}: {arch.family} models have no token gates (windows and "
                          "patch merging need the whole grid); leave it unset or give 1.0")
     return budgets
 

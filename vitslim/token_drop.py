@@ -12,6 +12,7 @@ from numbers import Real
 import torch
 from torch import nn
 
+from .errors import UserError
 from .searchable import searchable_blocks, sync_token_inputs
 
 
@@ -34,7 +35,7 @@ def drop_tokens(model: nn.Module, eps: float) -> int:
     if not blocks:
         raise ValueError(f"{type(model).__name__} is not searchable: call vitslim.make_searchable(model) first")
     if not all(hasattr(block, "token_alive") for block in blocks):
-        raise ValueError(f"drop_tokens: {type(model).__name__} has no token gates (Swin: windows and patch merging "
+        raise UserError(f"drop_tokens: {type(model).__name__} has no token gates (Swin: windows and patch merging "
                          "need the whole grid); nothing can be dropped")
     dropped = 0
     gone = None  # (P,) bool: dropped in some earlier block, hence in this one too

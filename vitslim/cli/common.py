@@ -60,7 +60,24 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     sys.exit(code or 0)
 
 
-def budgets_type(text: str) -> tuple[float, float, float]:
+class Budgets(tuple):
+    """--budgets' (attn, mlp, tokens), and the text it was given as ('b': one budget for every kind of gate the model
+    has; 'attn,mlp,tokens': each named)."""
+
+    text: str
+
+    def for_model(self, arch) -> tuple[float, float, float]:
+        """The budgets threshold takes for a model of this arch: a model without token gates (Swin) keeps every
+        token, and a token budget below 1 named for it is a UserError."""
+        if any("tokens" in w.gates for w in arch.block_widths()):
+            return tuple(self)
+        if "," in self.text and self[2] < 1.0:
+            raise UserError(f"--budgets {self.text}: {arch.family} models have no token gates (windows and patch "
+                            f"merging need the whole grid); give 'attn,mlp,1' or one budget")
+        return (self[0], self[1], 1.0)
+
+
+def budgets_type(text: str) -> Budgets:
     """'0.7' or '0.7,0.6,0.8' (attn, mlp, tokens) -> a triple of budgets in (0, 1]."""
     parts = text.split(",")
     if len(parts) not in (1, 3):
@@ -72,9 +89,11 @@ def budgets_type(text: str) -> tuple[float, float, float]:
     if len(values) == 1:
         values = values * 3
     try:
-        return tuple(check_budget(n, v) for n, v in zip(("budget_attn", "budget_mlp", "budget_tokens"), values))
+        budgets = Budgets(check_budget(n, v) for n, v in zip(("budget_attn", "budget_mlp", "budget_tokens"), values))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    budgets.text = text
+    return budgets
 
 
 budgets_type.range = "'b' or 'attn,mlp,tokens', each in (0, 1]"

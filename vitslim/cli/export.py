@@ -13,6 +13,7 @@ and the command fails (status 1) above --tolerance.
 """
 from __future__ import annotations
 
+import sys
 import traceback
 import warnings
 from pathlib import Path
@@ -61,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     if out.is_dir():
         raise UserError(f"-o {out} is a folder; give the file to write")
     model = load_slim(folder, device="cpu", fused=args.fused).float()  # deployed in float32, on CPU
+    family = family_of(model)
+    if args.fused and family.fused_refusal:
+        print(f"note: --fused: {family.fused_refusal}; exporting the PyTorch path", file=sys.stderr)
+        args.fused = False
     out.parent.mkdir(parents=True, exist_ok=True)
 
     traced = max(2, args.batch_size) if args.dynamic_batch else args.batch_size
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             ops = export_onnx(model, example, out, args.dynamic_batch, args.opset)
         else:
             ops = export_pt2(model, example, out, args.dynamic_batch)
-        depth = len(family_of(model).blocks(model))
+        depth = len(family.blocks(model))
         if args.fused and ops != depth:
             raise RuntimeError(f"--fused: the exported graph holds {ops} {RAGGED_OP} nodes, expected one per "
                                f"block ({depth})")

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     target = chosen_target(args)
     if target is not None and args.budgets is not None:
         raise UserError("give a target or --budgets, not both")
-    values = target[1] if target is not None else (args.budgets or [(0.7, 0.7, 0.7)])
+    values = target[1] if target is not None else (args.budgets or [cli.budgets_type("0.7")])
     if len(values) > 1 and not args.sweep:
         raise UserError(f"{len(values)} values need --sweep (one plan per value); without it give one")
     if args.sweep and args.output:
@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ranking = gate_ranking(model)  # (read once: the gates do not change between the rows)
     cost = PlanCost(model, ranking.arch)
     rows = []
+    if target is None:
+        values = [b.for_model(arch) for b in values]
     for value in values:
         plan = make_plan(model, (target[0], value) if target else None, value, args.mix, alignment, args)
         rows.append({"value": value, "plan": plan, **_costs(ranking, cost, plan)})
@@ -263,5 +265,5 @@ def format_sweep(rows: list[dict], dense: dict, dense_top1, kind: str) -> str:
                      f"{row['kept_magnitude']:>11.1%}" + (f" {row['top1']:5.2f}%" if "top1" in row else ""))
         lines.append(f"{'':>14} widths per block: attn {' '.join(str(x.attn_width) for x in plan.blocks)} | "
                      f"mlp {' '.join(str(len(x.mlp)) for x in plan.blocks)} | "
-                     f"tokens {' '.join(str(len(x.tokens)) for x in plan.blocks)}")
+                     f"tokens {' '.join(str(len(x.tokens)) if 'tokens' in w.gates else 'all' for x, w in zip(plan.blocks, plan.block_widths))}")
     return "\n".join(lines)

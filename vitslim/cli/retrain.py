@@ -57,7 +57,8 @@ def build_parser() -> ArgumentParser:
                         "of a retrain run) to fine-tune as it is: its plan is fixed")
     g.add_argument("--budget-attn", type=cli.budget_type("--budget-attn"), default=None, help="default 0.7")
     g.add_argument("--budget-mlp", type=cli.budget_type("--budget-mlp"), default=None, help="default 0.7")
-    g.add_argument("--budget-tokens", type=cli.budget_type("--budget-tokens"), default=None, help="default 0.7")
+    g.add_argument("--budget-tokens", type=cli.budget_type("--budget-tokens"), default=None,
+                   help="default 0.7 (a model without token gates, Swin, keeps every token)")
     g.add_argument("--plan", default=None, help="a plan JSON instead of the budgets")
     add_target_args(g, sweep=False)  # --target-flops/params, --mix, --align-heads/mlp: as python -m vitslim.plan
     g.add_argument("--fold-gates", action="store_true", help="multiply kept gate values into the weights")
@@ -131,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if embedded and not ckpt.get("embedded", False):
             raise UserError("--data-path is needed: the search did not use the embedded data")
         data_cfg, kind = search_data_config(ckpt, arch), "retrain"
-        for name, (paper, light) in DEFAULTS.items():
-            if getattr(args, name) is None:
-                setattr(args, name, light if embedded else paper)
+        resolve_defaults(args, arch, embedded)
     img = args.img_size or arch.img_size[0]
     # Checked before any work: the teacher must take the model's images and predict its classes (the data's: with
     # --new-head they are known once the data is read, and it is checked then).
@@ -192,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher = teacher.to(dist.device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        if arch.distilled:
+        if getattr(arch, "distilled", False):
             student.set_distilled_training(True)
         loss_fn = distillation_loss(loss_fn, teacher, args.distillation_type, args.distillation_alpha,
                                     args.distillation_tau)
@@ -217,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f" ({threads_text(torch.get_num_threads())})" if dist.device.type == "cpu" else ""))
     record = trainer.fit()
 
-    if arch.distilled:
+    if getattr(arch, "distilled", False):
         student.set_distilled_training(False)
     # (every rank: evaluate sums the ranks' shards, so rank 0 alone would wait for the others forever)
     slim_eval = evaluate(student, val_loader, dist) if record is None else \
@@ -250,10 +249,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 
+def resolve_defaults(args, arch, embedded: bool) -> None:
+    """Fill the recipe flags of a retrain the user left unset: the model family's own recipe on real data (Swin's),
+    then DeiT's, or the embedded data's light one."""
+    own = {} if embedded else family_named(arch.family).retrain_recipe
+    for name, value in own.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name, (paper, light) in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, light if embedded else paper)
+
+
 def _retrain_plan(args, search_model, arch, target, device) -> SlimPlan:
     """--plan, a --target-*, or the budgets (default 0.7 each)."""
     if args.plan is None:
-        budgets = tuple(0.7 if b is None else b for b in (args.budget_attn, args.budget_mlp, args.budget_tokens))
+        # unset: 0.7 (tokens: 0.7 where the model has token gates, all tokens where it has none)
+        budgets = (0.7 if args.budget_attn is None else args.budget_attn,
+                   0.7 if args.budget_mlp is None else args.budget_mlp, args.budget_tokens)
         return make_plan(search_model, target, budgets, args.mix, alignment_of(args), args, device, args.fused)
     plan_path = Path(args.plan)
     if not plan_path.is_file():

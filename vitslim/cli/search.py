@@ -87,8 +87,9 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--clip-grad", type=cli.non_negative("--clip-grad"), default=None)
     g.add_argument("--seed", type=cli.non_negative_int("--seed"), default=0)
     g = p.add_argument_group("output")
-    g.add_argument("--budgets", type=cli.budgets_type, nargs="+", default=[(0.7, 0.7, 0.7)],
-                   help="plans to write at the end: 'b' or 'attn,mlp,tokens' each (default: 0.7,0.7,0.7)")
+    g.add_argument("--budgets", type=cli.budgets_type, nargs="+", default=[cli.budgets_type("0.7")],
+                   help="plans to write at the end: 'b' or 'attn,mlp,tokens' each (default: 0.7; a model without "
+                        "token gates, Swin, keeps every token)")
     g.add_argument("--output-dir", default="runs/search")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir where it stopped")
     g.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda if available")
@@ -121,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
                              **({"img_size": args.img_size} if args.img_size else {}))
     family = family_of(model)  # refuses unsupported models before any data is read
     arch = family.describe(model)
+    token_gates = any("tokens" in w.gates for w in arch.block_widths())
+    if args.drop_tokens_below and not token_gates:
+        raise UserError(f"--drop-tokens-below: {args.model} has no token gates ({family.name}: windows and patch "
+                        "merging need the whole grid)")
+    all_budgets = [b.for_model(arch) for b in args.budgets]
+    fused = args.fused and dist.device.type == "cuda"
+    if fused and family.fused_refusal:
+        say(f"note: --fused: {family.fused_refusal}; the folded PyTorch path runs (the same function)")
+        fused = False
     mean, std = _mean_std(model, embedded)
     data = run_data(args, arch.img_size[0], mean, std, dist.device, say)
     if data.num_classes != arch.num_classes:
@@ -184,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Phase 2: the search.
     # (--fused on a CPU: start_run said so once; the folded path computes the same function, without a warning)
-    make_searchable(model, search=args.search, fused=args.fused and dist.device.type == "cuda")
+    make_searchable(model, search=args.search, fused=fused)
     model.to(dist.device)
-    budgets = args.budgets[0]
+    budgets = all_budgets[0]
 
     def epoch_end(epoch: int, record: dict) -> None:
         if args.drop_tokens_below:
@@ -216,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer.fit()
 
     if dist.is_main:
-        for b in args.budgets:
+        for b in all_budgets:
             plan = threshold(model, *b)
             path = out / f"plan_{b[0]:g}_{b[1]:g}_{b[2]:g}.json"
             path.write_text(plan.to_json(indent=1))

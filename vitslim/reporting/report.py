@@ -66,10 +66,13 @@ def model_row(model: nn.Module, accuracy: dict | None, throughput: dict) -> dict
             "top5": (accuracy or {}).get("top5"), **throughput}
 
 
-def kept_tokens(plan) -> dict:
+def kept_tokens(plan) -> dict | None:
     """The plan's kept patch tokens: per block (a fraction of the patches) and overall (of all block x patch
-    slots, the fraction budget_tokens asks for; the plan's monotone rule keeps more in early blocks)."""
+    slots, the fraction budget_tokens asks for; the plan's monotone rule keeps more in early blocks). None for a
+    model without token gates (Swin): it keeps every token."""
     widths = plan.block_widths
+    if not any("tokens" in w.gates for w in widths):
+        return None
     per_block = [(plan.tokens_in(i) - w.num_prefix_tokens) / w.num_patches for i, w in enumerate(widths)]
     return {"per_block": per_block, "overall": sum(per_block) / len(per_block)}
 
