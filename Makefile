@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vitslim-installed
 
-.PHONY: setup demo test test-compat gpu-check clean
+.PHONY: setup demo demo-swin test test-compat gpu-check clean
 
 # vitslim itself installs without build isolation, so that setup.py sees torch and builds the CUDA extension
 # (vitslim_kernels._C) when nvcc is there; it skips it, and says why, when not (VITSLIM_SKIP_CUDA_BUILD=1 too).
@@ -28,6 +28,16 @@ demo: $(STAMP)
 		--align-mlp 32 -o runs/demo/plan_flops_0.6.json
 	$(PY) -m vitslim.retrain --searched runs/demo/search/checkpoint.pt --plan runs/demo/plan_flops_0.6.json \
 		--output-dir runs/demo --workers 0
+
+# The same flow on the embedded tiny Swin (vitslim_digits_swin: windows, a shifted block per stage, patch merging;
+# no token gates): runs/demo-swin/report.json.
+demo-swin: $(STAMP)
+	rm -rf runs/demo-swin
+	$(PY) -m vitslim.search --model vitslim_digits_swin --output-dir runs/demo-swin/search --workers 0
+	$(PY) -m vitslim.plan --searched runs/demo-swin/search/checkpoint.pt --target-flops 0.6 --align-heads 4 \
+		--align-mlp 32 -o runs/demo-swin/plan_flops_0.6.json
+	$(PY) -m vitslim.retrain --searched runs/demo-swin/search/checkpoint.pt --plan runs/demo-swin/plan_flops_0.6.json \
+		--output-dir runs/demo-swin --workers 0
 
 test: $(STAMP)
 	$(PY) -m pytest -q

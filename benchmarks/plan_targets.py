@@ -1,7 +1,8 @@
-"""Targets and aligned widths on DeiT shapes: what plan_for finds and what alignment moves; latency targets,
-predicted vs measured, on this machine. Writes benchmarks/results/plan_targets.json.
+"""Targets and aligned widths on DeiT and Swin-T shapes: what plan_for finds and what alignment moves; Swin-T at the
+budgets of the paper's Table 7; latency targets, predicted vs measured, on this machine. Writes
+benchmarks/results/plan_targets.json.
 
-  python -m benchmarks.plan_targets [--models deit_small deit_base] [--latency] [--results-dir DIR]
+  python -m benchmarks.plan_targets [--models deit_small deit_base swin_tiny] [--latency] [--results-dir DIR]
 
 Random weights with gates shaped like a trained search's (run_slim_benchmarks.searchable_with_plan_like_gates), so
 the numbers are about the planner, not about accuracy.
@@ -15,13 +16,18 @@ from pathlib import Path
 import torch
 
 import vitslim
+import vitslim.families
+import vitslim.planning
 from vitslim.planning import Alignment, plan_for
 
 from .common import write_results
 from .run_slim_benchmarks import ModelConfig, searchable_with_plan_like_gates
 
 MODELS = {"deit_small": ModelConfig("deit_small", "deit_small_patch16_224"),
-          "deit_base": ModelConfig("deit_base", "deit_base_patch16_224")}
+          "deit_base": ModelConfig("deit_base", "deit_base_patch16_224"),
+          "swin_tiny": ModelConfig("swin_tiny", "swin_tiny_patch4_window7_224")}
+# The paper's Table 7 (Swin-T, searched like ViT-Slim_PS: head dims and MLP units): budget -> (params, GFLOPs).
+TABLE7 = {0.8: (22.3e6, 3.8e9), 0.7: (19.4e6, 3.4e9)}
 # (label, plan_for keyword arguments): the issue's DeiT-S case first.
 CASES = [
     ("flops 3.1G, align (8, 64)", dict(flops=3.1e9, align=Alignment(8, 64))),
@@ -47,7 +53,7 @@ def row_for(name: str, label: str, model, plan: vitslim.SlimPlan, seconds: float
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["deit_small", "deit_base"])
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["deit_small", "deit_base", "swin_tiny"])
     p.add_argument("--latency", action="store_true", help="also a latency target on this machine (DeiT-S, "
                    "batch 1; measures the latency table, about a minute on 2 CPU cores)")
     p.add_argument("--results-dir", default=None)
@@ -64,6 +70,19 @@ def main(argv: list[str] | None = None) -> int:
                      if r["attn_moved_fraction"] is not None else "")
             print(f"{name:>10} {label:<38} budgets " + "/".join(f"{v:.4f}" for v in r["budgets"].values())
                   + f" -> {r['kind']} {r['met']:.6g} ({r['fraction_of_dense']:.1%} of dense){moved}")
+    if "swin_tiny" in args.models:  # Table 7's budgets through our threshold, beside the paper's counts
+        model = searchable_with_plan_like_gates(MODELS["swin_tiny"])
+        cost = vitslim.planning.PlanCost(model, vitslim.families.family_of(model).describe(model))
+        for budget, (paper_params, paper_flops) in TABLE7.items():
+            plan = vitslim.threshold(model, budget, budget)
+            met = cost(plan)
+            rows.append({"model": "swin_tiny", "case": f"Table 7: budgets {budget} (attn, mlp)", "budgets": plan.budgets,
+                         "macs_counted": met["flops"], "params_counted": met["params"],
+                         "paper_params": paper_params, "paper_gflops": paper_flops, "kept": plan.kept_fractions(),
+                         "head_widths": [list(b.head_dims) for b in plan.blocks],
+                         "mlp_widths": [len(b.mlp) for b in plan.blocks]})
+            print(f"swin_tiny budgets {budget}: {met['params'] / 1e6:.2f}M params, {met['flops'] / 1e9:.2f} GMACs "
+                  f"(paper: {paper_params / 1e6:.1f}M, {paper_flops / 1e9:.1f}G)")
     if args.latency:
         model = searchable_with_plan_like_gates(MODELS["deit_small"])
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

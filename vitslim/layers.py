@@ -44,24 +44,40 @@ def _runs_triton(x: torch.Tensor, attention: "SlimAttention", dropout_p: float) 
 
 
 class _AlignedHeads:
-    """The padded layout of a block's ragged heads for the Triton kernel: head h keeps its w_h columns and gets
-    round_up(w_h, 8) - w_h zero columns after them, in q, k and v alike.
+    """A padded layout of a block's ragged heads: head h keeps its w_h columns and gets round_up(w_h, multiple) - w_h
+    zero columns after them, in q, k and v alike; with `by_width`, heads of equal padded width are also made
+    adjacent (ordered by padded width), so each such group is one contiguous slice (`groups`).
 
     Why padding at run time and not a rounded plan: the plan (and so the accuracy, the parameter count and the
     saved weights) stays what threshold chose; the cost is a gather of the qkv rows and proj columns per step
-    (O(C * width), against the O(B * N * C * width) matmuls that read them) and at most 7 zero columns per head
-    in those matmuls. A plan whose widths are already multiples of 8 needs none of it (needed is False).
+    (O(C * width), against the O(B * N * C * width) matmuls that read them) and at most multiple - 1 zero columns
+    per head in those matmuls. A plan whose widths are already multiples needs none of it (needed is False).
+    Exactly the same function: padded q and k columns are 0 and add nothing to the scores, padded v columns give
+    output columns that meet zero proj columns.
     """
 
-    def __init__(self, head_dims: tuple[int, ...]) -> None:
-        padded = tuple(-(-w // HEAD_ALIGNMENT) * HEAD_ALIGNMENT for w in head_dims)
-        self.head_dims, self.width = padded, sum(padded)
-        self.needed = padded != tuple(head_dims)
+    def __init__(self, head_dims: tuple[int, ...], multiple: int = HEAD_ALIGNMENT, by_width: bool = False) -> None:
+        widths = [-(-w // multiple) * multiple for w in head_dims]
+        order = sorted(range(len(head_dims)), key=lambda h: widths[h]) if by_width else list(range(len(head_dims)))
+        self.order = tuple(order)  # the heads in the layout, as indices of the plan's heads
+        self.head_dims = tuple(widths[h] for h in order)
+        self.width = sum(self.head_dims)
+        self.needed = self.head_dims != tuple(head_dims)
         width = sum(head_dims)
-        columns, offset = [], 0  # source column of every padded column; `width` names the zero column
-        for w, wp in zip(head_dims, padded):
-            columns += list(range(offset, offset + w)) + [width] * (wp - w)
-            offset += w
+        starts = [sum(head_dims[:h]) for h in range(len(head_dims))]
+        columns = []  # source column of every padded column; `width` names the zero column
+        for h in order:
+            columns += list(range(starts[h], starts[h] + head_dims[h])) + [width] * (widths[h] - head_dims[h])
+        # (first column, first head, heads, width) of each run of heads of one padded width, zero width left out
+        self.groups: list[tuple[int, int, int, int]] = []
+        column = 0
+        for i, w in enumerate(self.head_dims):
+            if w and self.groups and self.groups[-1][3] == w and self.groups[-1][1] + self.groups[-1][2] == i:
+                first, head, count, _ = self.groups[-1]
+                self.groups[-1] = (first, head, count + 1, w)
+            elif w:
+                self.groups.append((column, i, 1, w))
+            column += w
         self._columns = torch.tensor(columns, dtype=torch.long)
         self._rows = torch.cat([torch.where(self._columns < width, self._columns + s * width,
                                             torch.full_like(self._columns, 3 * width)) for s in range(3)])
@@ -100,6 +116,39 @@ class _AlignedHeads:
         return torch.cat([t, t.new_zeros((t.shape[0], 1))], 1).index_select(1, columns)
 
 
+# Heads padded to a multiple of this for the PyTorch path (one SDPA per group of equal padded width). Chosen by
+# measurement: benchmarks/cpu_deploy.py (see BUCKET_NOTE there for the numbers).
+PYTORCH_BUCKET = 16
+
+
+def bucketed_attention(qkv: torch.Tensor, layout: _AlignedHeads, scale: float,
+                       attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Ragged attention without a loop over heads: one scaled_dot_product_attention per group of heads of equal padded
+    width in `layout` (a by_width _AlignedHeads), each group a contiguous slice of qkv, so nothing is copied.
+
+    qkv: (B, N, 3 * layout.width), made with the layout's padded weights; attn_mask: None, or a float mask
+    broadcastable to (B, heads, N, N) with its heads in the layout's order. Returns (B, N, layout.width)."""
+    B, N, _ = qkv.shape
+    W = layout.width
+    outs = []
+    for column, head, count, width in layout.groups:
+        q, k, v = (qkv[..., s * W + column: s * W + column + count * width].unflatten(-1, (count, width))
+                   .transpose(1, 2) for s in range(3))  # each (B, count, N, width)
+        mask = attn_mask
+        if mask is not None and mask.dim() >= 3 and mask.shape[-3] > 1:
+            mask = mask.narrow(-3, head, count)
+        if mask is not None and torch.compiler.is_exporting() and not dropout_p:
+            # torch 2.14's ONNX exporter fails on SDPA with a float mask (its decomposition's strides break the
+            # reshape after it; timm's dense Swin fails alike): the same math in plain ops, still one per group
+            o = ((q @ k.transpose(-2, -1)) * scale + mask).softmax(dim=-1) @ v
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        outs.append(o.transpose(1, 2).reshape(B, N, count * width))
+    if not outs:
+        return qkv.new_zeros(B, N, 0)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
 def causal_mask(attn_mask: Optional[torch.Tensor], is_causal: bool, n: int, device: torch.device
                 ) -> Optional[torch.Tensor]:
     """The mask scaled_dot_product_attention applies for (attn_mask, is_causal): attn_mask, or with is_causal the
@@ -118,7 +167,9 @@ class SlimAttention(nn.Module):
     implementation None (slim(..., fused=True)): dispatch picks per device; under torch.export (and so
     torch.onnx.export(dynamo=True)) the graph holds the op vitslim::ragged_attention_fwd itself, on any device,
     not what dispatch would pick on the tracing device (on CPU the reference: plain ops).
-    "reference" (fused=False): the plain PyTorch per-head loop, also in exported graphs.
+    "reference" (fused=False): plain PyTorch, also in exported graphs: heads padded to a multiple of PYTORCH_BUCKET
+    and grouped by that width, one scaled_dot_product_attention per group (_forward_bucketed).
+    "per_head": the per-head reference of vitslim_kernels (the specification; tests and benchmarks).
     attn_mask and is_causal as timm's Attention takes them (scaled_dot_product_attention's meaning); the kernels take
     no mask, so a masked call runs the PyTorch reference. Under torch.jit.script the PyTorch reference runs.
     """
@@ -135,7 +186,8 @@ class SlimAttention(nn.Module):
         self.attn_drop_p = attn_drop
         self.proj = _linear(self.width, embed_dim, proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._aligned = _AlignedHeads(self.head_dims)
+        self._aligned = _AlignedHeads(self.head_dims)  # the Triton kernel's layout
+        self._bucketed = _AlignedHeads(self.head_dims, PYTORCH_BUCKET, by_width=True)  # the PyTorch path's
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
                 ) -> torch.Tensor:
@@ -165,14 +217,27 @@ class SlimAttention(nn.Module):
             return self.proj_drop(self.proj(o))
         if mask is None and self.implementation is None and _runs_triton(x, self, dropout_p):
             return self.proj_drop(self._forward_aligned(x))
+        if mask is None and self.implementation == "reference":
+            return self.proj_drop(self._forward_bucketed(x, dropout_p))
         q, k, v = self._split(self.qkv(x), self.width)
+        implementation = "reference" if self.implementation == "per_head" else self.implementation
         o = vitslim_kernels.ragged_attention(q, k, v, self.head_dims, self.scale, dropout_p, attn_mask=mask,
-                                             implementation=self.implementation)
+                                             implementation=implementation)
         return self.proj_drop(self.proj(o))
 
     @staticmethod
     def _split(qkv: torch.Tensor, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return qkv[..., :w], qkv[..., w:2 * w], qkv[..., 2 * w:]  # each (B, N, width); width may be 0
+
+    def _forward_bucketed(self, x: torch.Tensor, dropout_p: float, attn_mask: Optional[torch.Tensor] = None
+                          ) -> torch.Tensor:
+        """The PyTorch path: heads padded with zero weights to a multiple of PYTORCH_BUCKET and grouped by that width,
+        one scaled_dot_product_attention per group (bucketed_attention), instead of a loop over heads with an
+        explicit softmax. attn_mask: a float mask with the heads in the layout's order."""
+        layout = self._bucketed
+        qkv_weight, qkv_bias, proj_weight = layout.padded(self.qkv.weight, self.qkv.bias, self.proj.weight)
+        o = bucketed_attention(F.linear(x, qkv_weight, qkv_bias), layout, self.scale, attn_mask, dropout_p)
+        return F.linear(o, proj_weight, self.proj.bias)
 
     def _forward_aligned(self, x: torch.Tensor) -> torch.Tensor:
         """The Triton kernel on heads "ragged but aligned": each head's q/k/v columns padded to a multiple of 8

@@ -11,10 +11,10 @@ from .ops.gated_branches import (gated_attention_branch, gated_attention_branch_
 from .ops.gated_linear import gated_gelu_linear, gated_gelu_linear_ref, gated_linear, gated_linear_ref
 from .ops.layernorm_token_scale import layernorm_token_scale, layernorm_token_scale_ref
 from .ops.qkv_attention import qkv_attention, qkv_attention_ref
-from .ops.ragged_attention import ragged_attention, ragged_attention_grouped, ragged_attention_ref
+from .ops.ragged_attention import ragged_attention, ragged_attention_ref
 from .runtime import KernelFallbackWarning, clear_kernel_failures, kernel_failures
 
-__all__ = ["ragged_attention", "ragged_attention_grouped", "ragged_attention_ref", "explain", "select", "KernelFallbackWarning",
+__all__ = ["ragged_attention", "ragged_attention_ref", "explain", "select", "KernelFallbackWarning",
            "kernel_failures", "clear_kernel_failures",
            "layernorm_token_scale", "layernorm_token_scale_ref", "gated_linear", "gated_linear_ref",
            "gated_gelu_linear", "gated_gelu_linear_ref", "gated_attention_branch", "gated_attention_branch_ref",

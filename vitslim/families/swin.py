@@ -26,7 +26,7 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTran
 from timm.models.swin_transformer import get_relative_position_index
 from torch import nn
 
-from vitslim_kernels import ragged_attention, ragged_attention_grouped
+from vitslim_kernels import ragged_attention
 
 from ..errors import UnsupportedModelError
 from ..gates import BlockGates
@@ -388,9 +388,10 @@ class SlimWindowAttention(SlimAttention):
     position bias table's columns of those heads, the scale of the original head width. forward(x, mask) as timm's
     WindowAttention: x (B * nW, N, C), mask (nW, N, N) or None.
 
-    The PyTorch path (implementation "reference", and None until the fused Swin kernel exists): heads grouped by
-    width, one scaled_dot_product_attention per width with the bias and the shift mask as a float mask
-    (vitslim_kernels.ragged_attention_grouped); "per_head": the per-head reference of vitslim_kernels.
+    The PyTorch path (implementation "reference", and None until the fused Swin kernel exists): heads padded to a
+    multiple of PYTORCH_BUCKET with zero weights and grouped by that width, one scaled_dot_product_attention per group
+    with the bias and the shift mask as a float mask (SlimAttention._forward_bucketed); "per_head": the per-head
+    reference of vitslim_kernels.
     """
 
     def __init__(self, embed_dim: int, head_dims: tuple[int, ...], head_dim: int, window_size: int, qkv_bias: bool,
@@ -416,16 +417,19 @@ class SlimWindowAttention(SlimAttention):
                              f"{self.window_size[1]} windows of its plan; accepted: that size only")
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        B_, N, _ = x.shape
-        q, k, v = self._split(self.qkv(x), self.width)
-        add = window_scores_mask(self.relative_position_bias(), mask, B_).to(q.dtype)
+        B_ = x.shape[0]
+        bias = self.relative_position_bias()
         dropout_p = self.attn_drop_p if self.training else 0.0
         if self.implementation == "per_head":
+            q, k, v = self._split(self.qkv(x), self.width)
+            add = window_scores_mask(bias, mask, B_).to(q.dtype)
             o = ragged_attention(q, k, v, self.head_dims, self.scale, dropout_p, attn_mask=add,
                                  implementation="reference")
-        else:
-            o = ragged_attention_grouped(q, k, v, self.head_dims, self.scale, dropout_p, attn_mask=add)
-        return self.proj_drop(self.proj(o))
+            return self.proj_drop(self.proj(o))
+        # the heads in the PyTorch path's layout: padded to a multiple of PYTORCH_BUCKET, grouped by width
+        order = torch.tensor(self._bucketed.order, dtype=torch.long, device=bias.device)
+        add = window_scores_mask(bias.index_select(0, order), mask, B_).to(x.dtype)
+        return self.proj_drop(self._forward_bucketed(x, dropout_p, add))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, window={self.window_size[0]}"

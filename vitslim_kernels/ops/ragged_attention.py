@@ -499,55 +499,6 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim
     return impl(q, k, v, head_dims, scale, dropout_p)
 
 
-def ragged_attention_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int],
-                             scale: float, dropout_p: float = 0.0, attn_mask: torch.Tensor | None = None
-                             ) -> torch.Tensor:
-    """ragged_attention in plain PyTorch without a loop over heads: the heads of each width gathered into one
-    (B, heads, N, width) batch and one scaled_dot_product_attention call per width (a per-head attn_mask is cut to
-    the group's heads), outputs packed back in order. Same arguments and result as ragged_attention_ref (to float
-    rounding); autograd, dropout and export through SDPA. The PyTorch path of slim models that take a mask (Swin's
-    windows: the relative-position bias and the shift mask) and of CPU inference, where no kernel runs."""
-    dims = check_ragged_args(q, k, v, head_dims)
-    if attn_mask is not None:
-        check_attn_mask(attn_mask, q, len(dims))
-        if attn_mask.dtype == torch.bool:  # additive, so a fully masked query row is found below (SDPA: NaN)
-            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
-                attn_mask.logical_not(), float("-inf"))
-    B, N, _ = q.shape
-    offsets = [0]
-    for w in dims:
-        offsets.append(offsets[-1] + w)
-    groups: dict[int, list[int]] = {}
-    for h, w in enumerate(dims):
-        if w > 0:
-            groups.setdefault(w, []).append(h)
-    if not groups:
-        return q.new_zeros(q.shape)
-    parts, columns = [], []
-    for w, heads in groups.items():
-        cols = [c for h in heads for c in range(offsets[h], offsets[h + 1])]
-        if cols == list(range(cols[0], cols[0] + len(cols))):  # contiguous heads: a view, no copy
-            take = lambda t, a=cols[0], b=cols[0] + len(cols): t[..., a:b]  # noqa: E731
-        else:
-            index = torch.tensor(cols, device=q.device)
-            take = lambda t, i=index: t.index_select(-1, i)  # noqa: E731
-        qg, kg, vg = (take(t).reshape(B, N, len(heads), w).transpose(1, 2) for t in (q, k, v))
-        mask = attn_mask
-        if mask is not None and mask.dim() >= 3 and mask.shape[-3] > 1:
-            mask = mask.index_select(mask.dim() - 3, torch.tensor(heads, device=mask.device))
-        if mask is not None:
-            mask = mask.to(q.dtype)
-        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-        if mask is not None:  # a query that may see no key gets 0, as the reference gives
-            o = o.masked_fill(torch.isneginf(mask).all(dim=-1, keepdim=True), 0.0)
-        parts.append(o.transpose(1, 2).reshape(B, N, len(heads) * w))
-        columns += cols
-    out = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-    if columns != list(range(len(columns))):
-        out = out.index_select(-1, torch.argsort(torch.tensor(columns, device=q.device)))
-    return out
-
-
 def _mask_refusal(attn_mask: torch.Tensor | None) -> list[str]:
     return [] if attn_mask is None else ["the kernels take no attention mask (attn_mask): the reference applies it"]
 
