@@ -11,7 +11,7 @@ from vitslim import latency
 from vitslim.latency import NoisyTableError, _fit_non_negative, latency_table
 from vitslim.planning import TargetError, plan_for
 
-from .tiny_models import make_vit, randomize_gates
+from .tiny_models import make_swin, make_vit, randomize_gates
 
 
 @pytest.fixture
@@ -115,6 +115,19 @@ def test_a_plan_whose_measured_latency_misses_its_prediction_says_so(model, smal
                        vitslim.planning.PlanCost(model, plan_arch(model)).dense)
     assert "warning: the measured latency is 200% off the table's prediction (bound 50%)" in line
     assert "--remeasure" in line
+
+
+def test_a_swin_table_times_widths_only_and_plans_a_latency_target(small_grid, tmp_path, monkeypatch):
+    monkeypatch.setattr(latency, "time_forward_ms", fake_ms)
+    model = vitslim.make_searchable(make_swin())
+    randomize_gates(model)
+    table = latency_table(model, torch.device("cpu"), 2, cache_dir=tmp_path, progress=False)
+    # no token gates: every block keeps its tokens, so the grid is widths x units; fake_ms is linear in the features
+    assert len(table.samples) == 4 and {s["tokens"] for s in table.samples} == {1.0} and table.max_fit_error < 1e-9
+    dense_ms = table.predict_ms(vitslim.threshold(model, 1.0, 1.0))
+    plan = plan_for(model, latency_ms=0.7 * dense_ms, batch_size=2, cache_dir=tmp_path)
+    assert plan.target["predicted_ms"] <= 0.7 * dense_ms and plan.budgets["tokens"] == 1.0
+    assert plan.target["measured_ms"] == pytest.approx(fake_ms(vitslim.slim(model, plan), 2, None))
 
 
 def plan_arch(model):

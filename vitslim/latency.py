@@ -36,7 +36,7 @@ from .searchable import describe_searchable, search_mode
 from .slim import slim
 
 GRID = (0.25, 0.5, 0.75, 1.0)  # fractions of the head width, MLP width and patch count that the table times
-TABLE_VERSION = 2  # 2: the thread count in the key, the fit-error bound
+TABLE_VERSION = 3  # 2: the thread count in the key, the fit-error bound; 3: every block's widths in the key
 # The largest |predicted - measured| / measured a table may show on its own samples, and a plan's measured latency
 # against its prediction. On a quiet 2-core machine the tests' tables fit within ~8%; under load, 25-50%; the
 # table that started this bound (a loaded machine) was off by 4267%.
@@ -72,7 +72,7 @@ class LatencyTable:
     """Measured slim-model latencies on one device and their fitted cost model (module docstring)."""
 
     key: dict                 # device, versions, batch size, model shape: what the table is valid for
-    samples: list[dict]       # {"head_width", "mlp", "tokens", "ms", "predicted_ms"} per grid point
+    samples: list[dict]       # {"attn", "mlp", "tokens" (fractions kept), "ms", "predicted_ms"} per grid point
     coefficients: list[float]
     max_fit_error: float = 0.0  # the largest |predicted - measured| / measured over the grid
 
@@ -110,9 +110,7 @@ def _key(arch, device: torch.device, batch_size: int, fused: bool) -> dict:
     return {"device": device_name(device), "threads": None if device.type == "cuda" else torch.get_num_threads(),
             "torch": torch.__version__, "triton": _triton_version(),
             "batch_size": batch_size, "fused": fused, "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
-            "embed_dim": arch.embed_dim, "depth": arch.depth, "num_heads": arch.num_heads, "head_dim": arch.head_dim,
-            "mlp_hidden": arch.mlp_hidden, "num_prefix_tokens": arch.num_prefix_tokens,
-            "num_patches": arch.num_patches}
+            "family": arch.family, "blocks": [w.to_dict() for w in arch.block_widths()]}
 
 
 def cache_path(key: dict, cache_dir: Path | None = None) -> Path:
@@ -149,13 +147,19 @@ def time_forward_ms(model: nn.Module, batch_size: int, device: torch.device, rep
     return statistics.median(run(n) for _ in range(repeats))
 
 
-def _uniform_plan(arch, search: str, head_width: int, units: int, tokens: int) -> SlimPlan:
-    block = BlockPlan(heads=tuple(tuple(range(head_width)) for _ in range(arch.num_heads)), mlp=tuple(range(units)),
-                      tokens=tuple(range(tokens)))
-    return SlimPlan(embed_dim=arch.embed_dim, num_heads=arch.num_heads, head_dim=arch.head_dim,
-                    mlp_hidden=arch.mlp_hidden, num_prefix_tokens=arch.num_prefix_tokens,
-                    num_patches=arch.num_patches, search=search, budgets={"attn": 1.0, "mlp": 1.0, "tokens": 1.0},
-                    blocks=(block,) * arch.depth)
+def _uniform_plan(arch, search: str, attn: float, mlp: float, tokens: float) -> SlimPlan:
+    """The plan whose every block keeps these fractions of each head's width, of its MLP units and (where it has
+    token gates) of its patches, at least one of each; the first entries of each (timing does not care which)."""
+    widths = arch.block_widths()
+    blocks = []
+    for w in widths:
+        kept = (max(1, round(attn * w.head_dim)), max(1, round(mlp * w.mlp_hidden)),
+                max(1, round(tokens * w.num_patches)) if "tokens" in w.gates else 0)
+        blocks.append(BlockPlan(heads=tuple(tuple(range(kept[0])) for _ in range(w.num_heads)),
+                                mlp=tuple(range(kept[1])), tokens=tuple(range(kept[2]))))
+    return SlimPlan(embed_dim=None, num_heads=None, head_dim=None, mlp_hidden=None, num_prefix_tokens=None,
+                    num_patches=None, search=search, budgets={"attn": 1.0, "mlp": 1.0, "tokens": 1.0},
+                    blocks=tuple(blocks), family=arch.family, widths=widths)
 
 
 def measure_table(model: nn.Module, device: torch.device, batch_size: int = 1, fused: bool = False,
@@ -163,9 +167,9 @@ def measure_table(model: nn.Module, device: torch.device, batch_size: int = 1, f
     """Time slim models of `model` (a searchable model) on the grid (default GRID, of every fraction of the
     head width x MLP width x patches) and fit the cost model."""
     arch, search = describe_searchable(model), search_mode(model)
-    points = [(max(1, round(a * arch.head_dim)), max(1, round(m * arch.mlp_hidden)),
-               max(1, round(t * arch.num_patches))) for a in grid or GRID for m in grid or GRID
-              for t in grid or GRID]
+    grid = grid or GRID
+    token_grid = grid if any("tokens" in w.gates for w in arch.block_widths()) else (1.0,)  # Swin: every token
+    points = [(a, m, t) for a in grid for m in grid for t in token_grid]
     plans = [_uniform_plan(arch, search, *point) for point in points]
     rows = [_features(plan) for plan in plans]
 
@@ -180,9 +184,9 @@ def measure_table(model: nn.Module, device: torch.device, batch_size: int = 1, f
         for i in [i for i, e in enumerate(errors) if e > MAX_FIT_ERROR / 2]:
             ms[i] = min(ms[i], time_plan(plans[i]))
         coefficients, errors = _fit(rows, ms)
-    samples = [{"head_width": w, "mlp": m, "tokens": t, "ms": y,
+    samples = [{"attn": a, "mlp": m, "tokens": t, "ms": y,  # the fractions each block keeps
                 "predicted_ms": sum(c * f for c, f in zip(coefficients, row))}
-               for (w, m, t), y, row in zip(points, ms, rows)]
+               for (a, m, t), y, row in zip(points, ms, rows)]
     return LatencyTable(key=_key(arch, device, batch_size, fused), samples=samples, coefficients=coefficients,
                         max_fit_error=max(errors))
 

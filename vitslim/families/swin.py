@@ -154,8 +154,7 @@ def _check_block(block: nn.Module, where: str) -> None:
     if not isinstance(block.attn, WindowAttention):
         raise UnsupportedModelError(f"{where}: unsupported attention layer {type(block.attn).__name__}; vitslim "
                                     "supports timm's WindowAttention")
-    if not isinstance(block.mlp, Mlp) or not isinstance(getattr(block.mlp, "norm", nn.Identity()),
-                                                                    nn.Identity):
+    if not isinstance(block.mlp, Mlp) or not isinstance(getattr(block.mlp, "norm", nn.Identity()), nn.Identity):
         raise UnsupportedModelError(f"{where}: unsupported MLP {type(block.mlp).__name__}; vitslim supports "
                                     "timm's Mlp")
     act = block.mlp.act
