@@ -104,7 +104,9 @@ def test_fused_export_graph_carries_the_op_and_plain_does_not(slim_dirs):
         model = vitslim.load_slim(slim_dirs["registers"], fused=fused)
         assert deploy.count_ragged_ops(torch.export.export(model, (x,))) == count
     eager_fused = vitslim.load_slim(slim_dirs["registers"], fused=True)
-    torch.testing.assert_close(eager_fused(x), vitslim.load_slim(slim_dirs["registers"])(x), rtol=0, atol=0)
+    # Two computations of one function in float32: fused on a CPU dispatches to the per-head reference, the plain
+    # path is the bucketed SDPA (vitslim.layers.bucketed_attention): equal to float rounding, not bit for bit.
+    torch.testing.assert_close(eager_fused(x), vitslim.load_slim(slim_dirs["registers"])(x), rtol=1e-5, atol=1e-6)
 
 
 def test_fused_onnx_graph_is_standard_onnx(slim_dirs, tmp_path, capsys):

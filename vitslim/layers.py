@@ -116,9 +116,12 @@ class _AlignedHeads:
         return torch.cat([t, t.new_zeros((t.shape[0], 1))], 1).index_select(1, columns)
 
 
-# Heads padded to a multiple of this for the PyTorch path (one SDPA per group of equal padded width). Chosen by
-# measurement: benchmarks/cpu_deploy.py (see BUCKET_NOTE there for the numbers).
-PYTORCH_BUCKET = 16
+# Heads padded to a multiple of this for the PyTorch path (one SDPA per group of equal padded width): 1, no padding,
+# heads of one width grouped. benchmarks/cpu_deploy.py times 1, 8, 16, 32 and 64 (one thread, DeiT-S and Swin-T at
+# 70% budgets): 1, 8 and 16 were within the 2-core machine's noise of each other (DeiT-S batch 32: 0.93-0.95 of the
+# FLOPs gain for 1, 0.95-0.96 for 16), 32 and 64 slower; padding computes MACs the plan removed (+21% on a tiny ViT
+# with 16-wide heads), so the unpadded grouping it is.
+PYTORCH_BUCKET = 1
 
 
 def bucketed_attention(qkv: torch.Tensor, layout: _AlignedHeads, scale: float,
@@ -167,8 +170,8 @@ class SlimAttention(nn.Module):
     implementation None (slim(..., fused=True)): dispatch picks per device; under torch.export (and so
     torch.onnx.export(dynamo=True)) the graph holds the op vitslim::ragged_attention_fwd itself, on any device,
     not what dispatch would pick on the tracing device (on CPU the reference: plain ops).
-    "reference" (fused=False): plain PyTorch, also in exported graphs: heads padded to a multiple of PYTORCH_BUCKET
-    and grouped by that width, one scaled_dot_product_attention per group (_forward_bucketed).
+    "reference" (fused=False): plain PyTorch, also in exported graphs: heads ordered and grouped by width (padded to
+    a multiple of PYTORCH_BUCKET), one scaled_dot_product_attention per group (_forward_bucketed).
     "per_head": the per-head reference of vitslim_kernels (the specification; tests and benchmarks).
     attn_mask and is_causal as timm's Attention takes them (scaled_dot_product_attention's meaning); the kernels take
     no mask, so a masked call runs the PyTorch reference. Under torch.jit.script the PyTorch reference runs.
@@ -231,9 +234,9 @@ class SlimAttention(nn.Module):
 
     def _forward_bucketed(self, x: torch.Tensor, dropout_p: float, attn_mask: Optional[torch.Tensor] = None
                           ) -> torch.Tensor:
-        """The PyTorch path: heads padded with zero weights to a multiple of PYTORCH_BUCKET and grouped by that width,
-        one scaled_dot_product_attention per group (bucketed_attention), instead of a loop over heads with an
-        explicit softmax. attn_mask: a float mask with the heads in the layout's order."""
+        """The PyTorch path: heads ordered by width (padded with zero weights to a multiple of PYTORCH_BUCKET) and
+        grouped by it, one scaled_dot_product_attention per group (bucketed_attention), instead of a loop over heads
+        with an explicit softmax. attn_mask: a float mask with the heads in the layout's order."""
         layout = self._bucketed
         qkv_weight, qkv_bias, proj_weight = layout.padded(self.qkv.weight, self.qkv.bias, self.proj.weight)
         o = bucketed_attention(F.linear(x, qkv_weight, qkv_bias), layout, self.scale, attn_mask, dropout_p)

@@ -387,10 +387,9 @@ class SlimWindowAttention(SlimAttention):
     position bias table's columns of those heads, the scale of the original head width. forward(x, mask) as timm's
     WindowAttention: x (B * nW, N, C), mask (nW, N, N) or None.
 
-    The PyTorch path (implementation "reference", and None until the fused Swin kernel exists): heads padded to a
-    multiple of PYTORCH_BUCKET with zero weights and grouped by that width, one scaled_dot_product_attention per group
-    with the bias and the shift mask as a float mask (SlimAttention._forward_bucketed); "per_head": the per-head
-    reference of vitslim_kernels.
+    The PyTorch path (implementation "reference", and None until the fused Swin kernel exists): heads ordered and
+    grouped by width, one scaled_dot_product_attention per group with the bias and the shift mask as a float mask
+    (SlimAttention._forward_bucketed); "per_head": the per-head reference of vitslim_kernels.
     """
 
     def __init__(self, embed_dim: int, head_dims: tuple[int, ...], head_dim: int, window_size: int, qkv_bias: bool,
@@ -425,7 +424,7 @@ class SlimWindowAttention(SlimAttention):
             o = ragged_attention(q, k, v, self.head_dims, self.scale, dropout_p, attn_mask=add,
                                  implementation="reference")
             return self.proj_drop(self.proj(o))
-        # the heads in the PyTorch path's layout: padded to a multiple of PYTORCH_BUCKET, grouped by width
+        # the heads in the PyTorch path's layout: ordered and grouped by width
         order = torch.tensor(self._bucketed.order, dtype=torch.long, device=bias.device)
         add = window_scores_mask(bias.index_select(0, order), mask, B_).to(x.dtype)
         return self.proj_drop(self._forward_bucketed(x, dropout_p, add))
