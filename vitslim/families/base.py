@@ -12,6 +12,7 @@ The cost of a block is one formula (block_macs, its terms block_terms) that the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from abc import ABC, abstractmethod
 
 import torch
@@ -42,6 +43,34 @@ def qkv_rows(plan_heads: tuple[tuple[int, ...], ...], head_dim: int) -> tuple[li
     cols = [h * head_dim + j for h, dims in enumerate(plan_heads) for j in dims]
     rows = [part * H * head_dim + c for part in range(3) for c in cols]
     return rows, cols
+
+
+class ArchRecord:
+    """What a family's arch dataclass shares: to_dict, and from_dict of it (a saved model's config: unknown settings
+    refused, JSON lists made tuples again, nested ones too)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown model settings {unknown}; accepted: {sorted(names)}")
+
+        def tuples(value):
+            return tuple(tuples(v) for v in value) if isinstance(value, list) else value
+        return cls(**{k: tuples(v) for k, v in d.items()})
+
+
+def dropout_p(module: nn.Module) -> float:
+    """The rate of a dropout layer (0 for anything else: nn.Identity)."""
+    return float(module.p) if isinstance(module, nn.Dropout) else 0.0
+
+
+def is_layernorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) and module.elementwise_affine
 
 
 def set_pretrained_cfg(model: nn.Module, cfg: dict | None) -> None:
@@ -113,10 +142,12 @@ class Family(ABC):
         """MACs of one block of these dense widths keeping attn_width, mlp_width and `tokens` tokens."""
         return block_macs(widths.embed_dim, attn_width, mlp_width, tokens, widths.window)
 
-    @abstractmethod
     def block_params(self, arch, widths: BlockWidths, attn_width: int, mlp_width: int, heads: int) -> int:
         """Parameters of one slim block keeping attn_width dims over `heads` heads with any dim and mlp_width
-        units, counting only what the plan changes (the rest of the model is the dense one's)."""
+        units, counting only what the plan changes (the rest of the model is the dense one's): the qkv rows (and
+        their biases when arch.qkv_bias), the proj columns, fc1's rows and biases, fc2's columns."""
+        C = widths.embed_dim
+        return 4 * attn_width * C + 2 * mlp_width * C + (3 * attn_width if arch.qkv_bias else 0) + mlp_width
 
     def resize_refusal(self, model: nn.Module) -> str | None:
         """Why this slim model cannot take another image size, or None when it can."""

@@ -12,7 +12,6 @@ loads into a searchable Swin; a slim checkpoint must not go through timm's check
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from ..implementations import SEARCHABLE as IMPLEMENTATIONS
 from ..implementations import fused_fallback
 from ..layers import SlimAttention, SlimMlp
 from ..plan import BlockWidths, SlimPlan
-from .base import Family, block_macs, qkv_rows
+from .base import ArchRecord, Family, block_macs, dropout_p, is_layernorm, qkv_rows
 
 # The fused Swin kernel (ragged window attention with the bias and shift mask in the kernel) is the next issue.
 FUSED_MISSING = "there is no fused Swin window-attention kernel yet (the next release's)"
@@ -43,7 +42,7 @@ COSINE_ATTENTION = ("its cosine attention normalises q and k per head, so a gate
 
 
 @dataclass(frozen=True)
-class SwinArch:
+class SwinArch(ArchRecord):
     """Structural settings of a timm SwinTransformer, per stage where Swin's stages differ (everything needed to
     rebuild it). window_sizes: each stage's window side as its blocks use it (timm clamps it to the stage's grid);
     grids: each stage's token grid as timm builds it (timm 1.0.25 halves it rounding down, later versions up)."""
@@ -119,30 +118,9 @@ class SwinArch:
             widths += [block] * self.depths[i]
         return tuple(widths)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SwinArch":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown model settings {unknown}; accepted: {sorted(names)}")
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        if isinstance(d.get("grids"), tuple):
-            d["grids"] = tuple(tuple(g) if isinstance(g, list) else g for g in d["grids"])
-        return cls(**d)
 
 
 # -- what a supported Swin is ----------------------------------------------------------------------------------
-def _dropout_p(module: nn.Module) -> float:
-    return float(module.p) if isinstance(module, nn.Dropout) else 0.0
-
-
-def _is_layernorm(module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm) and module.elementwise_affine
-
-
 def _swin_blocks(model: nn.Module) -> list[nn.Module]:
     return [block for stage in model.layers for block in stage.blocks]
 
@@ -161,7 +139,7 @@ def _check_block(block: nn.Module, where: str) -> None:
     if not isinstance(act, nn.GELU) or act.approximate != "none":
         raise UnsupportedModelError(f"{where}: unsupported MLP activation {type(act).__name__}; Swin blocks use "
                                     "exact GELU")
-    if not _is_layernorm(block.norm1) or not _is_layernorm(block.norm2):
+    if not is_layernorm(block.norm1) or not is_layernorm(block.norm2):
         raise UnsupportedModelError(f"{where}: block norms must be LayerNorm")
     if block.window_size[0] != block.window_size[1]:
         raise UnsupportedModelError(f"{where}: window {block.window_size[0]}x{block.window_size[1]} is not "
@@ -182,9 +160,9 @@ def describe(model: nn.Module) -> SwinArch:
         raise UnsupportedModelError("dynamic image size (strict_img_size=False) is not supported: a plan is for "
                                     "one grid per stage")
     pe = model.patch_embed
-    if not _is_layernorm(pe.norm) or pe.patch_size[0] != pe.patch_size[1]:
+    if not is_layernorm(pe.norm) or pe.patch_size[0] != pe.patch_size[1]:
         raise UnsupportedModelError("only timm's Swin patch embedding (square patches, LayerNorm) is supported")
-    if not _is_layernorm(model.norm):
+    if not is_layernorm(model.norm):
         raise UnsupportedModelError(f"model.norm must be LayerNorm, got {type(model.norm).__name__}")
     stages = list(model.layers)
     if not stages or not all(len(stage.blocks) for stage in stages):
@@ -225,8 +203,8 @@ def describe(model: nn.Module) -> SwinArch:
         head_dims=tuple(head_dims), window_sizes=tuple(windows), mlp_hiddens=tuple(hiddens),
         grids=tuple(tuple(int(r) for r in stage.blocks[0].input_resolution) for stage in stages),
         qkv_bias=qkv_bias.pop(), always_partition=always.pop(), norm_eps=norm_eps.pop(),
-        drop_rate=_dropout_p(getattr(model.head, "drop", None)),
-        proj_drop_rate=_dropout_p(attn.proj_drop), attn_drop_rate=_dropout_p(attn.attn_drop),
+        drop_rate=dropout_p(getattr(model.head, "drop", None)),
+        proj_drop_rate=dropout_p(attn.proj_drop), attn_drop_rate=dropout_p(attn.attn_drop),
         drop_path_rate=float(getattr(blocks[-1].drop_path1, "drop_prob", 0.0)),
     )
 
@@ -566,10 +544,8 @@ class SwinFamily(Family):
         return count_macs(model)
 
     def block_params(self, arch: SwinArch, widths: BlockWidths, attn_width: int, mlp_width: int, heads: int) -> int:
-        C = widths.embed_dim
         table = (2 * math.isqrt(widths.window) - 1) ** 2  # the bias table's rows, one column per kept head
-        return (4 * attn_width * C + 2 * mlp_width * C + (3 * attn_width if arch.qkv_bias else 0) + mlp_width
-                + table * heads)
+        return super().block_params(arch, widths, attn_width, mlp_width, heads) + table * heads
 
     def resize_refusal(self, model: nn.Module) -> str | None:
         return "a Swin plan's widths and windows are those of one grid per stage"

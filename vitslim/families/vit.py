@@ -33,7 +33,7 @@ from ..implementations import SEARCHABLE as IMPLEMENTATIONS
 from ..implementations import fused_fallback
 from ..layers import SlimAttention, SlimMlp
 from ..plan import BlockWidths, SlimPlan
-from .base import Family, block_macs, qkv_rows, set_pretrained_cfg
+from .base import ArchRecord, Family, block_macs, dropout_p, is_layernorm, qkv_rows, set_pretrained_cfg
 
 
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax")
@@ -47,7 +47,7 @@ def _timm():
 
 
 @dataclass(frozen=True)
-class ViTArch:
+class ViTArch(ArchRecord):
     """Structural settings of a timm VisionTransformer (everything needed to rebuild it)."""
 
     distilled: bool
@@ -128,27 +128,6 @@ class ViTArch:
     def num_patches(self) -> int:
         return (self.img_size[0] // self.patch_size[0]) * (self.img_size[1] // self.patch_size[1])
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ViTArch":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown model settings {unknown}; accepted: {sorted(names)}")
-        d = dict(d)
-        d["img_size"] = tuple(d["img_size"])
-        d["patch_size"] = tuple(d["patch_size"])
-        return cls(**d)
-
-
-def _dropout_p(module: nn.Module) -> float:
-    return float(module.p) if isinstance(module, nn.Dropout) else 0.0
-
-
-def _is_layernorm(module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm) and module.elementwise_affine
 
 
 def activation_name(act: nn.Module) -> str:
@@ -184,7 +163,7 @@ def check_block(block: nn.Module, index: int, expected_block_types: tuple[type, 
         raise UnsupportedModelError(f"{where}: scale_mlp_norm is not supported")
     if not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
         raise UnsupportedModelError(f"{where}: convolutional MLPs are not supported")
-    if not _is_layernorm(block.norm1) or not _is_layernorm(block.norm2):
+    if not is_layernorm(block.norm1) or not is_layernorm(block.norm2):
         raise UnsupportedModelError(f"{where}: block norms must be LayerNorm, got "
                                     f"{type(block.norm1).__name__}/{type(block.norm2).__name__}")
     activation_name(mlp.act)
@@ -219,7 +198,7 @@ def describe(model: nn.Module, block_types: tuple[type, ...] | None = None) -> V
         raise UnsupportedModelError("only timm's plain PatchEmbed (flattened, no norm) is supported")
     for name in ("norm_pre", "norm", "fc_norm"):
         m = getattr(model, name)
-        if not isinstance(m, nn.Identity) and not _is_layernorm(m):
+        if not isinstance(m, nn.Identity) and not is_layernorm(m):
             raise UnsupportedModelError(f"model.{name} must be LayerNorm or Identity, got {type(m).__name__}")
 
     blocks = list(model.blocks)
@@ -270,10 +249,10 @@ def describe(model: nn.Module, block_types: tuple[type, ...] | None = None) -> V
         dynamic_img_pad=bool(pe.dynamic_img_pad),
         norm_eps=norm_eps.pop(),
         act=activation_name(mlp.act),
-        drop_rate=_dropout_p(model.head_drop),
-        pos_drop_rate=_dropout_p(model.pos_drop),
-        proj_drop_rate=_dropout_p(attn.proj_drop),
-        attn_drop_rate=_dropout_p(attn.attn_drop),
+        drop_rate=dropout_p(model.head_drop),
+        pos_drop_rate=dropout_p(model.pos_drop),
+        proj_drop_rate=dropout_p(attn.proj_drop),
+        attn_drop_rate=dropout_p(attn.attn_drop),
         drop_path_rate=float(getattr(last.drop_path1, "drop_prob", 0.0)),
     )
 
@@ -795,10 +774,6 @@ class ViTFamily(Family):
 
     def count_macs(self, model: nn.Module) -> int:
         return count_macs(model)
-
-    def block_params(self, arch: ViTArch, widths: BlockWidths, attn_width: int, mlp_width: int, heads: int) -> int:
-        C = widths.embed_dim
-        return 4 * attn_width * C + 2 * mlp_width * C + (3 * attn_width if arch.qkv_bias else 0) + mlp_width
 
     def resize_refusal(self, model: nn.Module) -> str | None:
         return resize_refusal(model)
