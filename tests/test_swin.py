@@ -78,6 +78,17 @@ def test_swin_v2_is_refused_with_the_reason(name):
         vitslim.make_searchable(model)
 
 
+def test_an_odd_grid_that_timm_rounds_down_is_refused():
+    model = make_swin(img_size=56)  # 14x14 -> 7x7 -> 4x4 after patch merging: timm 1.0.25 builds stage 3 for 3x3
+    built = tuple(model.layers[2].blocks[0].input_resolution)
+    if built == (4, 4):
+        assert SWIN.describe(model).grids[2] == (4, 4)  # later timm builds what patch merging gives
+    else:
+        with pytest.raises(vitslim.UnsupportedModelError, match=r"stage 2: this timm .* builds its blocks for a 3x3 "
+                                                                r"grid, but patch merging gives 4x4"):
+            SWIN.describe(model)
+
+
 def test_dynamic_image_size_is_refused():
     model = make_swin(strict_img_size=False)
     with pytest.raises(vitslim.UnsupportedModelError, match="dynamic image size"):
@@ -90,7 +101,7 @@ def test_arch_round_trips_with_padding_and_clamped_windows():
         arch = SWIN.describe(model)
         assert SwinArch.from_dict(arch.to_dict()) == arch == SWIN.describe(SWIN.build(arch))
     arch = SWIN.describe(make_swin())
-    assert arch.window_sizes[:2] == (7, 7) and arch.grids[2] == (arch.window_sizes[2],) * 2  # stage 3: one window
+    assert arch.window_sizes == (7, 7, 4) and arch.grids == ((16, 16), (8, 8), (4, 4))  # stage 3: one window of 4
     with pytest.raises(ValueError, match=r"unknown model settings \['depth'\]"):
         SwinArch.from_dict({**arch.to_dict(), "depth": 3})
     with pytest.raises(ValueError, match=r"num_heads \(one per stage\) must be 3 positive integers, got \(2,\)"):
@@ -234,10 +245,10 @@ def test_slim_keeping_everything_is_timm(dense):
 def test_slim_keeps_its_image_size_and_round_trips(tmp_path, searched):
     plan = vitslim.threshold(searched, 0.5, 0.5)
     small = vitslim.slim(searched, plan, fold_gates=True)
-    small.set_input_size(img_size=56)  # its own size: nothing changes
-    with pytest.raises(ValueError, match=r"^set_input_size: this slim Swin's plan is for 56x56 images in 4x4 patches "
-                                         r"with windows \[7, 7, \d\]; accepted: that size only$"):
-        small.set_input_size(img_size=64)
+    small.set_input_size(img_size=64)  # its own size: nothing changes
+    with pytest.raises(ValueError, match=r"^set_input_size: this slim Swin's plan is for 64x64 images in 4x4 patches "
+                                         r"with windows \[7, 7, 4\]; accepted: that size only$"):
+        small.set_input_size(img_size=56)
     with pytest.raises(ValueError, match="keeps the 7x7 windows of its plan"):
         small.layers[0].blocks[0].attn.set_window_size(8)
     vitslim.save_slim(small, tmp_path / "slim")

@@ -40,9 +40,10 @@ def make_vit(name: str = "deit_small_patch16_224", dtype=torch.float64, fused_at
     return model.to(dtype).eval()
 
 
-# A tiny Swin (timm's SwinTransformer): 56 px in 4 px patches, three stages on 14x14, 7x7 and 4x4 grids, windows of
-# 7: stage 1 has shifted blocks with their mask, stage 2 fits one window, stage 3 one window of 4 (timm clamps it).
-TINY_SWIN = dict(img_size=56, embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), num_classes=10)
+# A tiny Swin (timm's SwinTransformer): 64 px in 4 px patches, three stages on 16x16, 8x8 and 4x4 grids, windows of
+# 7: stages 1 and 2 pad their grids to whole windows and have shifted blocks with their mask, stage 3 fits one window
+# of 4 (timm clamps it, without a shift).
+TINY_SWIN = dict(img_size=64, embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), num_classes=10)
 
 
 def make_swin(name: str = "swin_tiny_patch4_window7_224", dtype=torch.float64, seed: int = 0, **overrides

@@ -52,11 +52,15 @@ def _features(plan: SlimPlan) -> list[float]:
 
 def _fit_non_negative(rows: list[list[float]], ms: list[float]) -> list[float]:
     """Least squares with every coefficient >= 0: refit without the most negative term until none is left
-    (the terms are costs; a negative one would predict a faster model for more work)."""
+    (the terms are costs; a negative one would predict a faster model for more work). Terms that are linear
+    combinations of earlier ones on this grid are left out first (the fit would split their cost arbitrarily)."""
     X = torch.tensor(rows, dtype=torch.float64)
     y = torch.tensor(ms, dtype=torch.float64)
     scale = X.abs().amax(0).clamp_min(1e-12)  # columns span 1 to ~1e7: solve on unit-scaled columns
-    active = list(range(X.shape[1]))
+    active = []  # a term the grid cannot tell from earlier ones is left out (0): a Swin's token count never changes
+    for j in range(X.shape[1]):
+        if int(torch.linalg.matrix_rank(X[:, active + [j]] / scale[active + [j]])) > len(active):
+            active.append(j)
     while True:
         sol = torch.linalg.lstsq(X[:, active] / scale[active], y[:, None]).solution.flatten() / scale[active]
         if (sol >= 0).all() or len(active) == 1:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar
 
+import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp, to_2tuple
@@ -168,9 +169,18 @@ def describe(model: nn.Module) -> SwinArch:
     if not stages or not all(len(stage.blocks) for stage in stages):
         raise UnsupportedModelError("every stage of the model needs at least one block")
     dims, heads, head_dims, windows, hiddens, qkv_bias, always = [], [], [], [], [], set(), set()
+    grid = tuple(int(g) for g in pe.grid_size)
     for s, stage in enumerate(stages):
         if s > 0 and not isinstance(stage.downsample, PatchMerging):
             raise UnsupportedModelError(f"stage {s}: unsupported downsampling {type(stage.downsample).__name__}")
+        if s > 0:
+            grid = tuple((g + 1) // 2 for g in grid)  # patch merging pads an odd grid
+        built = tuple(int(r) for r in stage.blocks[0].input_resolution)
+        if built != grid:
+            raise UnsupportedModelError(
+                f"stage {s}: this timm ({timm.__version__}) builds its blocks for a {built[0]}x{built[1]} grid, but "
+                f"patch merging gives {grid[0]}x{grid[1]} (an odd grid rounded down); use an image size whose grids "
+                "halve evenly, or a newer timm")
         shapes = set()
         for j, block in enumerate(stage.blocks):
             _check_block(block, f"stage {s} block {j}")
