@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .errors import NoisyTableError
 from .families import block_terms
-from .plan import BlockPlan, SlimPlan
+from .plan import BlockPlan, SlimPlan, has_token_gates
 from .files import atomic_write
 from .searchable import describe_searchable, search_mode
 from .slim import slim
@@ -172,7 +172,7 @@ def measure_table(model: nn.Module, device: torch.device, batch_size: int = 1, f
     head width x MLP width x patches) and fit the cost model."""
     arch, search = describe_searchable(model), search_mode(model)
     grid = grid or GRID
-    token_grid = grid if any("tokens" in w.gates for w in arch.block_widths()) else (1.0,)  # Swin: every token
+    token_grid = grid if has_token_gates(arch.block_widths()) else (1.0,)  # Swin: every token
     points = [(a, m, t) for a in grid for m in grid for t in token_grid]
     plans = [_uniform_plan(arch, search, *point) for point in points]
     rows = [_features(plan) for plan in plans]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .plan import BlockPlan, SlimPlan
+from .plan import BlockPlan, SlimPlan, has_token_gates
 from .searchable import describe_searchable, search_mode, searchable_blocks
 
 
@@ -112,7 +112,7 @@ DEFAULT_BUDGET = 0.7
 def check_budgets(budget_attn, budget_mlp, budget_tokens, arch=None) -> dict[str, float]:
     """The three budgets checked. budget_tokens None: DEFAULT_BUDGET where the model (its arch) has token gates, 1.0
     (everything) where it has none; a token budget below 1 for a model without token gates is an error."""
-    token_gates = arch is None or any("tokens" in w.gates for w in arch.block_widths())
+    token_gates = arch is None or has_token_gates(arch.block_widths())
     if budget_tokens is None:
         budget_tokens = DEFAULT_BUDGET if token_gates else 1.0
     budgets = {"attn": check_budget("budget_attn", budget_attn), "mlp": check_budget("budget_mlp", budget_mlp),

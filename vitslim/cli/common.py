@@ -21,6 +21,7 @@ from ..data.loaders import BAD_IMAGES, Augment, Data, embedded_digits, image_fol
 from ..distributed import Distributed, setup_distributed
 from ..engine.checkpoints import seed_everything
 from ..errors import Interrupted, NonFiniteLossError, UserError
+from ..plan import has_token_gates
 from ..threshold import check_budget
 
 EXIT_USAGE = 2
@@ -69,7 +70,7 @@ class Budgets(tuple):
     def for_model(self, arch) -> tuple[float, float, float]:
         """The budgets threshold takes for a model of this arch: a model without token gates (Swin) keeps every
         token, and a token budget below 1 named for it is a UserError."""
-        if any("tokens" in w.gates for w in arch.block_widths()):
+        if has_token_gates(arch.block_widths()):
             return tuple(self)
         if "," in self.text and self[2] < 1.0:
             raise UserError(f"--budgets {self.text}: {arch.family} models have no token gates (windows and patch "

@@ -21,7 +21,7 @@ from ..families import family_of
 from ..errors import UserError
 from ..files import atomic_write
 from ..gates import SparsityWeights
-from ..plan import SEARCH_MODES
+from ..plan import SEARCH_MODES, has_token_gates
 from ..pretrained import create_model
 from ..reporting.figures import plot_gate_histograms, plot_structure
 from ..saving import plain_cfg
@@ -122,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                              **({"img_size": args.img_size} if args.img_size else {}))
     family = family_of(model)  # refuses unsupported models before any data is read
     arch = family.describe(model)
-    token_gates = any("tokens" in w.gates for w in arch.block_widths())
-    if args.drop_tokens_below and not token_gates:
+    if args.drop_tokens_below and not has_token_gates(arch.block_widths()):
         raise UserError(f"--drop-tokens-below: {args.model} has no token gates ({family.name}: windows and patch "
                         "merging need the whole grid)")
     all_budgets = [b.for_model(arch) for b in args.budgets]

@@ -391,6 +391,8 @@ class SlimWindowAttention(SlimAttention):
         self.relative_position_bias_table = nn.Parameter(torch.empty((2 * window_size - 1) ** 2, self.num_heads))
         self.register_buffer("relative_position_index", get_relative_position_index(window_size, window_size),
                              persistent=False)
+        # the heads in the PyTorch path's layout (ordered and grouped by width): how its bias rows are gathered
+        self.register_buffer("layout_order", torch.tensor(self._bucketed.order, dtype=torch.long), persistent=False)
 
     def relative_position_bias(self) -> torch.Tensor:
         """(heads, N, N): each kept head's bias, gathered from its table column."""
@@ -412,9 +414,7 @@ class SlimWindowAttention(SlimAttention):
             o = ragged_attention(q, k, v, self.head_dims, self.scale, dropout_p, attn_mask=add,
                                  implementation="reference")
             return self.proj_drop(self.proj(o))
-        # the heads in the PyTorch path's layout: ordered and grouped by width
-        order = torch.tensor(self._bucketed.order, dtype=torch.long, device=bias.device)
-        add = window_scores_mask(bias.index_select(0, order), mask, B_).to(x.dtype)
+        add = window_scores_mask(bias.index_select(0, self.layout_order), mask, B_).to(x.dtype)
         return self.proj_drop(self._forward_bucketed(x, dropout_p, add))
 
     def extra_repr(self) -> str:
@@ -443,8 +443,8 @@ def _set_input_size(model: nn.Module, img_size=None, patch_size=None, window_siz
     arch = model.slim_arch
     same = ((img_size is None or tuple(to_2tuple(img_size)) == arch.img_size)
             and (patch_size is None or tuple(to_2tuple(patch_size)) == (arch.patch_size,) * 2)
-            and window_size is None and window_ratio is None and kwargs.get("always_partition") in (None,
-                                                                                                      arch.always_partition))
+            and window_size is None and window_ratio is None
+            and kwargs.get("always_partition") in (None, arch.always_partition))
     if not same:
         raise ValueError(f"set_input_size: this slim Swin's plan is for {arch.img_size[0]}x{arch.img_size[1]} images "
                          f"in {arch.patch_size}x{arch.patch_size} patches with windows {list(arch.window_sizes)}; "

@@ -73,6 +73,11 @@ class BlockWidths:
         return cls(**{k: tuple(v) if k == "gates" else v for k, v in d.items()})
 
 
+def has_token_gates(widths) -> bool:
+    """Whether any block of these BlockWidths gates its tokens (a ViT does; a Swin keeps every token)."""
+    return any("tokens" in w.gates for w in widths)
+
+
 def _check_int(value, what: str, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = "positive" if minimum == 1 else "non-negative"

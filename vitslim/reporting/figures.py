@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..gates import gates
-from ..plan import SlimPlan
+from ..plan import SlimPlan, has_token_gates
 
 
 def _pyplot():
@@ -70,7 +70,7 @@ def plot_structure(plan: SlimPlan, path: Path, title: str = "") -> None:
         ax.stairs(full, steps, color="gray", lw=0.8)  # each block's dense width
         shared = set(full)
         ax.set_title(f"{name} (of {shared.pop()})" if len(shared) == 1 else f"{name} (of each block's: gray)")
-    if not any("tokens" in w.gates for w in dense):
+    if not has_token_gates(dense):
         axes[2].set_title("patch tokens (no token gates: all kept)")
     for ax in axes[1:]:
         ax.set_xlabel("block")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..counting import count_flops, count_params
+from ..plan import has_token_gates
 
 
 @torch.no_grad()
@@ -71,7 +72,7 @@ def kept_tokens(plan) -> dict | None:
     slots, the fraction budget_tokens asks for; the plan's monotone rule keeps more in early blocks). None for a
     model without token gates (Swin): it keeps every token."""
     widths = plan.block_widths
-    if not any("tokens" in w.gates for w in widths):
+    if not has_token_gates(widths):
         return None
     per_block = [(plan.tokens_in(i) - w.num_prefix_tokens) / w.num_patches for i, w in enumerate(widths)]
     return {"per_block": per_block, "overall": sum(per_block) / len(per_block)}
