@@ -116,22 +116,31 @@ def _backward(ctx, do, dqkv_out, dlse):
         dqkv = dqkv + dqkv_out
     if bias is not None and not sums_in_kernel:
         dbf = dqkv.sum((0, 1), dtype=torch.float32)
+    return (*projection_backward(ctx.needs_input_grad[:4], x, weight, bias, gate, dqkv, dbf), None, None)
+
+
+def projection_backward(needs_input_grad: Sequence[bool], x: torch.Tensor, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor], gate: Optional[torch.Tensor], dqkv: torch.Tensor,
+                        dbf: Optional[torch.Tensor]) -> tuple:
+    """(dx, dweight, dbias, dgate) of qkv = x @ W'^T + b' (W' = g*W, b' = g*b, or W and b without a gate) from dqkv
+    and dbf, the column sums of dqkv in fp32 (None without a bias); None for what needs no gradient. Shared by the
+    ops that fuse a projection with an attention (this one, window_qkv_attention)."""
     d2 = dqkv.reshape(-1, dqkv.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     dx = dw = db = dg = None
-    if ctx.needs_input_grad[0]:
+    if needs_input_grad[0]:
         wf = (torch.ops.vitslim.gated_linear_fold(weight, bias, gate, x.dtype)[0] if gate is not None
               else weight.to(x.dtype))
         dx = torch.mm(d2, wf).view(x.shape)
-    if gate is not None and any(ctx.needs_input_grad[1:4]):
+    if gate is not None and any(needs_input_grad[1:4]):
         dwf = mm_out(d2.t(), x2, torch.float32)  # fp32 dW' for dW and dgate (see gated_linear)
         dw, db, dg = torch.ops.vitslim.gated_linear_fold_bwd(dwf, dbf, weight, bias, gate)
     elif gate is None:
-        if ctx.needs_input_grad[1]:
+        if needs_input_grad[1]:
             dw = mm_out(d2.t(), x2, weight.dtype)
-        if bias is not None and ctx.needs_input_grad[2]:
+        if bias is not None and needs_input_grad[2]:
             db = dbf.to(bias.dtype)
-    return dx, dw, db if bias is not None else None, dg, None, None
+    return dx, dw, db if bias is not None else None, dg
 
 
 qkv_attention_op.register_autograd(_backward, setup_context=_setup_context)
