@@ -27,9 +27,10 @@ def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
 HEAD_ALIGNMENT = 8  # elements: 16 bytes of bf16/fp16, so a padded head starts where a 16-byte load can
 
 
-def _runs_triton(x: torch.Tensor, attention: "SlimAttention", dropout_p: float) -> bool:
-    """Whether dispatch sends this block's ragged attention to the Triton kernel (training on a GPU): the
-    predicates read what q would be (device, dtype under autocast, shape, whether it needs a gradient)."""
+def runs_triton(x: torch.Tensor, attention: "SlimAttention", dropout_p: float, op: str = "ragged_attention") -> bool:
+    """Whether dispatch sends this block's attention (`op`: ragged_attention, or window_attention for a Swin) to the
+    Triton kernel: the predicates read what q would be (device, dtype under autocast, shape, whether it needs a
+    gradient)."""
     if dropout_p > 0.0:
         return False
     dev = x.device.type
@@ -37,7 +38,7 @@ def _runs_triton(x: torch.Tensor, attention: "SlimAttention", dropout_p: float) 
         device=x.device, shape=(x.shape[0], x.shape[1], attention.width),
         dtype=torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype,
         requires_grad=torch.is_grad_enabled() and (x.requires_grad or attention.qkv.weight.requires_grad))
-    for name, why_not in vitslim_kernels.explain("ragged_attention", q_like):
+    for name, why_not in vitslim_kernels.explain(op, q_like):
         if why_not is None:
             return name == "triton"
     return False
@@ -218,7 +219,7 @@ class SlimAttention(nn.Module):
             q, k, v = self._split(self.qkv(x), self.width)
             o, _ = ragged_attention_fwd_op()(q, k, v, list(self.head_dims), self.scale)
             return self.proj_drop(self.proj(o))
-        if mask is None and self.implementation is None and _runs_triton(x, self, dropout_p):
+        if mask is None and self.implementation is None and runs_triton(x, self, dropout_p):
             return self.proj_drop(self._forward_aligned(x))
         if mask is None and self.implementation == "reference":
             return self.proj_drop(self._forward_bucketed(x, dropout_p))

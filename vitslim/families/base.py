@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from ..plan import BlockWidths, SlimPlan
 
 
@@ -152,3 +153,13 @@ class Family(ABC):
     def resize_refusal(self, model: nn.Module) -> str | None:
         """Why this slim model cannot take another image size, or None when it can."""
         return f"{self.name} slim models keep the image size of their plan"
+
+
+def activation_name(act: nn.Module) -> str:
+    """"gelu" or "gelu_tanh" for an MLP's activation module; UnsupportedModelError for any other."""
+    if isinstance(act, nn.GELU):
+        return "gelu" if act.approximate == "none" else "gelu_tanh"
+    name = type(act).__name__
+    if name in ("GELU", "GELUTanh"):  # timm's own GELU modules
+        return "gelu" if name == "GELU" else "gelu_tanh"
+    raise UnsupportedModelError(f"unsupported MLP activation {name}; vitslim supports GELU (exact or tanh)")

@@ -26,18 +26,18 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTran
 from timm.models.swin_transformer import get_relative_position_index
 from torch import nn
 
-from vitslim_kernels import ragged_attention
+from vitslim_kernels import gated_mlp_branch, ragged_attention, window_qkv_attention
+from vitslim_kernels.ops.window_attention import window_attention_fwd_op
+from vitslim_kernels.runtime import triton_unavailable
 
 from ..errors import UnsupportedModelError
 from ..gates import BlockGates
 from ..implementations import SEARCHABLE as IMPLEMENTATIONS
 from ..implementations import fused_fallback
-from ..layers import SlimAttention, SlimMlp
+from ..layers import SlimAttention, SlimMlp, runs_triton
 from ..plan import BlockWidths, SlimPlan
-from .base import ArchRecord, Family, block_macs, dropout_p, is_layernorm, qkv_rows
+from .base import ArchRecord, Family, activation_name, block_macs, dropout_p, is_layernorm, qkv_rows
 
-# The fused Swin kernel (ragged window attention with the bias and shift mask in the kernel) is the next issue.
-FUSED_MISSING = "there is no fused Swin window-attention kernel yet (the next release's)"
 COSINE_ATTENTION = ("its cosine attention normalises q and k per head, so a gate shared by q and k cancels; vitslim "
                     "supports timm SwinTransformer (v1)")
 
@@ -291,10 +291,15 @@ class _Implementation:
             raise ValueError(f"implementation must be one of {', '.join(map(repr, IMPLEMENTATIONS))}, got {value!r}")
         self.__dict__["_implementation"] = value
 
-    def _chosen(self) -> str:
-        if self._implementation == "fused":
-            return fused_fallback(FUSED_MISSING)
-        return self._implementation
+    def _chosen(self, x: torch.Tensor, dropouts: tuple[float, ...]) -> str:
+        """The implementation this call runs: "fused" only where the kernels can (else folded, with a warning
+        saying why, once)."""
+        if self._implementation != "fused":
+            return self._implementation
+        if self.training and any(p > 0 for p in dropouts):
+            return fused_fallback("the fused kernels have no dropout (attn_drop/proj_drop/mlp drop > 0)")
+        why_not = triton_unavailable(x)
+        return "fused" if why_not is None else fused_fallback(why_not)
 
 
 class GatedWindowAttention(_Implementation, WindowAttention):
@@ -302,8 +307,9 @@ class GatedWindowAttention(_Implementation, WindowAttention):
     gate on q, k and v after the bias. forward(x, mask) as timm's: x (B * nW, N, C), mask (nW, N, N) or None.
 
     implementation "eager": the gates multiply q, k and v, explicit softmax (the paper's way); "folded": the gate in
-    the qkv rows, scaled_dot_product_attention with the bias and mask as a float mask; "fused": folded, until the
-    fused Swin kernel exists (a warning says so).
+    the qkv rows, scaled_dot_product_attention with the bias and mask as a float mask; "fused": vitslim_kernels'
+    window_qkv_attention (the gate folded into the qkv rows by the fold kernel, cuBLAS, then the window attention
+    kernel with the bias gathered from the table and the shift mask; one op), then proj.
     """
 
     def __init__(self, attn: WindowAttention, gates: BlockGates, implementation: str) -> None:
@@ -330,7 +336,15 @@ class GatedWindowAttention(_Implementation, WindowAttention):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B_, N, _ = x.shape
-        folded = self._chosen() != "eager"
+        implementation = self._chosen(x, (self.attn_drop.p, self.proj_drop.p))
+        if implementation == "fused":
+            H = self.num_heads
+            gate = self._block_gates.attn_per_dim()  # (H, d)
+            o = window_qkv_attention(x, self.qkv.weight, self.qkv.bias, gate.reshape(-1), (gate.shape[1],) * H,
+                                     self.scale, self.relative_position_bias_table, self.relative_position_index,
+                                     mask)
+            return self.proj_drop(self.proj(o))
+        folded = implementation != "eager"
         q, k, v = self._qkv(x, folded)
         add = window_scores_mask(self._get_rel_pos_bias()[0], mask, B_).to(q.dtype)
         if folded:
@@ -343,8 +357,9 @@ class GatedWindowAttention(_Implementation, WindowAttention):
 
 
 class GatedMlp(_Implementation, Mlp):
-    """timm's Mlp with its block's MLP gate on the hidden units: multiplied into the activations ("eager") or into
-    fc2's columns ("folded", and "fused" until the fused Swin kernel exists)."""
+    """timm's Mlp with its block's MLP gate on the hidden units: multiplied into the activations ("eager"), into
+    fc2's columns ("folded"), or vitslim_kernels' gated_mlp_branch ("fused": cuBLAS fc1 with the gate in a Triton
+    GELU epilogue, cuBLAS fc2)."""
 
     def __init__(self, mlp: Mlp, gates: BlockGates, implementation: str) -> None:
         _adopt(self, mlp)
@@ -352,9 +367,14 @@ class GatedMlp(_Implementation, Mlp):
         self.implementation = implementation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.drop1(self.act(self.fc1(x)))
         gate = self._block_gates.mlp
-        if self._chosen() == "eager":
+        implementation = self._chosen(x, (self.drop1.p, self.drop2.p))
+        if implementation == "fused" and isinstance(self.norm, nn.Identity):
+            approximate = "tanh" if activation_name(self.act) == "gelu_tanh" else "none"
+            return gated_mlp_branch(x, self.fc1.weight, self.fc1.bias, gate, self.fc2.weight, self.fc2.bias,
+                                    approximate=approximate)
+        h = self.drop1(self.act(self.fc1(x)))
+        if implementation == "eager":
             return self.drop2(self.fc2(self.norm(h) * gate.to(h.dtype)))
         return self.drop2(F.linear(self.norm(h), self.fc2.weight * gate.unsqueeze(0), self.fc2.bias))
 
@@ -375,9 +395,12 @@ class SlimWindowAttention(SlimAttention):
     position bias table's columns of those heads, the scale of the original head width. forward(x, mask) as timm's
     WindowAttention: x (B * nW, N, C), mask (nW, N, N) or None.
 
-    The PyTorch path (implementation "reference", and None until the fused Swin kernel exists): heads ordered and
-    grouped by width, one scaled_dot_product_attention per group with the bias and the shift mask as a float mask
-    (SlimAttention._forward_bucketed); "per_head": the per-head reference of vitslim_kernels.
+    implementation None (slim(..., fused=True)): where dispatch sends window_attention to Triton (CUDA tensors),
+    window_qkv_attention on the heads padded to multiples of 8 (16-byte loads; SlimAttention._aligned), the bias
+    gathered and the mask added in the kernel; under torch.export the op vitslim::window_attention_fwd itself
+    (vitslim_kernels.onnx translates it); elsewhere the PyTorch path. "reference": the PyTorch path, heads ordered
+    and grouped by width, one scaled_dot_product_attention per group with the bias and the shift mask as a float
+    mask (SlimAttention._forward_bucketed); "per_head": the per-head reference of vitslim_kernels.
     """
 
     def __init__(self, embed_dim: int, head_dims: tuple[int, ...], head_dim: int, window_size: int, qkv_bias: bool,
@@ -406,8 +429,19 @@ class SlimWindowAttention(SlimAttention):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         B_ = x.shape[0]
-        bias = self.relative_position_bias()
         dropout_p = self.attn_drop_p if self.training else 0.0
+        if self.implementation is None and dropout_p == 0.0:
+            table, index = self.relative_position_bias_table, self.relative_position_index
+            if torch.compiler.is_exporting():  # the same graph whatever the tracing device
+                q, k, v = self._split(self.qkv(x), self.width)
+                o, _ = window_attention_fwd_op()(q, k, v, table, index, mask, list(self.head_dims), self.scale)
+                return self.proj_drop(self.proj(o))
+            if runs_triton(x, self, dropout_p, op="window_attention"):
+                a = self._aligned  # heads padded to multiples of 8 in q, k and v alike: table columns unchanged
+                qkv_weight, qkv_bias, proj_weight = a.padded(self.qkv.weight, self.qkv.bias, self.proj.weight)
+                o = window_qkv_attention(x, qkv_weight, qkv_bias, None, a.head_dims, self.scale, table, index, mask)
+                return self.proj_drop(F.linear(o, proj_weight, self.proj.bias))
+        bias = self.relative_position_bias()
         if self.implementation == "per_head":
             q, k, v = self._split(self.qkv(x), self.width)
             add = window_scores_mask(bias, mask, B_).to(q.dtype)
@@ -516,7 +550,6 @@ def count_macs(model: nn.Module) -> int:
 class SwinFamily(Family):
     name = "swin"
     supported = "timm SwinTransformer models (Swin v1)"
-    fused_refusal = FUSED_MISSING
     # Swin's ImageNet recipe (Liu et al. 2021, as the paper retrains Swin-T): stochastic depth 0.2, 20 warm-up epochs,
     # gradient clipping at 5 (weight decay 0.05 and the rest as DeiT's).
     retrain_recipe = {"drop_path": 0.2, "warmup_epochs": 20, "clip_grad": 5.0}
@@ -538,8 +571,6 @@ class SwinFamily(Family):
         return _swin_blocks(model)
 
     def make_searchable(self, model: nn.Module, arch: SwinArch, search: str, implementation: str) -> None:
-        if implementation == "fused":
-            fused_fallback(FUSED_MISSING)
         for block in _swin_blocks(model):
             make_block_searchable(block, search, implementation)
 

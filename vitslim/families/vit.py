@@ -33,7 +33,8 @@ from ..implementations import SEARCHABLE as IMPLEMENTATIONS
 from ..implementations import fused_fallback
 from ..layers import SlimAttention, SlimMlp
 from ..plan import BlockWidths, SlimPlan
-from .base import ArchRecord, Family, block_macs, dropout_p, is_layernorm, qkv_rows, set_pretrained_cfg
+from .base import (ArchRecord, Family, activation_name, block_macs, dropout_p, is_layernorm, qkv_rows,
+                   set_pretrained_cfg)
 
 
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax")
@@ -128,15 +129,6 @@ class ViTArch(ArchRecord):
     def num_patches(self) -> int:
         return (self.img_size[0] // self.patch_size[0]) * (self.img_size[1] // self.patch_size[1])
 
-
-
-def activation_name(act: nn.Module) -> str:
-    if isinstance(act, nn.GELU):
-        return "gelu" if act.approximate == "none" else "gelu_tanh"
-    name = type(act).__name__
-    if name in ("GELU", "GELUTanh"):  # timm's own GELU modules
-        return "gelu" if name == "GELU" else "gelu_tanh"
-    raise UnsupportedModelError(f"unsupported MLP activation {name}; vitslim supports GELU (exact or tanh)")
 
 
 def check_block(block: nn.Module, index: int, expected_block_types: tuple[type, ...]) -> None:
