@@ -2,9 +2,11 @@
 
     torch.onnx.export(model, (x,), dynamo=True, custom_translation_table=vitslim_kernels.onnx.translation_table())
 
-Only the inference op has one: `vitslim::ragged_attention_fwd` becomes per-head attention in standard ONNX
+The inference ops have one: `vitslim::ragged_attention_fwd` becomes per-head attention in standard ONNX
 ops (opset 18: Slice, MatMul, Mul, Softmax, ReduceLogSumExp, Concat), so any ONNX runtime runs the model;
-zero-width heads produce no node. onnxscript (which torch's exporter needs too) is imported when a table is
+zero-width heads produce no node. `vitslim::window_attention_fwd` (a slim Swin) likewise, with each head's
+relative-position bias gathered from its table column (Gather) and the shift mask added per window (Reshape to
+(B, nW, N, N), Add). onnxscript (which torch's exporter needs too) is imported when a table is
 asked for, not when this module is imported.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .ops.ragged_attention import ragged_attention_fwd_op
+from .ops.window_attention import window_attention_fwd_op
 
 
 def _onnxscript():
@@ -31,16 +34,43 @@ def _ragged_attention_fwd(q, k, v, head_dims: list[int], scale: float):
     softmax and lse are computed in float32 for float16/bfloat16 inputs, in the input dtype otherwise (as the
     reference, vitslim_kernels.ragged_attention_ref, does).
     """
+    return _attention_per_head(q, k, v, head_dims, scale, None)
+
+
+def _window_attention_fwd(q, k, v, table, index, mask, head_dims: list[int], scale: float):
+    """ONNX graph of vitslim::window_attention_fwd: as _ragged_attention_fwd, each head's scores plus its bias,
+    table[index, h] (one Gather of all heads' columns, then the head's), and in a shifted block plus the window's
+    mask (the scores reshaped to (B, nW, N, N), the (nW, N, N) mask added by broadcasting)."""
+    _, ir, op = _onnxscript()
+    half = q.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    bias = op.Transpose(op.Gather(table, index, axis=0), perm=[2, 0, 1])                   # (heads, N, N)
+    bias = op.Cast(bias, to=ir.DataType.FLOAT) if half else op.CastLike(bias, q)
+
+    def add(scores, h):
+        scores = op.Add(scores, op.Gather(bias, op.Constant(value_int=h), axis=0))
+        if mask is None:
+            return scores
+        windows = op.Concat(op.Constant(value_ints=[-1]), op.Shape(mask), axis=0)        # (-1, nW, N, N)
+        shifted = op.Add(op.Reshape(scores, windows), op.CastLike(mask, scores))
+        return op.Reshape(shifted, op.Shape(scores))
+
+    return _attention_per_head(q, k, v, head_dims, scale, add)
+
+
+def _attention_per_head(q, k, v, head_dims: list[int], scale: float, add):
+    """(o, lse) of per-head attention; add(scores, h), if given, returns head h's scores with what it adds."""
     _, ir, op = _onnxscript()
     half = q.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
     outputs, lses, offset = [], [], 0
-    for w in head_dims:
+    for h, w in enumerate(head_dims):
         if w > 0:
             start, end, axis = (op.Constant(value_ints=[c]) for c in (offset, offset + w, -1))
             qh, kh, vh = (op.Slice(t, start, end, axis) for t in (q, k, v))              # (B, N, w)
             scores = op.MatMul(qh, op.Transpose(kh, perm=[0, 2, 1]))                      # (B, N, N)
             scores = op.Cast(scores, to=ir.DataType.FLOAT) if half else scores
             scores = op.Mul(scores, op.CastLike(op.Constant(value_float=float(scale)), scores))
+            if add is not None:
+                scores = add(scores, h)
             probs = op.CastLike(op.Softmax(scores, axis=-1), q)
             outputs.append(op.MatMul(probs, vh))                                          # (B, N, w)
             lse = op.ReduceLogSumExp(scores, op.Constant(value_ints=[-1]), keepdims=1)    # (B, N, 1)
@@ -57,6 +87,6 @@ def translation_table() -> dict[Callable, Callable]:
     """The `custom_translation_table` of torch.onnx.export(dynamo=True) for the vitslim ops."""
     _onnxscript()  # the clear error, here, rather than deep inside the exporter
     try:
-        return {ragged_attention_fwd_op(): _ragged_attention_fwd}
+        return {ragged_attention_fwd_op(): _ragged_attention_fwd, window_attention_fwd_op(): _window_attention_fwd}
     except ImportError:  # then no graph can hold the op: plain models export without it
         return {}

@@ -3,8 +3,8 @@
     python -m vitslim.export runs/deit_s_70/slim --format onnx -o deit_s_70.onnx [--fused] [--dynamic-batch]
 
 ONNX goes through torch's dynamo exporter; with --fused the model is loaded as load_slim(..., fused=True) and
-its graph holds one vitslim::ragged_attention_fwd per block, which vitslim_kernels.onnx translates into
-per-head attention in standard ONNX ops; without it the graph is the plain PyTorch path. pt2 is
+its graph holds one attention op per block (vitslim::ragged_attention_fwd; a Swin's vitslim::window_attention_fwd,
+bias and shift mask included), which vitslim_kernels.onnx translates into per-head attention in standard ONNX ops; without it the graph is the plain PyTorch path. pt2 is
 torch.export.save's program; vitslim.deploy.export.load_pt2 loads either kind (torch.export.load too, once
 vitslim_kernels is imported: it defines the op, with or without Triton).
 The written file is loaded back and run on random images of the model's input size, and compared with the
@@ -13,12 +13,11 @@ and the command fails (status 1) above --tolerance.
 """
 from __future__ import annotations
 
-import sys
 import traceback
 import warnings
 from pathlib import Path
 
-from ..deploy.export import (FORMATS, MIN_OPSET, RAGGED_OP, TORCH_NOISE, check, export_onnx, export_pt2, images)
+from ..deploy.export import (FORMATS, MIN_OPSET, TORCH_NOISE, check, export_onnx, export_pt2, images)
 from ..errors import UserError
 from ..families import family_of
 from ..saving import load_slim
@@ -33,8 +32,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--format", required=True, choices=FORMATS, help="onnx: an ONNX model; pt2: a torch.export "
                    "program (torch.export.save)")
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="file to write (its folder is created)")
-    p.add_argument("--fused", action="store_true", help="export the ragged-attention op (load_slim(..., "
-                   "fused=True)) instead of the plain PyTorch per-head path")
+    p.add_argument("--fused", action="store_true", help="export the attention op (load_slim(..., fused=True): "
+                   "ragged attention, a Swin's window attention) instead of the plain PyTorch path")
     p.add_argument("--dynamic-batch", action="store_true", help="the batch size is an input dimension of the "
                    "exported model (checked at batch 1 and at the traced batch + 1)")
     p.add_argument("--batch-size", type=cli.positive_int("--batch-size"), default=1,
@@ -63,9 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"-o {out} is a folder; give the file to write")
     model = load_slim(folder, device="cpu", fused=args.fused).float()  # deployed in float32, on CPU
     family = family_of(model)
-    if args.fused and family.fused_refusal:
-        print(f"note: --fused: {family.fused_refusal}; exporting the PyTorch path", file=sys.stderr)
-        args.fused = False
     out.parent.mkdir(parents=True, exist_ok=True)
 
     traced = max(2, args.batch_size) if args.dynamic_batch else args.batch_size
@@ -79,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             ops = export_pt2(model, example, out, args.dynamic_batch)
         depth = len(family.blocks(model))
         if args.fused and ops != depth:
-            raise RuntimeError(f"--fused: the exported graph holds {ops} {RAGGED_OP} nodes, expected one per "
+            raise RuntimeError(f"--fused: the exported graph holds {ops} {family.attention_op} nodes, expected one per "
                                f"block ({depth})")
-        attention = (f"{ops} x vitslim::ragged_attention_fwd" + (" (as ONNX ops)" if args.format == "onnx" else "")
+        attention = (f"{ops} x {family.attention_op}" + (" (as ONNX ops)" if args.format == "onnx" else "")
                      if args.fused else "plain PyTorch attention")
         batch = f"dynamic batch (traced at {traced})" if args.dynamic_batch else f"batch {traced}"
         print(f"wrote {out} ({args.format}, {batch}, {attention}, {out.stat().st_size / 2**20:.2f} MiB)")

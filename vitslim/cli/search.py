@@ -127,9 +127,6 @@ def main(argv: list[str] | None = None) -> int:
                         "merging need the whole grid)")
     all_budgets = [b.for_model(arch) for b in args.budgets]
     fused = args.fused and dist.device.type == "cuda"
-    if fused and family.fused_refusal:
-        say(f"note: --fused: {family.fused_refusal}; the folded PyTorch path runs (the same function)")
-        fused = False
     mean, std = _mean_std(model, embedded)
     data = run_data(args, arch.img_size[0], mean, std, dist.device, say)
     if data.num_classes != arch.num_classes:

@@ -1,9 +1,9 @@
 """Deployment formats of a slim model: an ONNX file or a torch.export program, and a check that the written file
 runs and matches the eager model.
 
-ONNX goes through torch's dynamo exporter; a model loaded with load_slim(..., fused=True) holds one
-vitslim::ragged_attention_fwd per block, which vitslim_kernels.onnx translates into per-head attention in standard
-ONNX ops; otherwise the graph is the plain PyTorch path. pt2 is torch.export.save's program; `load_pt2` loads
+ONNX goes through torch's dynamo exporter; a model loaded with load_slim(..., fused=True) holds one attention op
+per block (vitslim::ragged_attention_fwd, a Swin's vitslim::window_attention_fwd), which vitslim_kernels.onnx
+translates into per-head attention in standard ONNX ops; otherwise the graph is the plain PyTorch path. pt2 is torch.export.save's program; `load_pt2` loads
 either kind (torch.export.load too, once vitslim_kernels is imported: it defines the op, Triton or not). The command is `python -m vitslim.export` (vitslim.cli.export).
 """
 from __future__ import annotations
@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import vitslim_kernels.ops.ragged_attention  # noqa: F401 - defines the op a fused .pt2 calls (load_pt2)
+import vitslim_kernels.ops.ragged_attention  # noqa: F401 - defines the ops a fused .pt2 calls (load_pt2)
+import vitslim_kernels.ops.window_attention  # noqa: F401 - (and a Swin's)
 
 from ..files import atomic_write
 from ..errors import UserError
 
 FORMATS = ("onnx", "pt2")
-RAGGED_OP = "vitslim.ragged_attention_fwd"
+ATTENTION_OPS = ("vitslim.ragged_attention_fwd", "vitslim.window_attention_fwd")  # what a fused graph holds
 MIN_OPSET = 18
 # Warnings torch's own exporter and loader raise about themselves (seen on torch 2.11), not about the model.
 TORCH_NOISE = (r"`isinstance\(treespec, LeafSpec\)` is deprecated", "The given buffer is not writable")
@@ -38,16 +39,16 @@ def _dynamic_shapes(dynamic_batch: bool):
     return ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
 
 
-def count_ragged_ops(program: torch.export.ExportedProgram) -> int:
-    """Nodes of the custom ragged-attention op in an exported program's graph."""
-    return sum(1 for n in program.graph.nodes if n.op == "call_function" and str(n.target).startswith(RAGGED_OP))
+def count_attention_ops(program: torch.export.ExportedProgram) -> int:
+    """Nodes of the custom attention ops (ATTENTION_OPS) in an exported program's graph."""
+    return sum(1 for n in program.graph.nodes if n.op == "call_function" and str(n.target).startswith(ATTENTION_OPS))
 
 
 def export_pt2(model: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool) -> int:
-    """torch.export `model` on `example` and save the program to `path`; returns its ragged-op count."""
+    """torch.export `model` on `example` and save the program to `path`; returns its attention-op count."""
     program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic_batch))
     atomic_write(path, lambda tmp: torch.export.save(program, tmp))
-    return count_ragged_ops(program)
+    return count_attention_ops(program)
 
 
 def _onnx_table() -> dict:
@@ -60,14 +61,14 @@ def _onnx_table() -> dict:
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool,
                 opset: int | None = None) -> int:
-    """ONNX-export `model` (torch's dynamo exporter, our ops translated) to `path`; returns its ragged-op count."""
+    """ONNX-export `model` (torch's dynamo exporter, our ops translated) to `path`; returns its attention-op count."""
     table = _onnx_table()
     program = torch.onnx.export(model, (example,), dynamo=True, custom_translation_table=table,
                                 dynamic_shapes=_dynamic_shapes(dynamic_batch), input_names=["images"],
                                 output_names=["logits"], opset_version=opset, verbose=False)
     # external_data=False: one self-contained file (the temporary name would end up in a sidecar's reference)
     atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
-    return count_ragged_ops(program.exported_program)
+    return count_attention_ops(program.exported_program)
 
 
 @dataclass(frozen=True)

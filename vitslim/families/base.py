@@ -89,7 +89,7 @@ class Family(ABC):
 
     name: str        # what plans and saved models record
     supported: str   # the models it takes, for the error that names what vitslim supports
-    fused_refusal: str | None = None  # why --fused has no kernels for this family yet (None: it has them)
+    attention_op = "vitslim::ragged_attention_fwd"  # the op a fused slim model's exported graph holds per block
     # The family's own retrain recipe on real data, where it differs from DeiT's (the flags' defaults otherwise).
     retrain_recipe: dict = {}
 

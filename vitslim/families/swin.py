@@ -550,6 +550,7 @@ def count_macs(model: nn.Module) -> int:
 class SwinFamily(Family):
     name = "swin"
     supported = "timm SwinTransformer models (Swin v1)"
+    attention_op = "vitslim::window_attention_fwd"
     # Swin's ImageNet recipe (Liu et al. 2021, as the paper retrains Swin-T): stochastic depth 0.2, 20 warm-up epochs,
     # gradient clipping at 5 (weight decay 0.05 and the rest as DeiT's).
     retrain_recipe = {"drop_path": 0.2, "warmup_epochs": 20, "clip_grad": 5.0}
