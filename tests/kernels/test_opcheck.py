@@ -316,6 +316,36 @@ def test_gated_gelu_linear_second_derivatives(ops, approximate):
                               functools.partial(gated_gelu_linear_ref, approximate=approximate), inputs)
 
 
+def test_window_attention_second_derivatives(ops):
+    from vitslim_kernels.ops import window_attention as window
+    q, k, v, dims, scale, table, index, mask = window._sample(4, (5, 0, 8), 1, 2, True, device="cpu",
+                                                              dtype=torch.float64, requires_grad=False)
+    _check_second_derivatives(
+        lambda q, k, v, t: window.window_attention_triton(q, k, v, dims, scale, t, index, mask),
+        lambda q, k, v, t: window.window_attention_ref(q, k, v, dims, scale, t, index, mask),
+        [q.detach(), k.detach(), v.detach(), table])
+    args, _ = window.qkv_sample_inputs("cpu", torch.float64)[0]
+    x, weight, bias, gate, dims, scale, table, index, mask = args
+    _check_second_derivatives(
+        lambda *t: window.window_qkv_attention_triton(*t[:4], dims, scale, t[4], index, mask),
+        lambda *t: window.window_qkv_attention_ref(*t[:4], dims, scale, t[4], index, mask),
+        [x, weight, bias, gate, table])
+
+
+def test_window_backward_ops_are_their_formulas(ops):
+    from vitslim_kernels.ops.window_attention import window_attention_bwd_ref, window_attention_qkv_bwd_ref
+    g = torch.Generator().manual_seed(5)
+    args = list(OPCHECK_CASES["window_attention_bwd fp32"][1]())  # o and lse independent of q, k, v
+    args[4] = torch.randn(args[4].shape, generator=g)
+    args[5] = 2 + torch.rand(args[5].shape, generator=g)
+    _assert_outputs_close(ops.window_attention_bwd(*args), window_attention_bwd_ref(*args), atol=1e-5)
+    for case in ("window_attention_qkv_bwd fp32", "window_attention_qkv_bwd fp32 bias grad"):
+        args = list(OPCHECK_CASES[case][1]())
+        args[2] = torch.randn(args[2].shape, generator=g)
+        args[3] = 2 + torch.rand(args[3].shape, generator=g)
+        _assert_outputs_close(ops.window_attention_qkv_bwd(*args), window_attention_qkv_bwd_ref(*args), atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # custom_op under the interpreter, triton_op where triton compiles
 # ---------------------------------------------------------------------------------------------------------
@@ -357,7 +387,17 @@ TRACED_CASES = {  # op name -> the op's arguments (fake CUDA tensors are made fr
     "gated_gelu_bwd": lambda ops: _gelu_bwd_args(torch.float16),
     "gated_linear": lambda ops: _gated_linear_args(torch.float16),
     "gated_gelu_linear": lambda ops: _gated_gelu_linear_args(torch.float16),
+    "window_attention_fwd": lambda ops: _half(OPCHECK_CASES["window_attention_fwd fp32 shifted"][1]()),
+    "window_attention_bwd": lambda ops: OPCHECK_CASES["window_attention_bwd fp16 shifted"][1](),
+    "window_attention_qkv_bwd": lambda ops: _half(OPCHECK_CASES["window_attention_qkv_bwd fp32 bias grad"][1]()),
+    "window_qkv_attention": lambda ops: _half(OPCHECK_CASES["window_qkv_attention fp32 gated"][1]()),
 }
+
+
+def _half(args: tuple) -> tuple:
+    """A window op's args with the activations in fp16 (the table, mask and lse keep theirs, as in a model)."""
+    return tuple(a.half() if isinstance(a, torch.Tensor) and a.dtype == torch.float32 and a.dim() == 3
+                 and a.shape[1] != a.shape[2] else a for a in args)
 
 
 @pytest.fixture

@@ -240,3 +240,57 @@ def test_bad_arguments_name_the_value():
         window_attention(q, k, v, dims, scale, table, index, torch.zeros(3, 16, 16))
     with pytest.raises(ValueError, match=r"mask must be a floating \(nW, N, N\) tensor with N = 16"):
         window_attention(q, k, v, dims, scale, table, index, torch.zeros(2, 16, 15))
+
+
+# -- the op in graphs (triton imported compiled: the op's CPU path computes the reference math) ------------------
+def test_fullgraph_compile_compiled_import():
+    """torch.compile(fullgraph=True) sees through the op (no graph break), forward and backward."""
+    q, k, v, dims, scale, table, index, mask = ops._sample(4, (5, 0, 8), 1, 2, True, device="cpu",
+                                                           dtype=torch.float32, requires_grad=True)
+
+    def fn(q, k, v, table):
+        return ops.window_attention_triton(q, k, v, dims, scale, table, index, mask)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    grads = []
+    for f in (compiled, lambda *a: window_attention_ref(*a[:3], dims, scale, a[3], index, mask)):
+        out = f(q, k, v, table)
+        grads.append((out, *torch.autograd.grad(out.square().sum(), (q._base, table))))
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+class _WindowOp(torch.nn.Module):
+    def __init__(self, sample):
+        super().__init__()
+        _, _, _, self.dims, self.scale, table, index, mask = sample
+        self.register_buffer("table", table.detach())
+        self.register_buffer("index", index)
+        self.register_buffer("mask", mask)
+
+    def forward(self, q, k, v):
+        return torch.ops.vitslim.window_attention_fwd(q, k, v, self.table, self.index, self.mask, list(self.dims),
+                                                      self.scale)[0]
+
+
+def test_export_and_onnx_translation_compiled_import(tmp_path):
+    """torch.export keeps the op whole; the ONNX translation (bias gathered, the mask added per window, zero-width
+    heads left out) runs in onnxruntime and matches the float64 reference."""
+    sample = ops._sample(4, (5, 0, 8), 2, 2, True, device="cpu", dtype=torch.float32, requires_grad=False)
+    q, k, v = (t.contiguous() for t in sample[:3])
+    module = _WindowOp(sample).eval()
+    program = torch.export.export(module, (q, k, v))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count("vitslim.window_attention_fwd.default") == 1
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    from vitslim_kernels.onnx import translation_table
+    onnx_program = torch.onnx.export(module, (q, k, v), dynamo=True, verbose=False,
+                                     custom_translation_table=translation_table())
+    onnx_program.save(str(tmp_path / "window.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "window.onnx"), providers=["CPUExecutionProvider"])
+    (o,) = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (q, k, v))})
+    *_, dims, scale, table, index, mask = sample
+    expected = window_attention_ref(q.double(), k.double(), v.double(), dims, scale, table.double(), index,
+                                    mask.double())
+    torch.testing.assert_close(torch.from_numpy(o).double(), expected, rtol=0, atol=1e-5)

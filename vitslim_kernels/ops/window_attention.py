@@ -376,7 +376,7 @@ def _backward(ctx, do, dqkv_out, dlse):
         sums_in_kernel)
     if dlse is not None:  # only a double backward or a direct caller gives lse a gradient
         dqkv2, dtable2, *_ = formula_vjp(_qkv_fwd_ref, (qkv, table, index, mask, ctx.head_dims, ctx.scale),
-                                         (None, dlse), (True, True))
+                                         (None, dlse), (True, True, False, False, False, False))
         dqkv, dtable = dqkv + dqkv2, dtable + dtable2
     if dqkv_out is not None:
         dqkv = dqkv + dqkv_out
