@@ -45,7 +45,8 @@ DEFAULT_DIR = ROOT / "benchmarks" / "results"
 BATCH = 16          # search: B * N divisible by 16 like the benchmark batches (256, 128): same specialisations
 SLIM_BATCH = 2      # slim and direct: no kernel of theirs takes B * N, and 2 keeps the CPU work small
 DEPTH = 2           # every block launches the same kernels; two blocks cover a token-dropped one
-ATTENTION_KERNELS = ("_ragged_attention_fwd_kernel", "_ragged_attention_bwd_kernel")
+ATTENTION_KERNELS = ("_ragged_attention_fwd_kernel", "_ragged_attention_bwd_kernel", "_window_attention_fwd_kernel",
+                     "_window_attention_bwd_kernel")
 SLIM_HEADS = (0, 1, 17, 41, 63, 64)          # block 0 of the slim workloads: docs/design.md's odd widths
 README_BEGIN, README_END = "<!-- kernel-resources:begin -->", "<!-- kernel-resources:end -->"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -132,6 +133,63 @@ def _direct_ragged(dtype: torch.dtype) -> None:
         out.backward(torch.randn_like(out))  # a dense gradient, as in training (a .sum() gives a 0-stride one)
 
 
+SWIN_DEPTHS = (2, 2, 2, 2)   # Swin-T's stages cut to one shifted and one unshifted block each (stage 3 has 6 alike)
+SWIN_SLIM_HEADS = ((32, 17, 0), (1, 32, 24, 8, 0, 32), (16, 32, 0, 32, 9, 32, 32, 32, 32, 32, 32, 17),
+                   tuple([32] * 20 + [0, 5, 31, 32]))  # per stage: odd widths, pruned heads, full heads
+
+
+def _swin_t(**overrides):
+    import timm
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=SWIN_DEPTHS,
+                             drop_path_rate=0.0, **overrides)
+
+
+def _swin_search_step(dtype: torch.dtype) -> None:
+    """Swin-T's fused search step (window 7: N = 49; stage 1 has B * 64 windows of 3 heads, stage 4 B windows of 24),
+    under autocast."""
+    import vitslim
+    model = vitslim.make_searchable(_swin_t(), fused=True).train()
+    x = torch.randn(SLIM_BATCH, 3, 224, 224)
+    with torch.autocast("cpu", dtype=dtype):
+        loss = model(x).float().sum()
+    loss.backward()
+
+
+def _swin_slim_step(dtype: torch.dtype) -> None:
+    """A slim Swin-T (heads SWIN_SLIM_HEADS, 60% MLP): a retrain step and an inference pass, fused."""
+    import dataclasses
+
+    import vitslim
+    from vitslim.plan import BlockPlan
+    base = vitslim.make_searchable(_swin_t())
+    plan = vitslim.threshold(base, 1.0, 1.0)
+    blocks, stage_of = [], [s for s, d in enumerate(SWIN_DEPTHS) for _ in range(d)]
+    for b, s in zip(plan.blocks, stage_of):
+        heads = tuple(tuple(range(w)) for w in SWIN_SLIM_HEADS[s])
+        blocks.append(BlockPlan(heads=heads, mlp=tuple(range(0, len(b.mlp), 5)) + tuple(range(1, len(b.mlp), 5))
+                                + tuple(range(2, len(b.mlp), 5)), tokens=b.tokens))
+    blocks = [BlockPlan(b.heads, tuple(sorted(b.mlp)), b.tokens) for b in blocks]
+    model = vitslim.slim(base, dataclasses.replace(plan, blocks=tuple(blocks)), fused=True).train()
+    x = torch.randn(SLIM_BATCH, 3, 224, 224)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss = model(x).float().sum()
+    loss.backward()
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        model.eval()(x)
+
+
+def _direct_window(dtype: torch.dtype) -> None:
+    """window_attention at window 12 (N = 144: 3 x 3 tiles of 64), aligned (the search's 4 heads of 32) and packed
+    odd widths (17, 0, 32, 1), with and without the shift mask, forward and backward."""
+    from vitslim_kernels import window_attention
+    from vitslim_kernels.ops.window_attention import _sample
+    for dims, shifted in (((32, 32, 32, 32), True), ((17, 0, 32, 1), False)):
+        q, k, v, dims, scale, table, index, mask = _sample(12, dims, SLIM_BATCH, 4, shifted, device="cpu", dtype=dtype,
+                                                           requires_grad=True)
+        out = window_attention(q, k, v, dims, scale, table, index, mask, implementation="triton")
+        out.backward(torch.randn_like(out))
+
+
 def _op_step(info) -> Callable[[torch.dtype], None]:
     """An op's own sample inputs (dispatch.op_infos: every op describes them) through its Triton implementation,
     forward and backward: so an op's kernels are compiled and gated without a workload written for them."""
@@ -155,6 +213,8 @@ _ATTENTION = frozenset({"_ragged_attention_fwd_kernel", "_ragged_attention_bwd_p
                         "_ragged_attention_bwd_kernel"})
 _SEARCH = _ATTENTION | {f"_{op}_{d}_kernel" for op in ("layernorm_token_scale", "gated_linear", "gated_gelu_linear")
                         for d in ("fwd", "bwd")}
+_WINDOW = frozenset({"_window_attention_fwd_kernel", "_window_attention_bwd_kernel"})
+_SWIN_SEARCH = _WINDOW | {f"_{op}_{d}_kernel" for op in ("gated_linear", "gated_gelu_linear") for d in ("fwd", "bwd")}
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("search_deit_s_bf16", "bf16", _search_step("deit_small_patch16_224"), True,
@@ -167,6 +227,15 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     *[Workload(f"direct_unaligned_{d}", d, _direct_ragged, False,
                f"ragged_attention on packed widths {SLIM_HEADS} (unaligned), {d}", _ATTENTION)
       for d in ("bf16", "fp32")],
+    *[Workload(f"search_swin_t_{d}", d, _swin_search_step, True,
+               f"Swin-T fused search step (window 7, N = 49, shifted and unshifted blocks), {d} autocast",
+               _SWIN_SEARCH) for d in ("bf16",)],
+    *[Workload(f"slim_swin_t_{d}", d, _swin_slim_step, True,
+               f"slim Swin-T (odd head widths, pruned heads, padded to 8): retrain step + inference, {d}", _WINDOW)
+      for d in ("bf16", "fp32")],
+    *[Workload(f"direct_window12_{d}", d, _direct_window, False,
+               f"window_attention at window 12 (N = 144), aligned and packed odd widths, {d}", _WINDOW)
+      for d in ("bf16",)],
     *_op_workloads(),
 ]}
 
@@ -204,7 +273,7 @@ def violations(workload: Workload, target: str, kernel: str, constants: dict, re
     bad = []
     if res["spill_stores"] or res["spill_loads"]:  # in every dtype: fp32 too compiles without spills
         bad.append(f"spills {res['spill_stores']} B stores / {res['spill_loads']} B loads per thread")
-    if not kernel.startswith("_ragged_attention") or not workload.aligned:
+    if not kernel.startswith(("_ragged_attention", "_window_attention")) or not workload.aligned:
         return bad
     elem = _DTYPES[workload.dtype].itemsize
     full = 16 // elem

@@ -7,9 +7,12 @@ at the device's limits.
 Four comparisons, each path recorded from the project's real code on CPU tensors:
 - the search training step (forward, backward, AdamW; bf16 autocast), fused vs folded (docs/design.md's strong
   baseline: gates folded into the weights, SDPA, cuBLAS);
-- the retrain step (the same, without gates) of the slim model (70/70/70, below) vs the dense timm model;
-- slim-model inference (DeiT budgets 70/70/70 from random gates with a fixed seed), fused vs the dense timm
-  model, at --batch and at batch 1.
+- the retrain step (the same, without gates) of the slim model (budgets 0.7, below) vs the dense timm model;
+- slim-model inference (budgets 0.7 for every gate kind the model has, from random gates with a fixed seed: a
+  ViT's 70/70/70, a Swin's 70/70), fused vs the dense timm model, at --batch and at batch 1.
+
+For a Swin (--model swin_tiny_patch4_window7_224) the fused path's attention is the window kernel (bias and
+shift mask inside); folded is SDPA with the bias and mask as one float mask (the memory-efficient backend).
 
 How each launch is seen: the Triton kernels through vitslim_kernels.compile_only (the same launches, grids and
 tensors as on an sm_90 GPU, nothing run); everything else (cuBLAS matmuls, SDPA, LayerNorm, elementwise,
@@ -126,6 +129,8 @@ class _AtenRecorder(TorchDispatchMode):
 
 def _tile_flops(launch) -> float:
     """FLOPs our attention kernels execute (tile padding included); 0 for the memory-bound kernels."""
+    if launch.name.startswith("_window_attention"):
+        return _window_tile_flops(launch)
     if not launch.name.startswith("_ragged_attention") or "preprocess" in launch.name:
         return 0.0
     a, c = launch.args, launch.constants
@@ -139,6 +144,19 @@ def _tile_flops(launch) -> float:
     rows, keys = math.ceil(N / bm) * bm, math.ceil(N / bn) * bn
     matmuls = 2 if "fwd" in launch.name else 5
     return 2.0 * matmuls * B * heads * rows * keys * tile
+
+
+def _window_tile_flops(launch) -> float:
+    """The window kernels: every window padded to its tiles (49 -> 64 x 64); the forward's 2 matmuls per tile, the
+    backward's 5 on one block, 7 on several (p and dS recomputed in its query-block pass); the widest head's tile
+    (an upper bound for ragged heads)."""
+    a, c = launch.args, launch.constants
+    BW, N, _ = a["Q"].shape
+    heads = a["HEADS"].shape[1]
+    bm, bn = (c["BLOCK_M"], c["BLOCK_N"]) if "BLOCK_M" in c else (c["BLOCK"], c["BLOCK"])
+    rows, keys = math.ceil(N / bm) * bm, math.ceil(N / bn) * bn
+    matmuls = 2 if "fwd" in launch.name else 5 if c["ONE_BLOCK"] else 7
+    return 2.0 * matmuls * BW * heads * rows * keys * 2 ** c["LOG2_DMAX"]
 
 
 def _triton_ops(launches) -> list[Op]:
@@ -201,7 +219,8 @@ def search_step(model_name: str, fused: bool) -> Callable[[int], None]:
 
 
 def _model(model_name: str, slim: bool):
-    """The dense timm model, or its slim 70/70/70 model (fused) from fixed-seed random gate magnitudes."""
+    """The dense timm model, or its slim model at budgets 0.7 for every gate kind it has (fused), from fixed-seed
+    random gate magnitudes."""
     import vitslim
     torch.manual_seed(0)
     model = _timm(model_name)
@@ -213,7 +232,7 @@ def _model(model_name: str, slim: bool):
             gate.attn.uniform_(0.0, 1.0)
             gate.mlp.uniform_(0.0, 1.0)
             gate.tokens.uniform_(0.0, 3.0)
-    plan = vitslim.threshold(searchable, budget_attn=0.7, budget_mlp=0.7, budget_tokens=0.7)
+    plan = vitslim.threshold(searchable, budget_attn=0.7, budget_mlp=0.7)  # tokens: 0.7 where the model has them
     return vitslim.slim(searchable, plan, fused=True)
 
 
@@ -293,7 +312,7 @@ def results_name(model: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="deit_small_patch16_224", help="a timm ViT name")
+    parser.add_argument("--model", default="deit_small_patch16_224", help="a timm ViT or Swin name")
     parser.add_argument("--batch", type=int, default=256, help="batch of the search step and slim inference")
     parser.add_argument("--bandwidth-tbs", type=float, default=H200["bandwidth_tbs"], help="device memory TB/s")
     parser.add_argument("--peak-tflops", type=float, default=H200["peak_tflops"], help="bf16 matmul TFLOP/s")
@@ -318,13 +337,13 @@ def main(argv: list[str] | None = None) -> int:
                                ("fused", search_step(args.model, fused=True)),
                                ("folded", search_step(args.model, fused=False)), args.batch, limits, args.launch_us))
     if args.only in (None, "retrain"):
-        results.append(compare(f"{args.model} retrain step (fwd + bwd + AdamW, bf16 autocast), slim 70/70/70 "
+        results.append(compare(f"{args.model} retrain step (fwd + bwd + AdamW, bf16 autocast), slim at budgets 0.7 "
                                f"(fused) vs dense timm (SDPA)",
                                ("slim", train_step(args.model, slim=True)),
                                ("dense", train_step(args.model, slim=False)), args.batch, limits, args.launch_us))
     if args.only in (None, "inference"):
         for batch in dict.fromkeys((args.batch, 1)):
-            results.append(compare(f"{args.model} inference, slim 70/70/70 (fused) vs dense timm (SDPA), bf16",
+            results.append(compare(f"{args.model} inference, slim at budgets 0.7 (fused) vs dense timm (SDPA), bf16",
                                    ("slim", inference_step(args.model, slim=True)),
                                    ("dense", inference_step(args.model, slim=False)), batch, limits, args.launch_us))
     for r in results:

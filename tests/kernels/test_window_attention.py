@@ -109,6 +109,13 @@ def test_matches_reference_fp32(window, dims, images, n_windows, shifted, poison
     _check(window, dims, images, n_windows, shifted, torch.float32)
 
 
+def test_one_block_backward_without_the_held_bias(monkeypatch, kernels, poisoned):
+    """sm_80's one-block backward gathers the bias per window instead of holding it (HOIST_BIAS False)."""
+    config = kernels._config
+    monkeypatch.setattr(kernels, "_config", lambda *a: {**config(*a), **({"HOIST_BIAS": False} if a[1] else {})})
+    _check(4, (5, 1, 17), 1, 3, True, torch.float32)
+
+
 @pytest.mark.parametrize("window, dims", [(7, (0, 1, 17, 32)), (4, (16, 0, 5))])
 def test_matches_reference_fp16(window, dims, poisoned):
     # bf16 is only tested on a GPU: Triton's interpreter computes tl.dot on bfloat16 operands wrongly.

@@ -41,11 +41,11 @@ import triton.language as tl
 
 from ..runtime import alloc as _alloc
 from ..runtime import fail_safe
-from ._launch import check_device, interpreter_agrees, kernel_wrapper
+from ._launch import arch, check_device, interpreter_agrees, kernel_wrapper
 from .ragged_attention import _alignment, _dot_precision, _strides
 
 _MIN_BLOCK_D = 16   # tl.dot needs every dimension >= 16
-_LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(1.4426950408889634)  # softmax in base 2: exp(x) = exp2(x * log2(e))
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def _bias_tile(TABLE, INDEX, column, offs_m, offs_n, N, stride_tr, stride_th):
 def _mask_tile(MASK, w, NW, offs_m, offs_n, N):
     """(BLOCK_M, BLOCK_N) fp32: the shift mask of window w (mask[w % nW]), 0 outside the window."""
     valid = (offs_m < N)[:, None] & (offs_n < N)[None, :]
-    base = MASK + (w % NW).to(tl.int64) * N * N
+    base = MASK + (w % NW) * N * N
     return tl.load(base + offs_m[:, None] * N + offs_n[None, :], mask=valid, other=0.0).to(tl.float32)
 
 
@@ -78,42 +78,42 @@ def _fwd_windows(Q, K, V, O, LSE, TABLE, INDEX, MASK, col0, width, column, g, h,
     mask_d = offs_d < width
     if ONE_BLOCK:  # the head's bias, in base 2, once for all the program's windows
         bias = _bias_tile(TABLE, INDEX, column, offs_m, tl.arange(0, BLOCK_N), N, stride_tr, stride_th) * _LOG2E
-    for i in range(0, WINDOWS):
-        w = g * WINDOWS + i
-        if w < BW:
-            w64 = w.to(tl.int64)  # w * stride can pass 2**31
-            q_base = Q + w64 * stride_qb + col0 * stride_qd
-            k_base = K + w64 * stride_kb + col0 * stride_kd
-            v_base = V + w64 * stride_vb + col0 * stride_vd
-            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                        mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            acc = tl.zeros([BLOCK_M, D_T], tl.float32)
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            for start_n in range(0, N, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                mask_n = offs_n < N
-                kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                             mask=mask_d[:, None] & mask_n[None, :], other=0.0)              # (D_T, BLOCK_N)
-                s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-                if ONE_BLOCK:
-                    s += bias
-                else:
-                    s += _bias_tile(TABLE, INDEX, column, offs_m, offs_n, N, stride_tr, stride_th) * _LOG2E
-                if HAS_MASK:
-                    s += _mask_tile(MASK, w, NW, offs_m, offs_n, N) * _LOG2E
-                s = tl.where(mask_n[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every key block holds a valid key
-                p = tl.exp2(s - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                            mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-                m_i = m_new
-            o_ptrs = O + w64 * stride_ob + col0 * stride_od + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
-            tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-            tl.store(LSE + w64 * stride_lseb + h * stride_lseh + offs_m, (m_i + tl.log2(l_i)) / _LOG2E, mask=mask_m)
+    w_first = g * WINDOWS
+    # Runtime bounds, not a guard inside the loop: the loads stay in the loop body, where Triton pipelines them.
+    for i in range(0, tl.minimum(WINDOWS, BW - w_first)):
+        w64 = w_first.to(tl.int64) + i  # w * stride can pass 2**31
+        q_base = Q + w64 * stride_qb + col0 * stride_qd
+        k_base = K + w64 * stride_kb + col0 * stride_kd
+        v_base = V + w64 * stride_vb + col0 * stride_vd
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        acc = tl.zeros([BLOCK_M, D_T], tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=mask_d[:, None] & mask_n[None, :], other=0.0)              # (D_T, BLOCK_N)
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+            if ONE_BLOCK:
+                s += bias
+            else:
+                s += _bias_tile(TABLE, INDEX, column, offs_m, offs_n, N, stride_tr, stride_th) * _LOG2E
+            if HAS_MASK:
+                s += _mask_tile(MASK, w64, NW, offs_m, offs_n, N) * _LOG2E
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every key block holds a valid key
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        o_ptrs = O + w64 * stride_ob + col0 * stride_od + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+        tl.store(LSE + w64 * stride_lseb + h * stride_lseh + offs_m, (m_i + tl.log2(l_i)) / _LOG2E, mask=mask_m)
 
 
 @triton.jit
@@ -189,7 +189,7 @@ def _bwd_windows(Q, K, V, O, DO, DQ, DK, DV, LSE, TABLE, INDEX, MASK, DBIAS, DQK
                  stride_lseb, stride_lseh, stride_tr, stride_th, stride_dbg, stride_dbh, stride_qbg,
                  BW, N, NW, WINDOWS, D, scale, qk_scale,
                  BLOCK: tl.constexpr, D_T: tl.constexpr, ONE_BLOCK: tl.constexpr, HAS_MASK: tl.constexpr,
-                 HAS_QKV_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 HAS_QKV_BIAS: tl.constexpr, HOIST_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dq, dk, dv of head h in the windows of group g, this program's share of the bias gradient and, with
     HAS_QKV_BIAS, of the qkv bias gradient."""
     offs_d = tl.arange(0, D_T)
@@ -201,81 +201,57 @@ def _bwd_windows(Q, K, V, O, DO, DQ, DK, DV, LSE, TABLE, INDEX, MASK, DBIAS, DQK
     if ONE_BLOCK:
         offs = tl.arange(0, BLOCK)
         mask_r = offs < N
-        bias = _bias_tile(TABLE, INDEX, column, offs, offs, N, stride_tr, stride_th) * _LOG2E
+        if HOIST_BIAS:
+            bias = _bias_tile(TABLE, INDEX, column, offs, offs, N, stride_tr, stride_th) * _LOG2E
         dbias = tl.zeros([BLOCK, BLOCK], tl.float32)
-    for i in range(0, WINDOWS):
-        w = g * WINDOWS + i
-        if w < BW:
-            w64 = w.to(tl.int64)
-            q_base = Q + w64 * stride_qb + col0 * stride_qd
-            k_base = K + w64 * stride_kb + col0 * stride_kd
-            v_base = V + w64 * stride_vb + col0 * stride_vd
-            o_base = O + w64 * stride_ob + col0 * stride_od
-            do_base = DO + w64 * stride_dob + col0 * stride_dod
-            lse_base = LSE + w64 * stride_lseb + h * stride_lseh
-            g_off = w64 * stride_gb + col0 * stride_gd
-            if ONE_BLOCK:
-                q = _load_rows(q_base, offs, mask_r, offs_d, mask_d, stride_qn, stride_qd)
-                k = _load_rows(k_base, offs, mask_r, offs_d, mask_d, stride_kn, stride_kd)
-                v = _load_rows(v_base, offs, mask_r, offs_d, mask_d, stride_vn, stride_vd)
-                do = _load_rows(do_base, offs, mask_r, offs_d, mask_d, stride_don, stride_dod)
-                o = _load_rows(o_base, offs, mask_r, offs_d, mask_d, stride_on, stride_od)
-                delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-                lse = tl.load(lse_base + offs, mask=mask_r, other=0.0)
+    w_first = g * WINDOWS
+    for i in range(0, tl.minimum(WINDOWS, BW - w_first)):
+        w64 = w_first.to(tl.int64) + i
+        q_base = Q + w64 * stride_qb + col0 * stride_qd
+        k_base = K + w64 * stride_kb + col0 * stride_kd
+        v_base = V + w64 * stride_vb + col0 * stride_vd
+        o_base = O + w64 * stride_ob + col0 * stride_od
+        do_base = DO + w64 * stride_dob + col0 * stride_dod
+        lse_base = LSE + w64 * stride_lseb + h * stride_lseh
+        g_off = w64 * stride_gb + col0 * stride_gd
+        if ONE_BLOCK:
+            q = _load_rows(q_base, offs, mask_r, offs_d, mask_d, stride_qn, stride_qd)
+            k = _load_rows(k_base, offs, mask_r, offs_d, mask_d, stride_kn, stride_kd)
+            v = _load_rows(v_base, offs, mask_r, offs_d, mask_d, stride_vn, stride_vd)
+            do = _load_rows(do_base, offs, mask_r, offs_d, mask_d, stride_don, stride_dod)
+            o = _load_rows(o_base, offs, mask_r, offs_d, mask_d, stride_on, stride_od)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            lse = tl.load(lse_base + offs, mask=mask_r, other=0.0)
+            if HOIST_BIAS:
                 add = bias
-                if HAS_MASK:
-                    add += _mask_tile(MASK, w, NW, offs, offs, N) * _LOG2E
-                p, ds = _bwd_tile(q, k, v, do, lse, delta, add, offs, offs, mask_r, mask_r, qk_scale, DOT_PRECISION)
-                dbias += ds
-                dsl = ds.to(q.dtype)
-                dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-                dk = tl.dot(tl.trans(dsl), q, input_precision=DOT_PRECISION) * scale
-                dq = tl.dot(dsl, k, input_precision=DOT_PRECISION) * scale
-                g_ptrs = offs[:, None] * stride_gn + offs_d[None, :] * stride_gd
-                mask_rd = mask_r[:, None] & mask_d[None, :]
-                tl.store(DQ + g_off + g_ptrs, dq.to(DQ.dtype.element_ty), mask=mask_rd)
-                tl.store(DK + g_off + g_ptrs, dk.to(DK.dtype.element_ty), mask=mask_rd)
-                tl.store(DV + g_off + g_ptrs, dv.to(DV.dtype.element_ty), mask=mask_rd)
-                if HAS_QKV_BIAS:  # rows past N are 0 (their p and dS are)
-                    dq_sum += tl.sum(dq, 0)
-                    dk_sum += tl.sum(dk, 0)
-                    dv_sum += tl.sum(dv, 0)
-            else:
-                # Key-block pass: dk, dv of each key block over all query blocks; dS into the bias slab.
-                for start_n in range(0, N, BLOCK):
-                    offs_n = start_n + tl.arange(0, BLOCK)
-                    mask_n = offs_n < N
-                    k = _load_rows(k_base, offs_n, mask_n, offs_d, mask_d, stride_kn, stride_kd)
-                    v = _load_rows(v_base, offs_n, mask_n, offs_d, mask_d, stride_vn, stride_vd)
-                    dk = tl.zeros([BLOCK, D_T], tl.float32)
-                    dv = tl.zeros([BLOCK, D_T], tl.float32)
-                    for start_m in range(0, N, BLOCK):
-                        offs_m = start_m + tl.arange(0, BLOCK)
-                        mask_m = offs_m < N
-                        q = _load_rows(q_base, offs_m, mask_m, offs_d, mask_d, stride_qn, stride_qd)
-                        do = _load_rows(do_base, offs_m, mask_m, offs_d, mask_d, stride_don, stride_dod)
-                        o = _load_rows(o_base, offs_m, mask_m, offs_d, mask_d, stride_on, stride_od)
-                        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-                        lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
-                        add = _bias_tile(TABLE, INDEX, column, offs_m, offs_n, N, stride_tr, stride_th) * _LOG2E
-                        if HAS_MASK:
-                            add += _mask_tile(MASK, w, NW, offs_m, offs_n, N) * _LOG2E
-                        p, ds = _bwd_tile(q, k, v, do, lse, delta, add, offs_m, offs_n, mask_m, mask_n, qk_scale,
-                                          DOT_PRECISION)
-                        db_ptrs = db_base + offs_m[:, None] * N + offs_n[None, :]
-                        mask_mn = mask_m[:, None] & mask_n[None, :]
-                        tl.store(db_ptrs, tl.load(db_ptrs, mask=mask_mn, other=0.0) + ds, mask=mask_mn)
-                        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-                        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-                    dk = dk * scale
-                    g_ptrs = offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd
-                    mask_nd = mask_n[:, None] & mask_d[None, :]
-                    tl.store(DK + g_off + g_ptrs, dk.to(DK.dtype.element_ty), mask=mask_nd)
-                    tl.store(DV + g_off + g_ptrs, dv.to(DV.dtype.element_ty), mask=mask_nd)
-                    if HAS_QKV_BIAS:
-                        dk_sum += tl.sum(dk, 0)
-                        dv_sum += tl.sum(dv, 0)
-                # Query-block pass: dq of each query block over all key blocks (p and dS recomputed).
+            else:  # gathered again per window (L1/L2 hits): 16 fewer registers per thread
+                add = _bias_tile(TABLE, INDEX, column, offs, offs, N, stride_tr, stride_th) * _LOG2E
+            if HAS_MASK:
+                add += _mask_tile(MASK, w64, NW, offs, offs, N) * _LOG2E
+            p, ds = _bwd_tile(q, k, v, do, lse, delta, add, offs, offs, mask_r, mask_r, qk_scale, DOT_PRECISION)
+            dbias += ds
+            dsl = ds.to(q.dtype)
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dk = tl.dot(tl.trans(dsl), q, input_precision=DOT_PRECISION) * scale
+            dq = tl.dot(dsl, k, input_precision=DOT_PRECISION) * scale
+            g_ptrs = offs[:, None] * stride_gn + offs_d[None, :] * stride_gd
+            mask_rd = mask_r[:, None] & mask_d[None, :]
+            tl.store(DQ + g_off + g_ptrs, dq.to(DQ.dtype.element_ty), mask=mask_rd)
+            tl.store(DK + g_off + g_ptrs, dk.to(DK.dtype.element_ty), mask=mask_rd)
+            tl.store(DV + g_off + g_ptrs, dv.to(DV.dtype.element_ty), mask=mask_rd)
+            if HAS_QKV_BIAS:  # rows past N are 0 (their p and dS are)
+                dq_sum += tl.sum(dq, 0)
+                dk_sum += tl.sum(dk, 0)
+                dv_sum += tl.sum(dv, 0)
+        else:
+            # Key-block pass: dk, dv of each key block over all query blocks; dS into the bias slab.
+            for start_n in range(0, N, BLOCK):
+                offs_n = start_n + tl.arange(0, BLOCK)
+                mask_n = offs_n < N
+                k = _load_rows(k_base, offs_n, mask_n, offs_d, mask_d, stride_kn, stride_kd)
+                v = _load_rows(v_base, offs_n, mask_n, offs_d, mask_d, stride_vn, stride_vd)
+                dk = tl.zeros([BLOCK, D_T], tl.float32)
+                dv = tl.zeros([BLOCK, D_T], tl.float32)
                 for start_m in range(0, N, BLOCK):
                     offs_m = start_m + tl.arange(0, BLOCK)
                     mask_m = offs_m < N
@@ -284,24 +260,51 @@ def _bwd_windows(Q, K, V, O, DO, DQ, DK, DV, LSE, TABLE, INDEX, MASK, DBIAS, DQK
                     o = _load_rows(o_base, offs_m, mask_m, offs_d, mask_d, stride_on, stride_od)
                     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
                     lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
-                    dq = tl.zeros([BLOCK, D_T], tl.float32)
-                    for start_n in range(0, N, BLOCK):
-                        offs_n = start_n + tl.arange(0, BLOCK)
-                        mask_n = offs_n < N
-                        k = _load_rows(k_base, offs_n, mask_n, offs_d, mask_d, stride_kn, stride_kd)
-                        v = _load_rows(v_base, offs_n, mask_n, offs_d, mask_d, stride_vn, stride_vd)
-                        add = _bias_tile(TABLE, INDEX, column, offs_m, offs_n, N, stride_tr, stride_th) * _LOG2E
-                        if HAS_MASK:
-                            add += _mask_tile(MASK, w, NW, offs_m, offs_n, N) * _LOG2E
-                        p, ds = _bwd_tile(q, k, v, do, lse, delta, add, offs_m, offs_n, mask_m, mask_n, qk_scale,
-                                          DOT_PRECISION)
-                        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-                    dq = dq * scale
-                    g_ptrs = offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd
-                    tl.store(DQ + g_off + g_ptrs, dq.to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-                    if HAS_QKV_BIAS:
-                        dq_sum += tl.sum(dq, 0)
-                tl.debug_barrier()  # this window's bias sums are visible to every thread before the next adds
+                    add = _bias_tile(TABLE, INDEX, column, offs_m, offs_n, N, stride_tr, stride_th) * _LOG2E
+                    if HAS_MASK:
+                        add += _mask_tile(MASK, w64, NW, offs_m, offs_n, N) * _LOG2E
+                    p, ds = _bwd_tile(q, k, v, do, lse, delta, add, offs_m, offs_n, mask_m, mask_n, qk_scale,
+                                      DOT_PRECISION)
+                    db_ptrs = db_base + offs_m[:, None] * N + offs_n[None, :]
+                    mask_mn = mask_m[:, None] & mask_n[None, :]
+                    tl.store(db_ptrs, tl.load(db_ptrs, mask=mask_mn, other=0.0) + ds, mask=mask_mn)
+                    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+                dk = dk * scale
+                g_ptrs = offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd
+                mask_nd = mask_n[:, None] & mask_d[None, :]
+                tl.store(DK + g_off + g_ptrs, dk.to(DK.dtype.element_ty), mask=mask_nd)
+                tl.store(DV + g_off + g_ptrs, dv.to(DV.dtype.element_ty), mask=mask_nd)
+                if HAS_QKV_BIAS:
+                    dk_sum += tl.sum(dk, 0)
+                    dv_sum += tl.sum(dv, 0)
+            # Query-block pass: dq of each query block over all key blocks (p and dS recomputed).
+            for start_m in range(0, N, BLOCK):
+                offs_m = start_m + tl.arange(0, BLOCK)
+                mask_m = offs_m < N
+                q = _load_rows(q_base, offs_m, mask_m, offs_d, mask_d, stride_qn, stride_qd)
+                do = _load_rows(do_base, offs_m, mask_m, offs_d, mask_d, stride_don, stride_dod)
+                o = _load_rows(o_base, offs_m, mask_m, offs_d, mask_d, stride_on, stride_od)
+                delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+                lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
+                dq = tl.zeros([BLOCK, D_T], tl.float32)
+                for start_n in range(0, N, BLOCK):
+                    offs_n = start_n + tl.arange(0, BLOCK)
+                    mask_n = offs_n < N
+                    k = _load_rows(k_base, offs_n, mask_n, offs_d, mask_d, stride_kn, stride_kd)
+                    v = _load_rows(v_base, offs_n, mask_n, offs_d, mask_d, stride_vn, stride_vd)
+                    add = _bias_tile(TABLE, INDEX, column, offs_m, offs_n, N, stride_tr, stride_th) * _LOG2E
+                    if HAS_MASK:
+                        add += _mask_tile(MASK, w64, NW, offs_m, offs_n, N) * _LOG2E
+                    p, ds = _bwd_tile(q, k, v, do, lse, delta, add, offs_m, offs_n, mask_m, mask_n, qk_scale,
+                                      DOT_PRECISION)
+                    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+                dq = dq * scale
+                g_ptrs = offs_m[:, None] * stride_gn + offs_d[None, :] * stride_gd
+                tl.store(DQ + g_off + g_ptrs, dq.to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+                if HAS_QKV_BIAS:
+                    dq_sum += tl.sum(dq, 0)
+            tl.debug_barrier()  # this window's bias sums are visible to every thread before the next adds
     if ONE_BLOCK:
         tl.store(db_base + offs[:, None] * N + offs[None, :], dbias, mask=mask_r[:, None] & mask_r[None, :])
     if HAS_QKV_BIAS:
@@ -338,6 +341,7 @@ def _window_attention_bwd_kernel(
     ONE_BLOCK: tl.constexpr,                # N <= BLOCK
     HAS_MASK: tl.constexpr,
     HAS_QKV_BIAS: tl.constexpr,
+    HOIST_BIAS: tl.constexpr,               # one block: gather the bias once per program (else once per window)
     VEC: tl.constexpr,                      # proven alignment of offsets, widths and row strides
     LOG2_DMAX: tl.constexpr,                # log2 of the largest tile (>= 4)
     DOT_PRECISION: tl.constexpr,
@@ -357,7 +361,7 @@ def _window_attention_bwd_kernel(
                          stride_od, stride_dob * VEC, stride_don * VEC, stride_dod, stride_gb * VEC,
                          stride_gn * VEC, stride_gd, stride_lseb, stride_lseh, stride_tr, stride_th, stride_dbg,
                          stride_dbh, stride_qbg, BW, N, NW, WINDOWS, D, scale, scale * _LOG2E,
-                         BLOCK, 2 ** LOG2_D, ONE_BLOCK, HAS_MASK, HAS_QKV_BIAS, DOT_PRECISION)
+                         BLOCK, 2 ** LOG2_D, ONE_BLOCK, HAS_MASK, HAS_QKV_BIAS, HOIST_BIAS, DOT_PRECISION)
 
 
 # -- launchers -------------------------------------------------------------------------------------------------
@@ -382,14 +386,19 @@ def _log2_dmax(head_dims: Sequence[int]) -> int:
     return max(_MIN_BLOCK_D, triton.next_power_of_2(max(head_dims))).bit_length() - 1
 
 
-def block_size(N: int, interpret: bool) -> int:
-    """Rows and keys per tile: the whole window when it fits 64 (49 -> 64), else 64-row blocks (144: 3 x 3).
-    Under the interpreter windows above 16 take 32-row blocks, so N = 49 and 144 both run the multi-block path
-    of the backward too."""
+def block_size(N: int, interpret: bool, dtype: torch.dtype = torch.bfloat16, backward: bool = False) -> int:
+    """Rows and keys per tile. 16-bit: the whole window when it fits 64 (49 -> 64, one block), else 32-row blocks
+    (144 -> 5 x 5, 90% real). fp32 ("ieee" dots are FMA code): 32 in the forward, 16 in the backward. Chosen from
+    the compiled code (benchmarks.kernel_resources, triton 3.8; not yet measured on a GPU): 64 x 64 one-block tiles
+    compile without spills in 16-bit (the backward with 8 warps, below) but spilled 12-3428 B per thread in fp32;
+    64-row blocks at N = 144 spilled 116-244 B in the bf16 backward, 32-row fp32 backward blocks 780-1280 B. Under
+    the interpreter windows above 16 take 32-row blocks, so N = 49 and 144 run the multi-block passes and N = 16 the
+    one-block path."""
     one = max(_MIN_BLOCK_D, triton.next_power_of_2(N))
     if interpret:
         return one if N <= 16 else 32
-    return one if one <= 64 else 64
+    limit = 64 if dtype != torch.float32 else 16 if backward else 32
+    return one if one <= limit else min(limit, 32)
 
 
 def windows_per_program(BW: int, heads: int, interpret: bool) -> int:
@@ -401,11 +410,16 @@ def windows_per_program(BW: int, heads: int, interpret: bool) -> int:
     return max(1, min(16, BW * heads // 2048))
 
 
-def _config(interpret: bool, dtype: torch.dtype, one_block: bool) -> dict:
+def _config(interpret: bool, backward: bool, block: int, arch: int) -> dict:
     if interpret:
-        return {}
-    # Not measured on a GPU (none lent yet); from the compiled code (benchmarks.kernel_resources).
-    return dict(num_warps=4, num_stages=2)
+        return dict(HOIST_BIAS=True) if backward else {}
+    # Not measured on a GPU (none lent yet); from the compiled code (benchmarks.kernel_resources): the one-block
+    # 64 x 64 backward with the shift mask spilled 52-60 B per thread with 4 warps (255 registers) on sm_90/sm_80;
+    # with 8 warps still 8 B on sm_80 (one stage: no spill, but no cp.async either), unless the bias tile is
+    # gathered per window instead of held (HOIST_BIAS False: 16 registers of 64 x 64 fp32 over 256 threads).
+    if backward and block == 64:
+        return dict(num_warps=8, num_stages=2, HOIST_BIAS=arch >= 90)
+    return dict(num_warps=4, num_stages=2, **(dict(HOIST_BIAS=True) if backward else {}))
 
 
 @fail_safe("window_attention_fwd")  # its fallback: ops/window_attention.py registers it
@@ -421,7 +435,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
         return o, lse
     check_device(q, "window_attention", _INTERPRETED)
     vec = _alignment(dims, (q, k, v, o))
-    block = block_size(N, _INTERPRETED)
+    block = block_size(N, _INTERPRETED, q.dtype)
     windows = windows_per_program(BW, H, _INTERPRETED)
     index = index.contiguous()
     mask_arg = mask.contiguous() if mask is not None else index
@@ -432,7 +446,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
         lse.stride(0), lse.stride(1), table.stride(0), table.stride(1),
         BW, N, H, mask.shape[0] if mask is not None else 1, windows, scale,
         BLOCK_M=block, BLOCK_N=block, ONE_BLOCK=N <= block, HAS_MASK=mask is not None, VEC=vec,
-        LOG2_DMAX=_log2_dmax(dims), DOT_PRECISION=_dot_precision(q), **_config(_INTERPRETED, q.dtype, N <= block))
+        LOG2_DMAX=_log2_dmax(dims), DOT_PRECISION=_dot_precision(q), **_config(_INTERPRETED, False, block, 90))
     return o, lse
 
 
@@ -458,7 +472,7 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
     check_device(q, "window_attention", _INTERPRETED)
     lse = lse.contiguous()
     vec = _alignment(dims, (q, k, v, o, do, dq))
-    block = block_size(N, _INTERPRETED)
+    block = block_size(N, _INTERPRETED, q.dtype, backward=True)
     windows = windows_per_program(BW, H, _INTERPRETED)
     groups = triton.cdiv(BW, windows)
     one_block = N <= block
@@ -478,6 +492,6 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
         dbias.stride(0), dbias.stride(1), dqkv_bias.stride(0) if dqkv_bias is not None else 0,
         BW, N, H, mask.shape[0] if mask is not None else 1, windows, D, scale,
         BLOCK=block, ONE_BLOCK=one_block, HAS_MASK=mask is not None, HAS_QKV_BIAS=qkv_bias, VEC=vec,
-        LOG2_DMAX=_log2_dmax(dims), DOT_PRECISION=_dot_precision(q), **_config(_INTERPRETED, q.dtype, one_block))
+        LOG2_DMAX=_log2_dmax(dims), DOT_PRECISION=_dot_precision(q), **_config(_INTERPRETED, True, block, 90 if _INTERPRETED else arch(q.device)))
     # The second stage of both sums: over programs, one fixed-order reduction each (no atomics).
     return dq, dk, dv, dbias.sum(0), dqkv_bias.sum(0) if dqkv_bias is not None else None
