@@ -30,6 +30,9 @@ left; time a part leaves unused passes on), writes its JSON as it measures, and 
   P1-compile  the search step's torch.compile baseline (a cold inductor compile: last of the targets)
   autotune    P2's Triton cases with VITSLIM_AUTOTUNE=1
   loader      benchmarks.loader on synthetic JPEGs: --loader cpu and gpu, worker counts, the device half
+  swin        benchmarks.run_swin_benchmarks: Swin-T's search step (fused, folded + SDPA with the float mask, eager),
+              the window attention against padded and grouped SDPA, slim Swin-T inference and retrain against
+              dense. Last, so cut first; a second call on the warm machine runs it: --continue --parts swin
 A torch.compile row starts only when its expected compile time is left in its part (else "not run: budget").
 
 Exit status: 0 when every correctness part that was asked for (build, selftest, tests, sanitizer) passed; 1 when
@@ -104,6 +107,8 @@ PARTS = (
          False),
     Part("loader", "input pipeline: loader workers on this machine's cores, --loader gpu's device half", 60, 40, 50,
          "loader.json", False),
+    Part("swin", "Swin-T: search step fused vs folded + SDPA (float mask) and eager; window attention vs padded and "
+         "grouped SDPA; slim inference and retrain vs dense", 120, 60, 90, "swin.json", False),
 )
 PART_NAMES = tuple(p.name for p in PARTS)
 PARTS_BY_NAME = {p.name: p for p in PARTS}
@@ -451,10 +456,18 @@ def part_loader(ctx: PartContext) -> str:
     return "ok" if code == 0 else f"failed: benchmarks.loader exited {code}"
 
 
+def part_swin(ctx: PartContext) -> str:
+    from benchmarks import run_swin_benchmarks as swin
+
+    progress = _benchmark_progress(ctx, "swin")
+    swin.run(swin.DRY_RUN_SETUP if ctx.dry_run else swin.GPU_SETUP, progress)
+    return _finish(ctx, "swin", progress)
+
+
 PART_FUNCTIONS: dict[str, Callable[[PartContext], str]] = {
     "limits": part_limits, "build": part_build, "selftest": part_selftest, "tests": part_tests,
     "sanitizer": part_sanitizer, "P1": part_p1, "P2": part_p2, "P3": part_p3, "P4": part_p4,
-    "P1-compile": part_p1_compile, "autotune": part_autotune, "loader": part_loader}
+    "P1-compile": part_p1_compile, "autotune": part_autotune, "loader": part_loader, "swin": part_swin}
 
 
 def run_part(name: str, ctx: PartContext) -> int:

@@ -129,6 +129,15 @@ def test_dry_run_writes_every_file_with_its_fields(dry_run):
     assert retrain["slim"]["flops_ratio_vs_dense"] > 1 and retrain["slim"]["speedup_vs_paper_masked"] > 0
     assert retrain["slim"]["speedup_vs_dense_compile"] > 0 and retrain["dense_compile"]["first_call_s"] > 0
     assert retrain["dense"]["sdpa_backend"] == "flash" and retrain["slim"]["sdpa_backend"] is None
+    swin = load(out / "swin.json")["rows"]
+    assert {(r["bench"], r["variant"]) for r in swin} == {
+        *(("search_step", v) for v in ("fused", "folded_sdpa", "paper_eager")),
+        *(("window_attention", v) for v in ("window", "padded_sdpa", "grouped_sdpa")),
+        *((b, v) for b in ("slim_inference", "retrain_step") for v in ("dense", "slim"))}
+    fused = next(r for r in swin if r["bench"] == "search_step" and r["variant"] == "fused")
+    assert fused["speedup_vs_folded_sdpa"] > 0 and fused["speedup_vs_paper_eager"] > 0
+    assert all(r["speedup_vs_padded_sdpa"] > 0 for r in swin if r["variant"] == "window")
+    assert all(r["flops_ratio_vs_dense"] > 1 for r in swin if r["variant"] == "slim")
     selftest = load(out / "selftest.json")["rows"]
     assert selftest and all(r["passed"] for r in selftest)
     assert [case[2] for case in gpu_check.selftest_cases()][:2] == ["cuda", "triton"]  # (no GPU here: no row)
