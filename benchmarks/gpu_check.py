@@ -513,7 +513,7 @@ def _child_env(part: Part, dry_run: bool, results_dir: Path, commit: str | None)
         env[LIMITS_ENV] = str(results_dir / "limits.json")
     if commit:
         env[COMMIT_ENV] = commit
-    if dry_run and part.name in ("selftest", "P1", "P2", "autotune", "P3", "P4", "P1-compile"):
+    if dry_run and part.name in ("selftest", "P1", "P2", "autotune", "P3", "P4", "P1-compile", "swin"):
         env["TRITON_INTERPRET"] = "1"  # the CPU runs the Triton kernels in the interpreter
     if part.name == "autotune":
         env["VITSLIM_AUTOTUNE"] = "1"
