@@ -77,7 +77,7 @@ def model_rows(results: Path, cores: int) -> tuple[list[dict], dict]:
 def table(rows: list[dict], meta: dict) -> str:
     labels = list(meta["pipelines"])
     short = {label: short_name(label) for label in labels}
-    lines = [f"| recipe | step images/s (predicted) | " + " | ".join(
+    lines = ["| recipe | step images/s (predicted) | " + " | ".join(
         f"{short[label]}: GPU-hours" for label in labels) + " | paper (V100) |",
         "| --- | ---: | " + " | ".join("---:" for _ in labels) + " | ---: |"]
     for r in rows:

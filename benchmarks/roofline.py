@@ -28,16 +28,18 @@ An estimate, not a measurement: the GPU benchmarks print measured / predicted be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -92,6 +94,16 @@ class _AtenRecorder(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[Op] = []
+        self._muted = 0
+
+    @contextlib.contextmanager
+    def muted(self) -> Iterator[None]:
+        """Ops run inside are not recorded (a caller records them as one)."""
+        self._muted += 1
+        try:
+            yield
+        finally:
+            self._muted -= 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -103,7 +115,7 @@ class _AtenRecorder(TorchDispatchMode):
                 return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
-        if func.is_view or name in self._FREE or func.namespace != "aten":
+        if self._muted or func.is_view or name in self._FREE or func.namespace != "aten":
             return out
         flops, fp32 = self._flops(func, args, kwargs, out)
         self.ops.append(Op(name, "aten", flops, _nbytes((args, kwargs)) + _nbytes(out), fp32))
@@ -168,10 +180,61 @@ def _triton_ops(launches) -> list[Op]:
     return ops
 
 
+class _MaskedSDPA(torch.autograd.Function):
+    """scaled_dot_product_attention with a float mask, recorded as the one fused kernel a GPU runs (its memory-
+    efficient backend: q, k, v, the mask and o move once, no scores in memory), forward and backward. On a CPU
+    SDPA with a mask runs its math path (matmuls, softmax, the scores written out), which is not what the GPU
+    baseline does."""
+
+    @staticmethod
+    def forward(ctx, recorder, q, k, v, mask, kwargs):
+        with recorder.muted():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
+        recorder.ops.append(Op("sdpa_efficient_masked", "aten", _sdpa_flops(tuple(q.shape), False),
+                               _nbytes((q, k, v, mask, out)), q.dtype == torch.float32))
+        ctx.save_for_backward(q, k, v, mask)
+        ctx.recorder, ctx.kwargs = recorder, kwargs
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, mask = ctx.saved_tensors
+        with ctx.recorder.muted(), torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v, mask)]
+            out = F.scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3], **ctx.kwargs)
+            wanted = [t for t in leaves if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, wanted, dout) if wanted else ())
+        result = tuple(next(grads) if t.requires_grad else None for t in leaves)
+        ctx.recorder.ops.append(Op("sdpa_efficient_masked_backward", "aten", _sdpa_flops(tuple(q.shape), True),
+                                   _nbytes((q, k, v, mask, out, dout)) + _nbytes([g for g in result if g is not None]),
+                                   q.dtype == torch.float32))
+        return (None, *result, None)
+
+
+class _ModelSDPA(torch.overrides.TorchFunctionMode):
+    """Sends masked scaled_dot_product_attention calls through _MaskedSDPA."""
+
+    def __init__(self, recorder: "_AtenRecorder") -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v, *rest = args
+            mask = kwargs.pop("attn_mask", rest[0] if rest else None)
+            if mask is not None and mask.is_floating_point():
+                return _MaskedSDPA.apply(self.recorder, q, k, v, mask, kwargs)
+            kwargs["attn_mask"] = mask
+            return func(q, k, v, **kwargs)
+        return func(*args, **kwargs)
+
+
 def record(step: Callable[[int], None], batch: int) -> list[Op]:
-    """The ops of step(batch): Triton launches (compile only, sm_90) and aten ops."""
+    """The ops of step(batch): Triton launches (compile only, sm_90) and aten ops; SDPA with a float mask as the one
+    kernel a GPU runs (_MaskedSDPA)."""
     recorder = _AtenRecorder()
-    with compile_only("sm_90") as launches, recorder:
+    with compile_only("sm_90") as launches, recorder, _ModelSDPA(recorder):
         step(batch)
     return recorder.ops + _triton_ops(launches)
 

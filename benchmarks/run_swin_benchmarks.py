@@ -23,7 +23,6 @@ import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import timm
 import torch
@@ -218,7 +217,6 @@ def bench_window_attention(setup: Setup, progress: Progress) -> None:
                                            "head_dims": [list(b["dims"]) for b in blocks],
                                            **achieved(flops, None, ms)})
             print(f"swin window_attention {mode:8s} {variant:13s} {ms:9.3f} ms", flush=True)
-            del calls
         if "window" in timed:
             for name in ("padded_sdpa", "grouped_sdpa"):
                 if name in timed:
