@@ -23,7 +23,7 @@ from .tolerance import assert_within_spec  # noqa: E402
 # |expected| (docs/conventions.md). fp32: as for ragged attention (online softmax rescaled, p recomputed from the
 # saved logsumexp in base 2; the table gradient sums dS over every window and pair: measured up to 9e-7 at
 # max |dtable| ~ 8, i.e. ~1 eps); 32 eps. fp16: 4 eps, as for ragged attention.
-FLOOR_EPS = {torch.float32: 32, torch.float16: 4}
+FLOOR_EPS = {torch.float32: 32, torch.float16: 4, torch.bfloat16: 4}
 
 
 @pytest.fixture(autouse=True)
@@ -63,28 +63,31 @@ def launches(monkeypatch, kernels):
     return counts
 
 
-def _run(fn, sample, dtype, grad_out):
+def _run(fn, sample, dtype, grad_out, device="cpu"):
     """fn's output and the gradients of (qkv, table), q, k, v being views of one packed leaf cast to dtype."""
     q, k, v, dims, scale, table, index, mask = sample
-    qkv = q._base.detach().to(dtype).requires_grad_()
-    leaf_table = table.detach().to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
+    qkv = q._base.detach().to(device=device, dtype=dtype).requires_grad_()
+    table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    leaf_table = table.detach().to(device=device, dtype=table_dtype).requires_grad_()
+    index = index.to(device)
+    mask = mask.to(device) if mask is not None else None
     D = sum(dims)
     out = fn(qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:], dims, scale, leaf_table, index, mask)
-    out.backward(grad_out.to(dtype))
-    return out.detach(), qkv.grad, leaf_table.grad
+    out.backward(grad_out.to(device=device, dtype=dtype))
+    return out.detach().cpu(), qkv.grad.cpu(), leaf_table.grad.cpu()
 
 
 def _triton(q, k, v, dims, scale, table, index, mask):
     return window_attention(q, k, v, dims, scale, table, index, mask, implementation="triton")
 
 
-def _check(window, dims, images, n_windows, shifted, dtype):
+def _check(window, dims, images, n_windows, shifted, dtype, device="cpu"):
     sample = ops._sample(window, dims, images, n_windows, shifted, device="cpu", dtype=torch.float64,
                          requires_grad=False, seed=3)
     g = torch.Generator().manual_seed(4)
     grad_out = torch.randn(sample[0].shape, generator=g, dtype=torch.float64)
-    got = _run(_triton, sample, dtype, grad_out)
-    ref = _run(window_attention_ref, sample, dtype, grad_out)
+    got = _run(_triton, sample, dtype, grad_out, device)
+    ref = _run(window_attention_ref, sample, dtype, grad_out, device)
     expected = _run(window_attention_ref, sample, torch.float64, grad_out)
     assert got[0].dtype == dtype and got[2].dtype == torch.float32  # the table keeps its own dtype
     for name, a, b, c in zip(("out", "dqkv", "dtable"), got, ref, expected):
@@ -247,6 +250,62 @@ def test_bad_arguments_name_the_value():
         window_attention(q, k, v, dims, scale, table, index, torch.zeros(3, 16, 16))
     with pytest.raises(ValueError, match=r"mask must be a floating \(nW, N, N\) tensor with N = 16"):
         window_attention(q, k, v, dims, scale, table, index, torch.zeros(2, 16, 15))
+
+
+# -- on a GPU (compiled kernels; bfloat16 only here: the interpreter's bf16 dots are wrong) ------------------------
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU, kernels compiled")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("window, dims, images, n_windows, shifted", CASES + [(7, (32, 32, 32), 8, 64, True)])
+def test_compiled_on_gpu(window, dims, images, n_windows, shifted, dtype, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _check(window, dims, images, n_windows, shifted, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@gpu
+def test_table_gradient_is_bitwise_repeatable_on_gpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, dims, scale, table, index, mask = ops._sample(7, (32, 32, 32), 8, 64, True, device="cuda",
+                                                           dtype=torch.bfloat16, requires_grad=True)
+    grads = []
+    for _ in range(2):
+        table.grad = q._base.grad = None
+        out = window_attention(q, k, v, dims, scale, table, index, mask, implementation="triton")
+        out.backward(torch.ones_like(out))
+        grads.append((table.grad.clone(), q._base.grad.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.gpu
+@gpu
+def test_fused_swin_search_step_on_gpu_matches_folded(monkeypatch):
+    """Swin-T (2 stages cut from 4) under bf16 autocast: fused and folded search models give the same loss and
+    gate gradients within bf16 rounding of the float64 eager model's."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import timm
+    torch.manual_seed(0)
+    dense = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(2, 2), num_heads=(3, 6),
+                              drop_path_rate=0.0)
+    x = torch.randn(4, 3, 224, 224)
+    results = {}
+    for name, implementation, dtype in (("expected", "eager", torch.float64), ("folded", "folded", torch.float32),
+                                        ("fused", "fused", torch.float32)):
+        model = vitslim.make_searchable(copy.deepcopy(dense), implementation=implementation).to("cuda", dtype)
+        randomize_gates(model)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype != torch.float64):
+            out = model(x.to("cuda", dtype)).float()
+        out.square().mean().backward()
+        results[name] = (out.detach().cpu().double(),
+                         torch.cat([g.attn.grad.flatten() for g in vitslim.gates(model)]).cpu().double())
+    for i, what in enumerate(("output", "attention gate gradients")):
+        expected = results["expected"][i]
+        err = {n: (results[n][i] - expected).abs().max().item() for n in ("folded", "fused")}
+        assert err["fused"] <= 2 * err["folded"] + 4 * torch.finfo(torch.bfloat16).eps * expected.abs().max().item(), \
+            (what, err)
 
 
 # -- the op in graphs (triton imported compiled: the op's CPU path computes the reference math) ------------------
