@@ -259,8 +259,14 @@ def extrapolate(step: Callable[[int], None], batch: int) -> list[Op]:
 # ---------------------------------------------------------------------------------------------------------
 
 def _timm(model_name: str):
+    """The timm model, its attention on SDPA (timm leaves Swin's on its explicit softmax by default: the strong
+    dense baseline is SDPA with the bias and mask as a float mask)."""
     import timm
-    return timm.create_model(model_name, pretrained=False, drop_path_rate=0.0)
+    model = timm.create_model(model_name, pretrained=False, drop_path_rate=0.0)
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = True
+    return model
 
 
 def search_step(model_name: str, fused: bool) -> Callable[[int], None]:

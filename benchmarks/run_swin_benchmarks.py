@@ -13,7 +13,8 @@ Rows, each a device-timed median (benchmarks.common.time_ms), bf16 autocast:
                     to the widest, multiple of 8) and "grouped_sdpa" (one SDPA per group of heads of equal padded
                     width); each SDPA variant builds its float mask (bias gathered + shift mask) inside the timed
                     call, as the model does; modes "fwd" (no grad) and "fwd_bwd" (gradients of qkv and the table)
-  slim_inference    slim Swin-T (fused) against the dense timm model (SDPA), eval, at the search batch and batch 1
+  slim_inference    slim Swin-T (fused) against the dense timm model with its attention on SDPA (timm's fused_attn,
+                    off for Swin by default), eval, at the search batch and batch 1
   retrain_step      one training step of the slim Swin-T against the dense one
 Plans: random gate magnitudes (a fixed seed) thresholded at 0.7 / 0.7 (Swin has no token gates).
 """
@@ -54,8 +55,14 @@ DRY_RUN_SETUP = Setup(torch.device("cpu"), "swin_tiny_patch4_window7_224",
 
 
 def _dense(setup: Setup) -> torch.nn.Module:
+    """timm's Swin with its attention on SDPA (bias and shift mask as one float mask): timm leaves Swin on its
+    explicit softmax by default (fused_attn False); SDPA is the strong dense baseline."""
     torch.manual_seed(SEED)
-    return timm.create_model(setup.model, pretrained=False, drop_path_rate=0.0, **setup.overrides)
+    model = timm.create_model(setup.model, pretrained=False, drop_path_rate=0.0, **setup.overrides)
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = True
+    return model
 
 
 def _searched(setup: Setup) -> tuple[torch.nn.Module, vitslim.SlimPlan]:

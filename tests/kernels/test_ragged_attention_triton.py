@@ -12,7 +12,7 @@ triton = pytest.importorskip("triton")
 from vitslim_kernels import explain, ragged_attention, ragged_attention_ref, select  # noqa: E402
 from vitslim_kernels.ops.ragged_attention import ragged_attention_triton  # noqa: E402
 
-from .interpreter import INTERPRETED, rerun_under_interpreter, require_interpreter  # noqa: E402
+from .interpreter import INTERPRETED, poison_allocations, rerun_under_interpreter, require_interpreter  # noqa: E402
 from .tolerance import assert_within_spec  # noqa: E402
 
 SCALE = 64 ** -0.5  # a pruned head keeps its original width's scale (docs/design.md section 4)
@@ -43,10 +43,7 @@ def kernels():
 
 @pytest.fixture
 def poisoned(monkeypatch, kernels):
-    """Every buffer the kernels write starts as NaN, so an element they skip stays NaN."""
-    def alloc_nan(shape, like, dtype=None):
-        return torch.full(tuple(shape), float("nan"), dtype=dtype or like.dtype, device=like.device)
-    monkeypatch.setattr(kernels, "_alloc", alloc_nan)
+    poison_allocations(monkeypatch, kernels)
 
 
 def _assert_within_spec(name, got, ref_same_dtype, expected):

@@ -20,7 +20,7 @@ from vitslim_kernels import (dispatch, explain, gated_attention_branch, gated_at
                              gated_mlp_branch, gated_mlp_branch_ref, layernorm_token_scale,
                              layernorm_token_scale_ref, select)
 
-from .interpreter import INTERPRETED, rerun_under_interpreter, require_interpreter  # noqa: E402
+from .interpreter import INTERPRETED, poison_allocations, rerun_under_interpreter, require_interpreter  # noqa: E402
 from .tolerance import assert_within_spec  # noqa: E402
 
 EPS = 1e-6
@@ -52,11 +52,7 @@ def test_cpu_tests_under_the_interpreter():
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Every buffer the kernels write starts as NaN, so an element they skip stays NaN."""
-    def alloc_nan(shape, like, dtype=None):
-        return torch.full(tuple(shape), float("nan"), dtype=dtype or like.dtype, device=like.device)
-    for name in KERNEL_MODULES:
-        monkeypatch.setattr(importlib.import_module(name), "_alloc", alloc_nan)
+    poison_allocations(monkeypatch, *(importlib.import_module(name) for name in KERNEL_MODULES))
 
 
 # ---------------------------------------------------------------------------------------------------------

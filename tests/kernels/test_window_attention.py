@@ -16,7 +16,7 @@ from vitslim_kernels import window_qkv_attention, window_qkv_attention_ref  # no
 from vitslim_kernels.ops import window_attention as ops  # noqa: E402
 
 from ..tiny_models import images_for, make_swin, randomize_gates  # noqa: E402
-from .interpreter import INTERPRETED, rerun_under_interpreter, require_interpreter  # noqa: E402
+from .interpreter import INTERPRETED, poison_allocations, rerun_under_interpreter, require_interpreter  # noqa: E402
 from .tolerance import assert_within_spec  # noqa: E402
 
 # Error allowed on top of 2x the reference's own error in the same dtype, in eps of the dtype times the largest
@@ -43,10 +43,7 @@ def kernels():
 
 @pytest.fixture
 def poisoned(monkeypatch, kernels):
-    """Every buffer the kernels write starts as NaN, so an element they skip stays NaN."""
-    def alloc_nan(shape, like, dtype=None):
-        return torch.full(tuple(shape), float("nan"), dtype=dtype or like.dtype, device=like.device)
-    monkeypatch.setattr(kernels, "_alloc", alloc_nan)
+    poison_allocations(monkeypatch, kernels)
 
 
 @pytest.fixture

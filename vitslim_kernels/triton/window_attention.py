@@ -98,10 +98,10 @@ def _fwd_windows(Q, K, V, O, LSE, TABLE, INDEX, MASK, col0, width, column, g, h,
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
             if ONE_BLOCK:
                 s += bias
+                if HAS_MASK:
+                    s += _mask_tile(MASK, w64, NW, offs_m, offs_n, N) * _LOG2E
             else:
-                s += _bias_tile(TABLE, INDEX, column, offs_m, offs_n, N, stride_tr, stride_th) * _LOG2E
-            if HAS_MASK:
-                s += _mask_tile(MASK, w64, NW, offs_m, offs_n, N) * _LOG2E
+                s += _score_add(TABLE, INDEX, MASK, column, w64, NW, offs_m, offs_n, N, stride_tr, stride_th, HAS_MASK)
             s = tl.where(mask_n[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every key block holds a valid key
             p = tl.exp2(s - m_new[:, None])
@@ -182,6 +182,26 @@ def _load_rows(base, offs, mask_rows, offs_d, mask_d, stride_n, stride_d):
 
 
 @triton.jit
+def _score_add(TABLE, INDEX, MASK, column, w, NW, offs_m, offs_n, N, stride_tr, stride_th, HAS_MASK: tl.constexpr):
+    """What a (query block, key block) tile adds to its scores, in base 2: the head's bias and window w's mask."""
+    add = _bias_tile(TABLE, INDEX, column, offs_m, offs_n, N, stride_tr, stride_th) * _LOG2E
+    if HAS_MASK:
+        add += _mask_tile(MASK, w, NW, offs_m, offs_n, N) * _LOG2E
+    return add
+
+
+@triton.jit
+def _query_rows(q_base, do_base, o_base, lse_base, offs_m, mask_m, offs_d, mask_d, stride_qn, stride_qd, stride_don,
+                stride_dod, stride_on, stride_od):
+    """q, dO, delta = rowsum(dO * O) (fp32) and the logsumexp of a block of query rows."""
+    q = _load_rows(q_base, offs_m, mask_m, offs_d, mask_d, stride_qn, stride_qd)
+    do = _load_rows(do_base, offs_m, mask_m, offs_d, mask_d, stride_don, stride_dod)
+    o = _load_rows(o_base, offs_m, mask_m, offs_d, mask_d, stride_on, stride_od)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    return q, do, delta, tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
+
+
+@triton.jit
 def _bwd_windows(Q, K, V, O, DO, DQ, DK, DV, LSE, TABLE, INDEX, MASK, DBIAS, DQKV_BIAS,
                  col0, width, column, g, h,
                  stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd,
@@ -215,19 +235,16 @@ def _bwd_windows(Q, K, V, O, DO, DQ, DK, DV, LSE, TABLE, INDEX, MASK, DBIAS, DQK
         lse_base = LSE + w64 * stride_lseb + h * stride_lseh
         g_off = w64 * stride_gb + col0 * stride_gd
         if ONE_BLOCK:
-            q = _load_rows(q_base, offs, mask_r, offs_d, mask_d, stride_qn, stride_qd)
+            q, do, delta, lse = _query_rows(q_base, do_base, o_base, lse_base, offs, mask_r, offs_d, mask_d,
+                                            stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od)
             k = _load_rows(k_base, offs, mask_r, offs_d, mask_d, stride_kn, stride_kd)
             v = _load_rows(v_base, offs, mask_r, offs_d, mask_d, stride_vn, stride_vd)
-            do = _load_rows(do_base, offs, mask_r, offs_d, mask_d, stride_don, stride_dod)
-            o = _load_rows(o_base, offs, mask_r, offs_d, mask_d, stride_on, stride_od)
-            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-            lse = tl.load(lse_base + offs, mask=mask_r, other=0.0)
             if HOIST_BIAS:
                 add = bias
+                if HAS_MASK:
+                    add += _mask_tile(MASK, w64, NW, offs, offs, N) * _LOG2E
             else:  # gathered again per window (L1/L2 hits): 16 fewer registers per thread
-                add = _bias_tile(TABLE, INDEX, column, offs, offs, N, stride_tr, stride_th) * _LOG2E
-            if HAS_MASK:
-                add += _mask_tile(MASK, w64, NW, offs, offs, N) * _LOG2E
+                add = _score_add(TABLE, INDEX, MASK, column, w64, NW, offs, offs, N, stride_tr, stride_th, HAS_MASK)
             p, ds = _bwd_tile(q, k, v, do, lse, delta, add, offs, offs, mask_r, mask_r, qk_scale, DOT_PRECISION)
             dbias += ds
             dsl = ds.to(q.dtype)
@@ -255,14 +272,11 @@ def _bwd_windows(Q, K, V, O, DO, DQ, DK, DV, LSE, TABLE, INDEX, MASK, DBIAS, DQK
                 for start_m in range(0, N, BLOCK):
                     offs_m = start_m + tl.arange(0, BLOCK)
                     mask_m = offs_m < N
-                    q = _load_rows(q_base, offs_m, mask_m, offs_d, mask_d, stride_qn, stride_qd)
-                    do = _load_rows(do_base, offs_m, mask_m, offs_d, mask_d, stride_don, stride_dod)
-                    o = _load_rows(o_base, offs_m, mask_m, offs_d, mask_d, stride_on, stride_od)
-                    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-                    lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
-                    add = _bias_tile(TABLE, INDEX, column, offs_m, offs_n, N, stride_tr, stride_th) * _LOG2E
-                    if HAS_MASK:
-                        add += _mask_tile(MASK, w64, NW, offs_m, offs_n, N) * _LOG2E
+                    q, do, delta, lse = _query_rows(q_base, do_base, o_base, lse_base, offs_m, mask_m, offs_d,
+                                                    mask_d, stride_qn, stride_qd, stride_don, stride_dod, stride_on,
+                                                    stride_od)
+                    add = _score_add(TABLE, INDEX, MASK, column, w64, NW, offs_m, offs_n, N, stride_tr, stride_th,
+                                     HAS_MASK)
                     p, ds = _bwd_tile(q, k, v, do, lse, delta, add, offs_m, offs_n, mask_m, mask_n, qk_scale,
                                       DOT_PRECISION)
                     db_ptrs = db_base + offs_m[:, None] * N + offs_n[None, :]
@@ -282,20 +296,16 @@ def _bwd_windows(Q, K, V, O, DO, DQ, DK, DV, LSE, TABLE, INDEX, MASK, DBIAS, DQK
             for start_m in range(0, N, BLOCK):
                 offs_m = start_m + tl.arange(0, BLOCK)
                 mask_m = offs_m < N
-                q = _load_rows(q_base, offs_m, mask_m, offs_d, mask_d, stride_qn, stride_qd)
-                do = _load_rows(do_base, offs_m, mask_m, offs_d, mask_d, stride_don, stride_dod)
-                o = _load_rows(o_base, offs_m, mask_m, offs_d, mask_d, stride_on, stride_od)
-                delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-                lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
+                q, do, delta, lse = _query_rows(q_base, do_base, o_base, lse_base, offs_m, mask_m, offs_d, mask_d,
+                                                stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od)
                 dq = tl.zeros([BLOCK, D_T], tl.float32)
                 for start_n in range(0, N, BLOCK):
                     offs_n = start_n + tl.arange(0, BLOCK)
                     mask_n = offs_n < N
                     k = _load_rows(k_base, offs_n, mask_n, offs_d, mask_d, stride_kn, stride_kd)
                     v = _load_rows(v_base, offs_n, mask_n, offs_d, mask_d, stride_vn, stride_vd)
-                    add = _bias_tile(TABLE, INDEX, column, offs_m, offs_n, N, stride_tr, stride_th) * _LOG2E
-                    if HAS_MASK:
-                        add += _mask_tile(MASK, w64, NW, offs_m, offs_n, N) * _LOG2E
+                    add = _score_add(TABLE, INDEX, MASK, column, w64, NW, offs_m, offs_n, N, stride_tr, stride_th,
+                                     HAS_MASK)
                     p, ds = _bwd_tile(q, k, v, do, lse, delta, add, offs_m, offs_n, mask_m, mask_n, qk_scale,
                                       DOT_PRECISION)
                     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
