@@ -396,19 +396,21 @@ def _log2_dmax(head_dims: Sequence[int]) -> int:
     return max(_MIN_BLOCK_D, triton.next_power_of_2(max(head_dims))).bit_length() - 1
 
 
-def block_size(N: int, interpret: bool, dtype: torch.dtype = torch.bfloat16, backward: bool = False) -> int:
-    """Rows and keys per tile. 16-bit: the whole window when it fits 64 (49 -> 64, one block), else 32-row blocks
-    (144 -> 5 x 5, 90% real). fp32 ("ieee" dots are FMA code): 32 in the forward, 16 in the backward. Chosen from
-    the compiled code (benchmarks.kernel_resources, triton 3.8; not yet measured on a GPU): 64 x 64 one-block tiles
-    compile without spills in 16-bit (the backward with 8 warps, below) but spilled 12-3428 B per thread in fp32;
-    64-row blocks at N = 144 spilled 116-244 B in the bf16 backward, 32-row fp32 backward blocks 780-1280 B. Under
-    the interpreter windows above 16 take 32-row blocks, so N = 49 and 144 run the multi-block passes and N = 16 the
-    one-block path."""
+def block_size(N: int, interpret: bool, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
+    """(query rows, keys) per tile. 16-bit: the whole window when it fits 64 (49 -> 64, one block), else 32 x 32
+    blocks (144 -> 5 x 5, 90% real). fp32 ("ieee" dots are FMA code): 16 x 16 (one block up to 16). Chosen from
+    the compiled code (benchmarks.kernel_resources; not yet measured on a GPU): 64 x 64 one-block tiles compile
+    without spills in 16-bit (the backward with 8 warps, below) but spilled 12-3428 B per thread in fp32; 64-row
+    blocks at N = 144 spilled 116-244 B in the bf16 backward; in fp32 32 x 32 backward blocks spilled 780-1280 B,
+    the forward 8 B at 32 x 32 (sm_90, triton 3.6) and at 32 x 16 (sm_80, triton 3.8). Under the interpreter
+    windows above 16 take 32 x 32 blocks, so N = 49 and 144 run the multi-block passes and N = 16 the one-block
+    path."""
     one = max(_MIN_BLOCK_D, triton.next_power_of_2(N))
     if interpret:
-        return one if N <= 16 else 32
-    limit = 64 if dtype != torch.float32 else 16 if backward else 32
-    return one if one <= limit else min(limit, 32)
+        return (one, one) if N <= 16 else (32, 32)
+    if dtype != torch.float32:
+        return (one, one) if one <= 64 else (32, 32)
+    return (one, one) if one <= 16 else (16, 16)
 
 
 def windows_per_program(BW: int, heads: int, interpret: bool) -> int:
@@ -445,18 +447,18 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
         return o, lse
     check_device(q, "window_attention", _INTERPRETED)
     vec = _alignment(dims, (q, k, v, o))
-    block = block_size(N, _INTERPRETED, q.dtype)
+    block_m, block_n = block_size(N, _INTERPRETED, q.dtype)
     windows = windows_per_program(BW, H, _INTERPRETED)
     index = index.contiguous()
     mask_arg = mask.contiguous() if mask is not None else index
-    grid = (triton.cdiv(N, block) * H * triton.cdiv(BW, windows),)
+    grid = (triton.cdiv(N, block_m) * H * triton.cdiv(BW, windows),)
     wrap_triton(_window_attention_fwd_kernel)[grid](
         q, k, v, o, lse, table, index, mask_arg, heads,
         *_strides(q, vec), *_strides(k, vec), *_strides(v, vec), *_strides(o, vec),
         lse.stride(0), lse.stride(1), table.stride(0), table.stride(1),
         BW, N, H, mask.shape[0] if mask is not None else 1, windows, scale,
-        BLOCK_M=block, BLOCK_N=block, ONE_BLOCK=N <= block, HAS_MASK=mask is not None, VEC=vec,
-        LOG2_DMAX=_log2_dmax(dims), DOT_PRECISION=_dot_precision(q), **_config(_INTERPRETED, False, block, 90))
+        BLOCK_M=block_m, BLOCK_N=block_n, ONE_BLOCK=N <= block_n, HAS_MASK=mask is not None, VEC=vec,
+        LOG2_DMAX=_log2_dmax(dims), DOT_PRECISION=_dot_precision(q), **_config(_INTERPRETED, False, block_m, 90))
     return o, lse
 
 
@@ -482,7 +484,7 @@ def _bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o:
     check_device(q, "window_attention", _INTERPRETED)
     lse = lse.contiguous()
     vec = _alignment(dims, (q, k, v, o, do, dq))
-    block = block_size(N, _INTERPRETED, q.dtype, backward=True)
+    block, _ = block_size(N, _INTERPRETED, q.dtype)  # square
     windows = windows_per_program(BW, H, _INTERPRETED)
     groups = triton.cdiv(BW, windows)
     one_block = N <= block
