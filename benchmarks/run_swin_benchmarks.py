@@ -139,9 +139,9 @@ def bench_search_step(setup: Setup, progress: Progress) -> None:
     progress.update()
 
 
-def _attention_blocks(setup: Setup, plan: vitslim.SlimPlan, batch: int) -> list[dict]:
+def _attention_blocks(searched: torch.nn.Module, plan: vitslim.SlimPlan, batch: int) -> list[dict]:
     """Per block of the slim model: kept head widths, window, windows per image, shifted or not, the table."""
-    slim = vitslim.slim(_searched(setup)[0], plan)
+    slim = vitslim.slim(searched, plan)
     out = []
     for block, b in zip(family_of(slim).blocks(slim), plan.blocks):
         dims = tuple(w for w in b.head_dims if w)
@@ -177,19 +177,17 @@ def _window_call(variant: str, b: dict, grad: bool, device: torch.device, dtype:
                     torch.autograd.grad(o, (qkv, table), gout)
         return call
     pad = lambda w: max(8, -(-w // 8) * 8)  # noqa: E731
-    groups: list[tuple[int, list[int]]] = []   # (padded width, the heads of that width)
-    for h, w in enumerate(dims):
-        width = pad(max(dims)) if variant == "padded_sdpa" else pad(w)
-        if groups and groups[-1][0] == width and variant == "padded_sdpa":
-            groups[-1][1].append(h)
-        else:
-            merged = next((grp for grp in groups if grp[0] == width), None)
-            (merged[1].append(h) if merged else groups.append((width, [h])))
+    if variant == "padded_sdpa":  # one group: every head at the widest
+        groups = {pad(max(dims)): list(range(len(dims)))}
+    else:  # one group per padded width
+        groups = {}
+        for h, w in enumerate(dims):
+            groups.setdefault(pad(w), []).append(h)
     tensors = [(torch.randn(BW, len(hs), N, w, device=device, dtype=dtype, generator=g).requires_grad_(grad),
                 torch.randn(BW, len(hs), N, w, device=device, dtype=dtype, generator=g).requires_grad_(grad),
                 torch.randn(BW, len(hs), N, w, device=device, dtype=dtype, generator=g).requires_grad_(grad),
                 torch.randn(BW, len(hs), N, w, device=device, dtype=dtype, generator=g), torch.tensor(hs, device=device))
-               for w, hs in groups]
+               for w, hs in groups.items()]
 
     def call() -> None:
         with torch.set_grad_enabled(grad):
@@ -203,8 +201,7 @@ def _window_call(variant: str, b: dict, grad: bool, device: torch.device, dtype:
 
 
 def bench_window_attention(setup: Setup, progress: Progress) -> None:
-    _, plan = _searched(setup)
-    blocks = _attention_blocks(setup, plan, setup.batch)
+    blocks = _attention_blocks(*_searched(setup), setup.batch)
     useful = sum(b["windows"] * b["window"] ** 4 * sum(b["dims"]) for b in blocks)
     for mode, grad in (("fwd", False), ("fwd_bwd", True)):
         timed = {}

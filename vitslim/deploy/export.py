@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import vitslim_kernels.ops.ragged_attention  # noqa: F401 - defines the ops a fused .pt2 calls (load_pt2)
-import vitslim_kernels.ops.window_attention  # noqa: F401 - (and a Swin's)
+import vitslim_kernels.ops.ragged_attention  # noqa: F401 - defines the op a fused .pt2 calls (load_pt2)
+import vitslim_kernels.ops.window_attention  # noqa: F401 - and a fused Swin's
 
 from ..files import atomic_write
 from ..errors import UserError

@@ -22,6 +22,7 @@ without the interpreter, so they run (and torch.export traces them) anywhere.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Optional  # custom_op schemas are inferred from typing.Optional on every torch we support
 
@@ -29,19 +30,26 @@ import torch
 import torch.nn.functional as F
 
 from ..dispatch import OpInfo, describe_op, no_refusals, register, select
-from ..runtime import reference_on, register_fallback, triton_refusals
+from ..runtime import reference_on, register_fallback, tracing, triton_refusals
 from ._library import define_op, formula_vjp, math_dtype, matmul_dtype, sample_tensors
 from .qkv_attention import _project, check_qkv_attention_args, projection_backward
-from .ragged_attention import _split_qkv, check_ragged_args
+from .ragged_attention import _cat_heads, _split_qkv, check_ragged_args
 
 
 def check_window_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dims: Sequence[int],
                       table: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None) -> tuple[int, ...]:
     """Validate the arguments of window_attention; returns head_dims as a tuple of ints."""
     dims = check_ragged_args(q, k, v, head_dims)
-    BW, N, _ = q.shape
-    if table.dim() != 2 or table.shape[1] != len(dims) or not table.is_floating_point():
-        raise ValueError(f"window_attention: table must be a floating (rows, heads = {len(dims)}) tensor, one column "
+    check_window_extras(q.shape[0], q.shape[1], len(dims), table, index, mask)
+    return dims
+
+
+def check_window_extras(BW: int, N: int, heads: int, table: torch.Tensor, index: torch.Tensor,
+                        mask: torch.Tensor | None) -> None:
+    """Validate what window attention takes beyond q, k, v: for BW windows of N tokens and `heads` heads, the table,
+    the index and the mask. (The index's range is checked on CPU tensors only: elsewhere it is a device sync.)"""
+    if table.dim() != 2 or table.shape[1] != heads or not table.is_floating_point():
+        raise ValueError(f"window_attention: table must be a floating (rows, heads = {heads}) tensor, one column "
                          f"per head of head_dims, got {table.dtype} of shape {tuple(table.shape)}")
     if index.shape != (N, N) or index.is_floating_point() or index.dtype == torch.bool:
         raise ValueError(f"window_attention: index must be an integer (N, N) = ({N}, {N}) tensor of table rows, "
@@ -57,7 +65,6 @@ def check_window_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_di
         low, high = int(index.min()), int(index.max())
         if low < 0 or high >= table.shape[0]:
             raise ValueError(f"window_attention: index holds rows {low}..{high}, the table has {table.shape[0]}")
-    return dims
 
 
 def _scores_add(table: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None, BW: int, dtype: torch.dtype
@@ -77,10 +84,6 @@ def _head_slices(head_dims: Sequence[int]) -> list[tuple[int, slice]]:
             out.append((h, slice(offset, offset + w)))
         offset += w
     return out
-
-
-def _cat_heads(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return torch.cat(parts, dim=-1).to(like.dtype) if parts else like.new_zeros(like.shape)
 
 
 def window_attention_fwd_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
@@ -136,7 +139,17 @@ def _bwd_math(do, q, k, v, o, lse, table, index, mask, head_dims, scale):
 
 
 def _kept_columns(head_dims: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The table columns of the heads of non-zero width, on `device`; cached (a host-to-device copy otherwise, per
+    block and step), except while tracing (such a tensor must not enter the eager cache)."""
+    dims = tuple(int(w) for w in head_dims)
+    return _build_kept_columns(dims, device) if tracing() else _cached_kept_columns(dims, device)
+
+
+def _build_kept_columns(head_dims: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor([h for h, _ in _head_slices(head_dims)], dtype=torch.long, device=device)
+
+
+_cached_kept_columns = functools.lru_cache(maxsize=256)(_build_kept_columns)
 
 
 def table_grad(dbias: torch.Tensor, index: torch.Tensor, table: torch.Tensor, head_dims: Sequence[int]
@@ -430,8 +443,7 @@ def window_qkv_attention_triton(x: torch.Tensor, weight: torch.Tensor, bias: tor
     """The op vitslim::window_qkv_attention (Triton fold + cuBLAS qkv + Triton window attention). Shapes as in
     window_qkv_attention."""
     dims = check_qkv_attention_args(x, weight, bias, gate, head_dims)
-    D = sum(dims)
-    check_window_args(*(x.new_empty((x.shape[0], x.shape[1], D)),) * 3, dims, table, index, mask)
+    check_window_extras(x.shape[0], x.shape[1], len(dims), table, index, mask)
     dtype = matmul_dtype(x)
     with torch.autocast(x.device.type, enabled=False):  # the matmul runs in `dtype` explicitly
         o, _, _ = torch.ops.vitslim.window_qkv_attention(x.to(dtype), weight, bias,

@@ -33,6 +33,7 @@ Kernels:
 Launchers `_fwd(q, k, v, table, index, mask, head_dims, scale) -> (o, lse)` and `_bwd(...) -> (dq, dk, dv, dbias,
 dqkv_bias)`, fail_safe (their fallbacks are registered by the op).
 """
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -41,7 +42,7 @@ import triton.language as tl
 
 from ..runtime import alloc as _alloc
 from ..runtime import fail_safe
-from ._launch import arch, check_device, interpreter_agrees, kernel_wrapper
+from ._launch import arch, check_device, interpreter_agrees, kernel_wrapper, tracing
 from .ragged_attention import _alignment, _dot_precision, _strides
 
 _MIN_BLOCK_D = 16   # tl.dot needs every dimension >= 16
@@ -379,9 +380,21 @@ _INTERPRETED = interpreter_agrees(_window_attention_fwd_kernel, __name__)
 wrap_triton = kernel_wrapper(_INTERPRETED)
 
 
-def head_table(head_dims: Sequence[int], device: torch.device) -> torch.Tensor:
-    """(4, H_kept) int32: column offset, width, power-of-two tile and bias-table column of each head of non-zero
-    width (a zero-width head owns no column and has no program)."""
+def head_table(head_dims: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(4, H_kept) int32 on `device`: column offset, width, power-of-two tile and bias-table column of each head of
+    non-zero width (a zero-width head owns no column and has no program). Cached per (widths, device), as the ragged
+    kernels' table is: building it is a host-to-device copy, twice per block and step otherwise."""
+    if tracing():  # a tensor made under torch.compile's tracing must not enter the eager cache
+        return _build_head_table(head_dims, device)
+    return _cached_head_table(head_dims, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_head_table(head_dims: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return _build_head_table(head_dims, device)
+
+
+def _build_head_table(head_dims: tuple[int, ...], device: torch.device) -> torch.Tensor:
     rows: list[list[int]] = [[], [], [], []]
     offset = 0
     for column, w in enumerate(head_dims):
