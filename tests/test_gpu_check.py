@@ -28,7 +28,7 @@ def dry_command(results_dir: Path, *args: str) -> list[str]:
 
 def run_dry(results_dir: Path, *args: str, out: Path | None = None) -> subprocess.CompletedProcess:
     env = _env(out)
-    return subprocess.run(dry_command(results_dir, *args), cwd=ROOT, capture_output=True, text=True, timeout=600,
+    return subprocess.run(dry_command(results_dir, *args), cwd=ROOT, capture_output=True, text=True, timeout=1200,
                           env=env)
 
 
@@ -51,7 +51,7 @@ def dry_run(tmp_path_factory):
     before = tracked_results_state()
     out = tmp_path_factory.mktemp("gpu_check")
     lease = tmp_path_factory.mktemp("OUT")
-    proc = run_dry(out / "run", out=lease)
+    proc = run_dry(out / "run", "--budget-s", "900", out=lease)  # the budget of a CI run beside another suite
     return out / "run", proc, lease, before == tracked_results_state()
 
 
