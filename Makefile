@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vitslim-installed
 
-.PHONY: setup setup-compat demo demo-swin test test-compat gpu-check clean
+.PHONY: setup demo demo-swin test test-compat gpu-check clean
 
 # vitslim itself installs without build isolation, so that setup.py sees torch and builds the CUDA extension
 # (vitslim_kernels._C) when nvcc is there; it skips it, and says why, when not (VITSLIM_SKIP_CUDA_BUILD=1 too).
@@ -55,8 +55,6 @@ $(COMPAT_STAMP): requirements/oldest-supported.txt pyproject.toml
 	$(COMPAT)/venv/bin/pip install --quiet --upgrade pip setuptools wheel ninja
 	$(COMPAT)/venv/bin/pip install --quiet -c requirements/oldest-supported.txt torch torchvision triton timm numpy
 	touch $(COMPAT_STAMP)
-
-setup-compat: $(COMPAT_STAMP)
 
 test-compat: $(COMPAT_STAMP)
 	rm -rf $(COMPAT)/src && mkdir -p $(COMPAT)/src

@@ -86,7 +86,7 @@ class Part:
 # specialisation (selftest ~45 with the window kernels, tests ~40 more, P1 ~15, P2 ~20); a cold inductor compile
 # of DeiT-S is ~40-60 s for inference and ~70-90 s for fwd + bwd. The timed loops themselves are short: a DeiT-S
 # bs-256 search step is ~7 TFLOP (tens of ms at these rates). The dry-run limits are about three times a dry part's
-# time on our 2 cores alone: CI runs the two stacks' suites side by side, and triton 3.6's interpreter is slower.
+# time on our 2 cores: CI's machine is slower, and triton 3.6's interpreter too (its selftest passed 40 s there).
 PARTS = (
     Part("limits", "device limits: 8192^3 bf16 matmul, 1 GiB device-to-device copy", 20, 20, 8, "limits.json", False),
     Part("build", "CUDA extension (skipped when _C imports for this torch), vitslim_kernels.info", 150, 40, 80,

@@ -86,7 +86,7 @@ GPU_SETUP = Setup(torch.device("cuda"),
                   ModelConfig("deit_small", "deit_small_patch16_224"), (256, 1), (256, 1), 256, warmup=10, iters=30)
 DRY_RUN_SETUP = Setup(torch.device("cpu"), (ModelConfig("deit_small(tiny)", "deit_small_patch16_224", _TINY),),
                       ModelConfig("deit_small(tiny)", "deit_small_patch16_224", _TINY), (2,), (2, 1), 2, warmup=1,
-                      iters=2)
+                      iters=1)
 
 
 # -- timing --------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ class Setup:
 GPU_SETUP = Setup(torch.device("cuda"), "swin_tiny_patch4_window7_224", {}, 128, warmup=5, iters=20)
 DRY_RUN_SETUP = Setup(torch.device("cpu"), "swin_tiny_patch4_window7_224",
                       dict(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4,
-                           num_classes=10), 2, warmup=1, iters=2)
+                           num_classes=10), 2, warmup=1, iters=1)
 
 
 def _dense(setup: Setup) -> torch.nn.Module:

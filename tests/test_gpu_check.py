@@ -51,7 +51,7 @@ def dry_run(tmp_path_factory):
     before = tracked_results_state()
     out = tmp_path_factory.mktemp("gpu_check")
     lease = tmp_path_factory.mktemp("OUT")
-    proc = run_dry(out / "run", "--budget-s", "900", out=lease)  # the budget of a CI run beside another suite
+    proc = run_dry(out / "run", "--budget-s", "900", out=lease)  # room for a slow machine: every part must run
     return out / "run", proc, lease, before == tracked_results_state()
 
 
@@ -81,6 +81,11 @@ def test_dry_run_passes_every_part(dry_run):
     assert status.pop("sanitizer") == "not run: dry run: no GPU"
     assert all(s == "ok" for s in status.values()), status
     assert record["dry_run"] is True and record["finished"] is True and record["stopped"] is None
+    # the selftest under the interpreter: every Triton case, each dtype within its bound or skipped with its reason
+    from vitslim_kernels import selftest
+    checks = load(out / "selftest.json")["rows"]
+    assert {c["name"] for c in checks} >= {name for name, _, impl, _ in selftest.CASES if impl == "triton"}
+    assert all(c["passed"] and (c["skipped"] or c["error"] <= c["bound"]) for c in checks), checks
     assert 0 < record["used_s"] <= record["budget_s"]
     assert all((out / r["log"]).exists() for r in record["rows"])
 
@@ -189,29 +194,31 @@ def _kill_when(cmd: list[str], out: Path, trigger: str | float) -> tuple[int, st
     return proc.returncode, "".join(lines) + rest
 
 
-@pytest.mark.parametrize("trigger, running", [
-    (1.0, None),                                   # while torch imports, before any part
-    ("gpu_check: selftest (", "selftest"),          # inside a part
-    ("gpu_check: P2 (", "P2"),                      # inside a later part, earlier ones finished
+@pytest.mark.parametrize("trigger, running, correctness", [
+    (1.0, None, "selftest"),                          # while torch imports, before any part
+    ("gpu_check: selftest (", "selftest", "selftest"),  # inside a part
+    ("gpu_check: P2 (", "P2", "build"),               # inside a later part, earlier ones (the quicker) finished
 ])
-def test_a_stopped_run_still_brings_back_the_three_files(tmp_path, trigger, running):
+def test_a_stopped_run_still_brings_back_the_three_files(tmp_path, trigger, running, correctness):
     out = tmp_path / "OUT"
-    code, output = _kill_when(dry_command(tmp_path / "run", "--parts", "limits", "selftest", "P2"), out, trigger)
+    parts = ["limits", correctness, "P2"]
+    code, output = _kill_when(dry_command(tmp_path / "run", "--parts", *parts), out, trigger)
     assert code == 128 + signal.SIGTERM, output[-3000:]
     record = assert_out_comes_back(out)
     assert record["stopped"] == "SIGTERM" and record["finished"] is False
     status = {r["part"]: r["status"] for r in record["rows"]}
-    assert list(status) == ["limits", "selftest", "P2"]
+    assert list(status) == parts
     if running is not None:
         assert status[running].startswith("stopped: SIGTERM arrived while it ran")
     later = list(status)[list(status).index(running) + 1:] if running else list(status)
     assert all(status[p] == "not run: stopped by SIGTERM" for p in later), status
     if running == "P2":
-        assert status["limits"] == status["selftest"] == "ok"
+        assert status["limits"] == status[correctness] == "ok"
     summary = (out / "SUMMARY.md").read_text()
     assert "**Stopped by SIGTERM**" in summary
     assert all(f"- {p}: not run: stopped by SIGTERM" in summary for p in later)  # in its "Not run" list
-    assert ("**Correctness: FAILED: selftest**" in summary) == (running != "P2")  # stopped before it passed
+    # stopped before it passed: a failure
+    assert (f"**Correctness: FAILED: {correctness}**" in summary) == (running != "P2")
     leftover = subprocess.run(["pgrep", "-f", f"--results-dir {tmp_path / 'run'}"], capture_output=True, text=True)
     assert leftover.stdout.strip() == "", "a part's process outlived the stop"
 

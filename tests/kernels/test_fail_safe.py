@@ -3,8 +3,9 @@ naming the kernel, the device and the error, and its op computes in PyTorch from
 model keeps running with the same results. Failures are injected on CPU, under Triton's interpreter: the kernel
 object a launcher calls is replaced by one whose launch raises what Triton raises on a real GPU.
 
-Also `python -m vitslim_kernels.info --selftest` (vitslim_kernels.selftest): passes on working kernels, and
-reports a kernel that writes wrong values as failed.
+Also `python -m vitslim_kernels.info --selftest` (vitslim_kernels.selftest) reports a kernel that writes wrong
+values, or raises, as failed. That it passes on working kernels, every case in every dtype, is the selftest part
+of the gpu_check dry run (tests/test_gpu_check.py), which runs the whole selftest under the interpreter.
 """
 import importlib
 import inspect
@@ -180,13 +181,6 @@ def _cases(*ops: str) -> list:
     cases = [case for case in selftest.CASES if case[3].name in ops and case[2] == "triton"]
     assert {case[3].name for case in cases} == set(ops), cases
     return cases
-
-
-def test_selftest_passes_on_working_kernels():
-    from vitslim_kernels import selftest
-    checks = selftest.run(torch.device("cpu"), dtypes=[torch.float32])
-    assert {c.name for c in checks} >= {name for name, _, impl, _ in selftest.CASES if impl == "triton"}
-    assert all(c.passed and c.error is not None and c.error <= c.bound for c in checks), checks
 
 
 def test_selftest_reports_a_kernel_that_writes_wrong_values(monkeypatch):
